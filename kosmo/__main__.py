@@ -1,0 +1,5 @@
+import sys
+
+from kosmo.cli import main
+
+sys.exit(main())

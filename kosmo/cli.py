@@ -1,0 +1,224 @@
+"""The `kosmo` command line. Every user error ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from kosmo.errors import KosmoError
+
+
+def _stages():
+    from kosmo.train import lm
+    return {"lm": lm}
+
+
+def cmd_world(args):
+    from kosmo.data.world import write_world
+    paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+def cmd_tokenizer(args):
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.tokenizer import Tokenizer
+    for path in args.data:  # fail on a missing file before the slow part
+        if not Path(path).is_file():
+            raise KosmoError(f"{path}: file not found")
+    tok = Tokenizer.train(iter_texts(args.data), args.vocab_size)
+    path = tok.save(args.out)
+    print(json.dumps({"tokenizer": str(path), "vocab_size": tok.vocab_size}))
+
+
+def cmd_train(args):
+    from kosmo import config as C
+    from kosmo.model.load import load_run
+    from kosmo.tokenizer import Tokenizer
+    from kosmo.train import distributed as D
+    from kosmo.train.trainer import Trainer
+
+    stage = _stages()[args.stage]
+    cfg = C.load(stage.StageConfig, args.config, args.overrides)
+    for path in args.data:
+        if not Path(path).is_file():
+            raise KosmoError(f"{path}: file not found")
+    out = Path(args.out)
+    env = D.setup(cfg.train.device)
+    init_model = None
+    if args.init:
+        init_model, tokenizer, _ = load_run(args.init)
+    elif args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    elif (out / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(out / "tokenizer.json")
+    else:
+        if env.main:
+            from kosmo.data.jsonl import iter_texts
+            Tokenizer.train(iter_texts(args.data), cfg.vocab_size).save(out)
+        D.barrier()
+        tokenizer = Tokenizer.load(out / "tokenizer.json")
+    model, loss_fn, train_set, eval_set = stage.build(cfg, args.data, tokenizer, init_model)
+    run_config = {"stage": args.stage, "arch": "lm", "model": model.cfg.to_dict(),
+                  "config": dataclasses.asdict(cfg), "data": [str(p) for p in args.data],
+                  "init": str(args.init) if args.init else None}
+    if env.main:
+        print(f"{args.stage}: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} training rows, "
+              f"world size {env.world}, device {env.device}", file=sys.stderr)
+        tokenizer.save(out)
+    trainer = Trainer(cfg.train, model, loss_fn, train_set, out, run_config, eval_set=eval_set, env=env)
+    last = trainer.fit()
+    D.teardown()
+    if env.main:
+        print(json.dumps({k: v for k, v in last.items()}))
+
+
+def cmd_generate(args):
+    import torch
+
+    from kosmo.generate import Sampling, generate
+    from kosmo.model.load import load_run
+    from kosmo.train.distributed import pick_device
+    model, tok, _ = load_run(args.model, pick_device(args.device))
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise KosmoError("give at least one --prompt or a --prompts-file")
+    from kosmo.tokenizer import BOS
+    ids = [[BOS] + tok.encode(p) for p in prompts]
+    s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, stop=args.stop, seed=args.seed)
+    try:
+        with torch.autocast(model.embed.weight.device.type, torch.bfloat16, enabled=args.bf16):
+            results = generate(model, tok, ids, s)
+    except ValueError as e:
+        raise KosmoError(str(e)) from None
+    for p, r in zip(prompts, results):
+        print(json.dumps({"prompt": p, "completion": r.text, "finish_reason": r.finish_reason,
+                          "tokens": len(r.tokens)}, ensure_ascii=False))
+
+
+def cmd_eval(args):
+    from kosmo.model.load import load_run
+    model, tok, _ = load_run(args.model)
+    if args.kind == "ppl":
+        from kosmo.eval.ppl import perplexity
+        metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
+    print(json.dumps(metrics))
+
+
+def cmd_export(args):
+    from kosmo.interop.hf_llama import export_hf
+    from kosmo.model.load import load_run
+    model, tok, _ = load_run(args.model)
+    export_hf(model, args.out, tokenizer=tok)
+    print(json.dumps({"exported": str(args.out)}))
+
+
+def cmd_import(args):
+    from kosmo.interop.hf_llama import import_hf
+    from kosmo.model.load import save_run
+    from kosmo.tokenizer import Tokenizer
+    model = import_hf(args.hf)
+    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")
+    save_run(args.out, model, tok, {"stage": "import", "arch": "lm", "model": model.cfg.to_dict(),
+                                    "source": str(args.hf)})
+    print(json.dumps({"imported": str(args.out), "params": model.num_params()}))
+
+
+def cmd_demo(args):
+    from kosmo.demo import run_demo
+    run_demo(args.out, quick=args.quick)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kosmo", description="Train, align, evaluate and serve multimodal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("world", help="write the shapes world as JSONL + PNG")
+    w.add_argument("--out", required=True)
+    w.add_argument("--n", type=int, default=1000)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--image-size", type=int, default=32)
+    w.set_defaults(fn=cmd_world)
+
+    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    t.add_argument("--data", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_tokenizer)
+
+    tr = sub.add_parser("train", help="run a training stage")
+    tr.add_argument("stage", choices=sorted(_stages()))
+    tr.add_argument("--data", nargs="+", required=True)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--init", help="run directory to start from")
+    tr.add_argument("--tokenizer", help="tokenizer.json (or its folder); default: train one on --data")
+    tr.add_argument("--config", help="YAML config file")
+    tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    tr.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="complete prompts")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", action="append", default=[])
+    g.add_argument("--prompts-file")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
+    e.add_argument("kind", choices=["ppl"])
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", nargs="+", required=True)
+    e.add_argument("--seq-len", type=int, default=256)
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x.add_argument("--model", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")
+    i.add_argument("--hf", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
+    i.set_defaults(fn=cmd_import)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the shapes world")
+    d.add_argument("--out", default="out")
+    d.add_argument("--quick", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may stand anywhere; pull them out so `--data a b` cannot swallow them
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and "." in a.split("=", 1)[0]
+                 or "=" in a and not a.startswith("-") and a.split("=", 1)[0].isidentifier()]
+    args = parser().parse_args([a for a in argv if a not in overrides])
+    if overrides and not hasattr(args, "overrides"):
+        parser().error(f"unrecognized arguments: {' '.join(overrides)}")
+    if hasattr(args, "overrides"):
+        args.overrides = args.overrides + overrides
+    try:
+        args.fn(args)
+    except KosmoError as e:
+        print(f"kosmo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Reading the JSONL data formats of kosmo, with errors that name the file and the line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from kosmo.errors import KosmoError
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yields (line number, object) for every non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KosmoError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KosmoError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise KosmoError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def record_texts(obj: dict, where: str) -> list[str]:
+    """All the text in a record of any kosmo format (text, caption, interleaved, VQA, chat, preference)."""
+    if "text" in obj and "image" not in obj:
+        return [_str(obj["text"], f"{where}: field 'text'")]
+    if "content" in obj:
+        parts = obj["content"]
+        if not isinstance(parts, list):
+            raise KosmoError(f"{where}: field 'content' must be a list of {{'text'}} / {{'image'}} parts")
+        return [_str(p["text"], f"{where}: content part 'text'") for p in parts if isinstance(p, dict) and "text" in p]
+    if "messages" in obj or "prompt" in obj:
+        out = []
+        for m in obj.get("messages", []) + (obj.get("prompt") or []):
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                out.append(c)
+            elif isinstance(c, list):
+                out += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            else:
+                raise KosmoError(f"{where}: a message needs 'content' as a string or a list of parts")
+        return out + [obj[k] for k in ("chosen", "rejected") if isinstance(obj.get(k), str)]
+    if "question" in obj:
+        return [_str(obj["question"], f"{where}: field 'question'")] + [a for a in obj.get("answers", []) if isinstance(a, str)]
+    if "text" in obj:
+        return [_str(obj["text"], f"{where}: field 'text'")] + [c for c in obj.get("captions", []) if isinstance(c, str)]
+    raise KosmoError(f"{where}: no text field (expected 'text', 'content', 'messages', 'prompt' or 'question')")
+
+
+def _str(v, where: str) -> str:
+    if not isinstance(v, str):
+        raise KosmoError(f"{where} must be a string, got {type(v).__name__}")
+    return v
+
+
+def iter_texts(paths: list[str | Path]) -> Iterator[str]:
+    for path in paths:
+        for lineno, obj in read_jsonl(path):
+            yield from record_texts(obj, f"{path}:{lineno}")

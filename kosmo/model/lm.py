@@ -1,0 +1,251 @@
+"""A decoder-only transformer of the Llama family, in plain PyTorch.
+
+RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention through
+`scaled_dot_product_attention`, optional tied embeddings and a preallocated KV cache. The weights
+map 1:1 onto transformers' `LlamaForCausalLM` (see `kosmo.interop.hf_llama`); q/k/v and gate/up are
+stored fused because one wide matmul beats three narrow ones, on CPU above all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    hidden_dim: int = 0  # 0: Llama's rule, about 8/3 * dim rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.x long-context frequency scaling ({"rope_type": "llama3", ...})
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_dim == 0:
+            self.hidden_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Named sizes. `tiny` trains in CPU minutes; the 1B-class ones follow TinyLlama-1.1B and Llama-3.2-1B.
+SIZES: dict[str, dict] = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512),
+    "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=1024),
+    "base": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048),
+    "1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048,
+               vocab_size=32000, tie_embeddings=False),
+    "llama3-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, max_seq_len=8192,
+                      vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 like Llama: bf16 sums of squares lose too much precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = llama3_scaled(inv_freq, scaling)
+    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"rope_scaling type {scaling.get('rope_type')!r} is not supported (default, llama3)")
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # the rotate-half layout of HF Llama checkpoints
+    return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's rule: keep high frequencies, divide low ones by `factor`, blend smoothly between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right.
+
+    Rows of a batch share one write position; prompts of different lengths are left-padded and the
+    padding is hidden by the key mask, so the cache never moves memory while decoding.
+    """
+
+    def __init__(self, cfg: LMConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def write(self, layer: int, k, v):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv_heads != self.n_heads:  # expand() is a view; SDPA's fused CPU kernels want equal heads
+            rep = self.n_heads // self.n_kv_heads
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat in depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    def forward(self, idx=None, *, embeds=None, pos=None, key_mask=None, cache: KVCache | None = None,
+                last_only: bool = False):
+        """Logits for token ids `idx` (B, T) or for ready-made input `embeds` (B, T, dim).
+
+        pos: (B, T) positions, by default counted on from the cache. key_mask: (B, S) bool, True for
+        real tokens over every position so far (cache included); only needed when rows are padded.
+        """
+        x = self.embed(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if pos is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"{start + T} positions exceed the context of {self.cfg.max_seq_len} tokens")
+            pos = torch.arange(start, start + T, device=x.device).expand(B, T)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        mask = attention_mask(T, start, key_mask, x.device) if (key_mask is not None or (start and T > 1)) else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen and (p.requires_grad or not trainable_only):
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+
+def attention_mask(T: int, start: int, key_mask, device) -> torch.Tensor:
+    """Boolean (B|1, 1, T, start+T) mask: causal, minus padded keys.
+
+    A query may always see itself, so rows of pure padding never softmax over nothing (which is NaN).
+    """
+    S = start + T
+    q_pos = torch.arange(start, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :S].bool()
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask

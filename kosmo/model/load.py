@@ -1,0 +1,43 @@
+"""Loading a model back from a run directory (config.json + model.safetensors + tokenizer.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kosmo import checkpoint
+from kosmo.errors import KosmoError
+from kosmo.model.lm import LM, LMConfig
+from kosmo.tokenizer import Tokenizer
+
+
+def build_model(config: dict, where: str) -> torch.nn.Module:
+    arch = config.get("arch", "lm")
+    if arch == "lm":
+        try:
+            return LM(LMConfig.from_dict(config["model"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise KosmoError(f"{where}: invalid model config ({e})") from None
+    raise KosmoError(f"{where}: unknown model arch {arch!r}")
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, dict]:
+    run = Path(run)
+    if not run.is_dir():
+        raise KosmoError(f"{run}: run directory not found")
+    config = checkpoint.read_json(run / "config.json")
+    model = build_model(config, str(run / "config.json"))
+    checkpoint.load_weights(model, checkpoint.load_tensors(run / "model.safetensors"), run / "model.safetensors")
+    tokenizer = Tokenizer.load(run / "tokenizer.json")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.vocab_size}")
+    return model.to(device).eval(), tokenizer, config
+
+
+def save_run(run: str | Path, model: LM, tokenizer: Tokenizer, config: dict):
+    """A complete run directory for a model made outside the trainer (e.g. imported)."""
+    run = Path(run)
+    checkpoint.save_tensors(run / "model.safetensors", checkpoint.model_tensors(model))
+    tokenizer.save(run / "tokenizer.json")
+    checkpoint.write_json(run / "config.json", config)

@@ -1,0 +1,96 @@
+"""Byte-level BPE tokenizer trained with the `tokenizers` library.
+
+Special tokens have fixed ids (below) in every kosmo tokenizer, so templates, data pipelines and
+checkpoints agree without looking anything up. Ordinary text can never produce them: encoding treats
+the literal string "<s>" as five characters of text, and only templates insert specials, by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from kosmo.errors import KosmoError
+
+SPECIAL_TOKENS = [
+    "<pad>",          # 0  padding, never a target
+    "<s>",            # 1  beginning of a document
+    "</s>",           # 2  end of a document
+    "<image>",        # 3  opens an image's embeddings
+    "</image>",       # 4  closes them
+    "<|image_pad|>",  # 5  placeholder at the positions image embeddings are spliced into
+    "<|system|>",     # 6  chat roles
+    "<|user|>",       # 7
+    "<|assistant|>",  # 8
+    "<|end|>",        # 9  end of a chat turn
+    "<audio>",        # 10 opens an audio clip's embeddings
+    "</audio>",       # 11
+] + [f"<|reserved_{i}|>" for i in range(12, 16)]
+
+PAD, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, AUDIO, AUDIO_END = range(12)
+ROLE_IDS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        for i, t in enumerate(SPECIAL_TOKENS):
+            if tok.token_to_id(t) != i:
+                raise KosmoError(f"tokenizer: special token {t!r} must have id {i}, found {tok.token_to_id(t)}")
+        tok.encode_special_tokens = True  # literal "<s>" in text stays text
+        self._tok = tok
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+        if vocab_size < len(SPECIAL_TOKENS) + 256:
+            raise KosmoError(f"--vocab-size {vocab_size} is too small: the 256 bytes and "
+                             f"{len(SPECIAL_TOKENS)} special tokens need at least {len(SPECIAL_TOKENS) + 256}")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise KosmoError(f"{path}: tokenizer file not found")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises plain Exceptions with multi-line text
+            raise KosmoError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        self._tok.save(str(tmp))
+        tmp.replace(path)
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token(self, i: int) -> str:
+        return self._tok.id_to_token(i)

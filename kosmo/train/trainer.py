@@ -1,0 +1,342 @@
+"""The one training loop every stage reuses. A stage supplies a model, a loss and its data; the
+trainer does the rest: AdamW with warmup and cosine decay, gradient accumulation and clipping,
+bf16 autocast, DDP/FSDP2, progress, metrics, evaluation, atomic checkpoints and exact resume.
+
+Exact resume rests on three facts. The rows of step s are a pure function of (seed, s), so no data
+iterator needs saving. The learning rate is a pure function of s. And optimizer state, RNG state
+and weights are saved together and published by one atomic rename of `state/latest.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from kosmo import checkpoint
+from kosmo.errors import KosmoError
+from kosmo.train import distributed as D
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 8          # rows per micro-batch, per process
+    grad_accum: int = 1          # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1    # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0       # 0 disables clipping
+    precision: str = "bf16"      # bf16 (autocast, fp32 master weights) or fp32
+    device: str = "auto"         # auto, cpu, cuda, cuda:1 ...
+    parallel: str = "ddp"        # under torchrun: ddp or fsdp
+    eval_every: int = 100        # 0 disables evaluation
+    eval_batches: int = 8
+    save_every: int = 200        # a checkpoint also closes every run
+    log_every: int = 1
+    max_nonfinite: int = 5       # consecutive non-finite steps before the run stops
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1")
+
+
+class Dataset(Protocol):
+    """Examples addressed by index; `collate` builds a batch dict holding `n_targets`, the number of
+    loss terms in it, so that the loss of a step is a mean over all of its targets on all ranks."""
+
+    def __len__(self) -> int: ...
+
+    def collate(self, indices: list[int]) -> dict: ...
+
+
+# loss(model, batch) -> (sum of the loss over the batch's targets, extra metrics as floats)
+LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, train_set: Dataset,
+                 out: str | Path, run_config: dict, eval_set: Dataset | None = None, env: D.Env | None = None):
+        self.cfg, self.loss_fn, self.train_set, self.eval_set = cfg, loss_fn, train_set, eval_set
+        self.out = Path(out)
+        self.env = env or D.setup(cfg.device)
+        self.run_config = run_config
+        if len(train_set) == 0:
+            raise KosmoError("the training data holds no examples")
+        torch.manual_seed(cfg.seed + self.env.rank)
+        self.model = D.wrap(model.to(self.env.device), cfg.parallel, self.env)
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _make_optimizer(self):
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms and biases
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                 foreach=self.env.device.type == "cuda" or None)
+
+    # ---- data order ------------------------------------------------------------------------
+    def _rows(self, step: int, micro: int) -> list[int]:
+        """The dataset indices of one micro-batch: a seeded permutation per epoch, consumed in order.
+        Ranks take consecutive slices of each global step, so 2 ranks x B rows = 1 rank x 2B rows."""
+        B, world, n = self.cfg.batch_size, self.env.world, len(self.train_set)
+        per_step = B * world * self.cfg.grad_accum
+        first = step * per_step + (micro * world + self.env.rank) * B
+        rows = []
+        for g in range(first, first + B):
+            epoch = g // n
+            if epoch != self._perm_epoch:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+                self._perm, self._perm_epoch = torch.randperm(n, generator=gen).tolist(), epoch
+            rows.append(self._perm[g % n])
+        return rows
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, env = self.cfg, self.env
+        self._resume()
+        if env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(self.out / "config.json", self.run_config)
+        writer = self._tensorboard()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (env.main and cfg.progress),
+                   file=sys.stderr, dynamic_ncols=True, desc=self.run_config.get("stage", "train"))
+        last = {}
+        self.model.train()
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            last = self._train_step()
+            last["step_time"] = time.perf_counter() - t0
+            last["tok_per_s"] = last["tokens"] / last["step_time"]
+            self.step += 1
+            if cfg.eval_every and self.eval_set is not None and (self.step % cfg.eval_every == 0
+                                                                 or self.step == cfg.max_steps):
+                last["eval_loss"] = self.evaluate()
+            if env.main and (self.step % cfg.log_every == 0 or "eval_loss" in last):
+                self._log(last, writer)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        if writer:
+            writer.close()
+        return last
+
+    def _train_step(self) -> dict:
+        cfg, env = self.cfg, self.env
+        lr = lr_at(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batches = [self.train_set.collate(self._rows(self.step, m)) for m in range(cfg.grad_accum)]
+        n_total = D.all_reduce_sum(torch.tensor(float(sum(b["n_targets"] for b in batches)), device=env.device))
+        loss_sum = torch.zeros((), device=env.device)
+        extras: dict[str, float] = {}
+        for m, batch in enumerate(batches):
+            no_sync = getattr(self.model, "no_sync", None)
+            ctx = no_sync() if no_sync and m < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with ctx, autocast(env.device, cfg.precision):
+                loss, metrics = self.loss_fn(self.model, to_device(batch, env.device))
+            # Sum over targets / global target count: the exact mean even when micro-batches and ranks
+            # hold different numbers of targets. DDP averages gradients over ranks, hence * world.
+            (loss * env.world / n_total.clamp(min=1)).backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                extras[k] = extras.get(k, 0.0) + float(v) / cfg.grad_accum
+        loss_mean = (D.all_reduce_sum(loss_sum) / n_total.clamp(min=1)).item()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if math.isfinite(loss_mean) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= cfg.max_nonfinite:
+                raise KosmoError(f"loss or gradient was non-finite for {self.nonfinite_run} steps in a row "
+                                 f"(last at step {self.step + 1}); lower train.lr or use train.precision=fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": self.step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
+                "tokens": int(n_total.item()), "skipped_steps": self.nonfinite_total, **extras}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `eval_batches` batches of the eval set, split across ranks."""
+        cfg, env = self.cfg, self.env
+        self.model.eval()
+        loss_sum = torch.zeros((), device=env.device)
+        count = torch.zeros((), device=env.device)
+        n = len(self.eval_set)
+        starts = range(0, min(n, cfg.eval_batches * cfg.batch_size * env.world), cfg.batch_size * env.world)
+        for s in starts:
+            lo = s + env.rank * cfg.batch_size
+            rows = list(range(lo, min(lo + cfg.batch_size, n)))
+            if not rows:
+                continue
+            batch = self.eval_set.collate(rows)
+            with autocast(env.device, cfg.precision):
+                loss, _ = self.loss_fn(self.model, to_device(batch, env.device))
+            loss_sum += loss.float()
+            count += batch["n_targets"]
+        self.model.train()
+        return (D.all_reduce_sum(loss_sum) / D.all_reduce_sum(count).clamp(min=1)).item()
+
+    # ---- metrics ----------------------------------------------------------------------------
+    def _tensorboard(self):
+        if not (self.env.main and self.cfg.tensorboard):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1)
+
+    def _log(self, row: dict, writer):
+        row = {k: (round(v, 6) if k in ("step_time", "tok_per_s") else v) for k, v in row.items()}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(f"train/{k}" if k != "eval_loss" else "eval/loss", v, row["step"])
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self):
+        """Writes state/step-N/, then publishes it with an atomic rewrite of state/latest.json."""
+        env = self.env
+        weights = D.full_model_state(self.model)
+        optim = D.full_optimizer_state(self.model, self.optimizer)
+        state_dir = self.out / "state" / f"step-{self.step:08d}"
+        if env.main:
+            inner = D.unwrap(self.model)
+            names = set(checkpoint.model_tensors(inner))
+            checkpoint.save_tensors(state_dir / "model.safetensors", {k: v for k, v in weights.items() if k in names})
+            tensors, groups = _flatten_optimizer(optim)
+            checkpoint.save_tensors(state_dir / "optimizer.safetensors", tensors)
+            checkpoint.write_json(state_dir / "trainer.json", {
+                "step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+                "world": env.world, "param_groups": groups})
+        D.barrier()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(env.device if env.device.type == "cuda" else None)
+        checkpoint.save_tensors(state_dir / f"rng-rank{env.rank}.safetensors", rng)
+        D.barrier()
+        if env.main:
+            checkpoint.write_json(self.out / "state" / "latest.json", {"step": self.step, "dir": state_dir.name})
+            _publish_link(state_dir / "model.safetensors", self.out / "model.safetensors")
+            for old in (self.out / "state").glob("step-*"):
+                if old != state_dir:
+                    shutil.rmtree(old, ignore_errors=True)
+        D.barrier()
+
+    def _resume(self):
+        latest = self.out / "state" / "latest.json"
+        if not latest.is_file():
+            return
+        saved = checkpoint.read_json(self.out / "config.json")
+        for key in ("model", "stage"):
+            if saved.get(key) != self.run_config.get(key):
+                raise KosmoError(f"{self.out}: holds a run with another '{key}' config; "
+                                 "use a new --out or delete it to start over")
+        info = checkpoint.read_json(latest)
+        state_dir = self.out / "state" / info["dir"]
+        trainer = checkpoint.read_json(state_dir / "trainer.json")
+        D.load_model_state(self.model, checkpoint.load_tensors(state_dir / "model.safetensors"))
+        optim = _unflatten_optimizer(checkpoint.load_tensors(state_dir / "optimizer.safetensors"),
+                                     trainer["param_groups"])
+        D.load_optimizer_state(self.model, self.optimizer, optim)
+        rng_file = state_dir / f"rng-rank{self.env.rank}.safetensors"
+        if rng_file.is_file():
+            rng = checkpoint.load_tensors(rng_file)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], self.env.device if self.env.device.type == "cuda" else None)
+        self.step = trainer["step"]
+        self.nonfinite_total, self.nonfinite_run = trainer["nonfinite_total"], trainer["nonfinite_run"]
+        if self.env.main:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
+
+
+def _flatten_optimizer(optim: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for name, st in optim["state"].items():
+        for key, value in st.items():
+            tensors[f"{name}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim["param_groups"]]
+    return tensors, groups
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[str, dict] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("::", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]}
+
+
+def _publish_link(src: Path, dst: Path):
+    """Makes `dst` the same file as `src` without copying (hard link, then atomic rename)."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.hardlink_to(src)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def _truncate_metrics(path: Path, step: int):
+    """Drops rows a killed run logged after its last checkpoint (and a torn last line)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    checkpoint.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
