@@ -34,6 +34,8 @@ def cmd_tokenizer(args):
 
 
 def cmd_train(args):
+    import torch
+
     from kosmo import config as C
     from kosmo.model.load import load_run
     from kosmo.tokenizer import Tokenizer
@@ -60,6 +62,7 @@ def cmd_train(args):
             Tokenizer.train(iter_texts(args.data), cfg.vocab_size).save(out)
         D.barrier()
         tokenizer = Tokenizer.load(out / "tokenizer.json")
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of what a seed reproduces
     model, loss_fn, train_set, eval_set = stage.build(cfg, args.data, tokenizer, init_model)
     run_config = {"stage": args.stage, "arch": "lm", "model": model.cfg.to_dict(),
                   "config": dataclasses.asdict(cfg), "data": [str(p) for p in args.data],

@@ -1,0 +1,127 @@
+"""Hugging Face `LlamaForCausalLM` checkpoints <-> kosmo `LM`, through an explicit name map.
+
+kosmo stores q/k/v and gate/up fused; import concatenates them along the output dimension and
+export splits them again. Both sides use the rotate-half RoPE layout, so no weights are permuted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kosmo import checkpoint
+from kosmo.errors import KosmoError
+from kosmo.model.lm import LM, LMConfig
+
+# kosmo name (per layer, after "blocks.{i}.") -> HF names (after "model.layers.{i}.") concatenated in order
+LAYER_MAP = {
+    "attn_norm.weight": ["input_layernorm.weight"],
+    "attn.qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "attn.proj.weight": ["self_attn.o_proj.weight"],
+    "mlp_norm.weight": ["post_attention_layernorm.weight"],
+    "mlp.gate_up.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "mlp.down.weight": ["mlp.down_proj.weight"],
+}
+GLOBAL_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> LMConfig:
+    if hf.get("model_type") not in ("llama", None):
+        raise KosmoError(f"{where}: model_type {hf.get('model_type')!r} is not llama")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise KosmoError(f"{where}: {flag}=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise KosmoError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, dim // heads):
+        raise KosmoError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests theta and scaling here
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    return LMConfig(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, hidden_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=dict(scaling) if scaling else None, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def config_to_hf(cfg: LMConfig) -> dict:
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+    }
+
+
+def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise KosmoError(f"{path}: no *.safetensors files (pytorch_model.bin is pickle and is not read)")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def import_hf(path: str | Path) -> LM:
+    path = Path(path)
+    hf_cfg = checkpoint.read_json(path / "config.json")
+    try:
+        cfg = config_from_hf(hf_cfg, str(path / "config.json"))
+    except KeyError as e:
+        raise KosmoError(f"{path / 'config.json'}: missing field {e}") from None
+    hf = _read_hf_tensors(path)
+    if cfg.tie_embeddings:
+        hf.setdefault("lm_head.weight", hf.get("model.embed_tokens.weight"))
+    model = LM(cfg)
+    state = {}
+    for kosmo_name, hf_name in GLOBAL_MAP.items():
+        state[kosmo_name] = _take(hf, hf_name, path)
+    for i in range(cfg.n_layers):
+        for kosmo_name, hf_names in LAYER_MAP.items():
+            parts = [_take(hf, f"model.layers.{i}.{n}", path) for n in hf_names]
+            state[f"blocks.{i}.{kosmo_name}"] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    checkpoint.load_weights(model, {k: v.float() for k, v in state.items()}, path)
+    return model.eval()
+
+
+def _take(tensors: dict, name: str, path: Path) -> torch.Tensor:
+    if tensors.get(name) is None:
+        raise KosmoError(f"{path}: checkpoint has no tensor '{name}'")
+    return tensors[name]
+
+
+def export_hf(model: LM, out: str | Path, tokenizer=None, dtype=torch.float32) -> Path:
+    """Writes config.json, model.safetensors and (given a tokenizer) tokenizer files for transformers."""
+    out = Path(out)
+    cfg = model.cfg
+    sd = model.state_dict()
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    split = {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}
+    tensors = {hf: sd[k].to(dtype) for k, hf in GLOBAL_MAP.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    for i in range(cfg.n_layers):
+        for kosmo_name, hf_names in LAYER_MAP.items():
+            w = sd[f"blocks.{i}.{kosmo_name}"].to(dtype)
+            parts = w.split(split[kosmo_name], 0) if kosmo_name in split else [w]
+            for name, part in zip(hf_names, parts):
+                tensors[f"model.layers.{i}.{name}"] = part
+    checkpoint.save_tensors(out / "model.safetensors", tensors)
+    hf_cfg = config_to_hf(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    checkpoint.write_json(out / "config.json", hf_cfg)
+    checkpoint.write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer.json")
+        checkpoint.write_json(out / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "pad_token": "<pad>", "model_max_length": cfg.max_seq_len})
+    return out

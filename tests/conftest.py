@@ -1,0 +1,34 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kosmo(*args, cwd=None, check=True, timeout=600, env=None):
+    """Runs the real CLI in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "kosmo", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kosmo {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A small text JSONL from the shapes world."""
+    from kosmo.data.world import World
+    world = World()
+    path = tmp_path_factory.mktemp("corpus") / "text.jsonl"
+    with path.open("w") as f:
+        for i in range(1500):
+            f.write(json.dumps({"text": world.text(i, "train")}) + "\n")
+    return path
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,78 @@
+"""Decoding: the KV cache changes nothing, padding changes nothing, sampling options behave."""
+
+import pytest
+import torch
+
+from kosmo.generate import Sampling, filter_logits, generate, generate_ids
+from kosmo.model.lm import LM, LMConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                       init_std=0.1)).eval()
+
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51], [1, 60, 61, 62, 63, 64]]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=20),
+                                      Sampling(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=3)])
+def test_cached_and_uncached_decoding_agree(model, sampling):
+    a, _, la = generate_ids(model, PROMPTS, sampling, stop_ids=(), use_cache=True, return_logits=True)
+    b, _, lb = generate_ids(model, PROMPTS, sampling, stop_ids=(), use_cache=False, return_logits=True)
+    assert a == b
+    assert len(la) == 20
+    for x, y in zip(la, lb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_batched_prompts_of_different_lengths_match_one_by_one(model):
+    batched, _, lb = generate_ids(model, PROMPTS, Sampling(max_new_tokens=12), stop_ids=(), return_logits=True)
+    for i, p in enumerate(PROMPTS):
+        alone, _, la = generate_ids(model, [p], Sampling(max_new_tokens=12), stop_ids=(), return_logits=True)
+        assert alone[0] == batched[i]
+        torch.testing.assert_close(la[0][0], lb[0][i], atol=1e-5, rtol=0)
+
+
+def test_seed_reproduces_and_changes_samples(model):
+    s = dict(max_new_tokens=16, temperature=1.5)
+    a = generate_ids(model, PROMPTS, Sampling(**s, seed=1), stop_ids=())[0]
+    b = generate_ids(model, PROMPTS, Sampling(**s, seed=1), stop_ids=())[0]
+    c = generate_ids(model, PROMPTS, Sampling(**s, seed=2), stop_ids=())[0]
+    assert a == b and a != c
+
+
+def test_stop_token_and_max_tokens(model):
+    greedy, _ = generate_ids(model, PROMPTS[:1], Sampling(max_new_tokens=10), stop_ids=())
+    stop_at = greedy[0][3]
+    out, reasons = generate_ids(model, PROMPTS[:1], Sampling(max_new_tokens=10), stop_ids=(stop_at,))
+    assert out[0] == greedy[0][:greedy[0].index(stop_at)] and reasons == ["stop"]
+    assert generate_ids(model, PROMPTS[:1], Sampling(max_new_tokens=10), stop_ids=())[1] == ["length"]
+
+
+def test_stop_strings_cut_the_text(model):
+    class CharTok:  # each id decodes to one letter, so stop strings are easy to place
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+    tok = CharTok()
+    full = generate(model, tok, PROMPTS[:1], Sampling(max_new_tokens=12), stop_ids=())[0]
+    stop = full.text[4:6]
+    cut = generate(model, tok, PROMPTS[:1], Sampling(max_new_tokens=12, stop=[stop]), stop_ids=())[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    assert len(cut.tokens) < len(full.tokens)
+
+
+def test_top_k_and_top_p_filter_the_right_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = filter_logits(logits, Sampling(temperature=1.0, top_k=2)).isfinite()
+    assert kept.tolist() == [[True, True, False, False, False]]
+    probs = logits.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...
+    kept = filter_logits(logits, Sampling(temperature=1.0, top_p=0.8)).isfinite()
+    assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8 < probs[:2].sum()
+
+
+def test_prompt_beyond_context_is_refused(model):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        generate_ids(model, [[1] * 120], Sampling(max_new_tokens=20))

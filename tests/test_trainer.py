@@ -1,0 +1,157 @@
+"""The shared trainer: exact resume after SIGKILL, DDP/FSDP parity, accumulation, non-finite steps."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import kosmo, read_metrics
+from kosmo import checkpoint
+from kosmo.errors import KosmoError
+from kosmo.model.lm import LM, LMConfig
+from kosmo.train.lm import lm_loss
+from kosmo.train.trainer import TrainConfig, Trainer, lr_at
+
+QUIET = ["train.progress=false", "train.tensorboard=false"]
+SMALL = ["seq_len=64", "vocab_size=600", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(text_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    kosmo("tokenizer", "--data", text_corpus, "--vocab-size", 600, "--out", out)
+    return out
+
+
+def test_sigkill_then_resume_reproduces_every_step(text_corpus, tokenizer_dir, tmp_path):
+    args = ["train", "lm", "--data", text_corpus, "--tokenizer", tokenizer_dir, *QUIET, *SMALL,
+            "train.max_steps=40", "train.save_every=8", "train.eval_every=10", "train.warmup_steps=4"]
+    kosmo(*args, "--out", tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kosmo", *map(str, args), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # kill mid-way, after a checkpoint and some logged steps beyond it
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 19:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint.read_json(run / "state" / "latest.json")["step"]
+    assert 8 <= saved < 40, "the kill must land mid-run"
+    resumed = kosmo(*args, "--out", run)
+    assert f"from step {saved}" in resumed.stderr
+
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 41))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r.get("eval_loss") for r in a] == [r.get("eval_loss") for r in b]
+    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_at_the_same_global_batch(parallel, text_corpus, tokenizer_dir, tmp_path):
+    common = ["train", "lm", "--data", text_corpus, "--tokenizer", tokenizer_dir, *QUIET, *SMALL,
+              "train.max_steps=5", "train.precision=fp32", "train.eval_every=5", "train.warmup_steps=2"]
+    kosmo(*common, "train.batch_size=4", "--out", tmp_path / "one")
+    port = 29500 + (os.getpid() % 500) + (parallel == "fsdp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "kosmo", *map(str, common), "train.batch_size=2",
+                           f"train.parallel={parallel}", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert one[-1]["eval_loss"] == pytest.approx(two[-1]["eval_loss"], rel=1e-5)
+
+
+class Rows:
+    """Random token rows, as a Dataset for the trainer."""
+
+    def __init__(self, n=64, T=16, vocab=50):
+        self.rows = torch.randint(0, vocab, (n, T + 1), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def collate(self, idx):
+        r = self.rows[idx]
+        return {"input": r[:, :-1], "labels": r[:, 1:], "n_targets": r[:, 1:].numel()}
+
+
+def tiny_lm():
+    torch.manual_seed(0)
+    return LM(LMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
+
+
+def fit(tmp_path, loss_fn=lm_loss, **kw):
+    cfg = TrainConfig(**{"max_steps": 4, "precision": "fp32", "progress": False, "tensorboard": False,
+                         "eval_every": 0, "warmup_steps": 1, **kw})
+    trainer = Trainer(cfg, tiny_lm(), loss_fn, Rows(), tmp_path, {"stage": "test", "model": {}})
+    return trainer, trainer.fit()
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path):
+    _, big = fit(tmp_path / "a", batch_size=8)
+    _, acc = fit(tmp_path / "b", batch_size=2, grad_accum=4)
+    assert read_metrics(tmp_path / "a")[0]["loss"] == pytest.approx(read_metrics(tmp_path / "b")[0]["loss"], rel=1e-6)
+    assert big["loss"] == pytest.approx(acc["loss"], rel=1e-5)
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(model, batch):
+        loss, m = lm_loss(model, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), m
+
+    trainer, last = fit(tmp_path / "a", loss_fn=flaky)
+    rows = read_metrics(tmp_path / "a")
+    assert math.isnan(rows[1]["loss"]) and last["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+    def broken(model, batch):
+        loss, m = lm_loss(model, batch)
+        return loss * float("inf"), m
+
+    with pytest.raises(KosmoError, match="non-finite for 3 steps in a row"):
+        fit(tmp_path / "b", loss_fn=broken, max_nonfinite=3)
+
+
+def test_checkpoints_are_safetensors_and_json_only(tmp_path):
+    fit(tmp_path, save_every=2)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "tb" not in p.parts]
+    assert {p.suffix for p in files} <= {".safetensors", ".json", ".jsonl"}
+    weights = checkpoint.load_tensors(tmp_path / "model.safetensors")
+    assert "blocks.0.attn.qkv.weight" in weights and "lm_head.weight" not in weights  # tied, stored once
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "f.json"
+    checkpoint.write_json(target, {"v": 1})
+
+    def crash(path):
+        path.write_text('{"v": 2, "trunc')
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(target, crash)
+    assert checkpoint.read_json(target) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
