@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from kosmo.errors import KosmoError
-
-
-def _stages():
-    from kosmo.train import lm
-    return {"lm": lm}
+from kosmo.train.run import stages
 
 
 def cmd_world(args):
@@ -34,48 +30,11 @@ def cmd_tokenizer(args):
 
 
 def cmd_train(args):
-    import torch
-
-    from kosmo import config as C
-    from kosmo.model.load import load_run
-    from kosmo.tokenizer import Tokenizer
-    from kosmo.train import distributed as D
-    from kosmo.train.trainer import Trainer
-
-    stage = _stages()[args.stage]
-    cfg = C.load(stage.StageConfig, args.config, args.overrides)
-    for path in args.data:
-        if not Path(path).is_file():
-            raise KosmoError(f"{path}: file not found")
-    out = Path(args.out)
-    env = D.setup(cfg.train.device)
-    init_model = None
-    if args.init:
-        init_model, tokenizer, _ = load_run(args.init)
-    elif args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
-    elif (out / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.load(out / "tokenizer.json")
-    else:
-        if env.main:
-            from kosmo.data.jsonl import iter_texts
-            Tokenizer.train(iter_texts(args.data), cfg.vocab_size).save(out)
-        D.barrier()
-        tokenizer = Tokenizer.load(out / "tokenizer.json")
-    torch.manual_seed(cfg.train.seed)  # the initial weights are part of what a seed reproduces
-    model, loss_fn, train_set, eval_set = stage.build(cfg, args.data, tokenizer, init_model)
-    run_config = {"stage": args.stage, "arch": "lm", "model": model.cfg.to_dict(),
-                  "config": dataclasses.asdict(cfg), "data": [str(p) for p in args.data],
-                  "init": str(args.init) if args.init else None}
-    if env.main:
-        print(f"{args.stage}: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} training rows, "
-              f"world size {env.world}, device {env.device}", file=sys.stderr)
-        tokenizer.save(out)
-    trainer = Trainer(cfg.train, model, loss_fn, train_set, out, run_config, eval_set=eval_set, env=env)
-    last = trainer.fit()
-    D.teardown()
-    if env.main:
-        print(json.dumps({k: v for k, v in last.items()}))
+    from kosmo.train.run import run_stage
+    last = run_stage(args.stage, args.data, args.out, init=args.init, tokenizer=args.tokenizer,
+                     config_file=args.config, overrides=args.overrides)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line
+        print(json.dumps(last))
 
 
 def cmd_generate(args):
@@ -155,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_tokenizer)
 
     tr = sub.add_parser("train", help="run a training stage")
-    tr.add_argument("stage", choices=sorted(_stages()))
+    tr.add_argument("stage", choices=sorted(stages()))
     tr.add_argument("--data", nargs="+", required=True)
     tr.add_argument("--out", required=True)
     tr.add_argument("--init", help="run directory to start from")

@@ -106,8 +106,9 @@ def generate_ids(model: LM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS
             break
         # rows already done keep decoding padding so the batch stays rectangular
         tok = tok.masked_fill(done, PAD)
-        step_in, step_pos = tok[:, None], pos[:, -1:] + 1
-        seq, pos = torch.cat([seq, step_in], 1), torch.cat([pos, step_pos], 1)
+        step_in, step_pos = tok[:, None], step_pos[:, -1:] + 1
+        if not use_cache:
+            seq, pos = torch.cat([seq, step_in], 1), torch.cat([pos, step_pos], 1)
         if padded:
             key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
     return (out, reasons, step_logits) if return_logits else (out, reasons)

@@ -71,10 +71,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 like Llama: bf16 sums of squares lose too much precision.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32 like Llama (bf16 sums of squares lose too much precision), in one fused op.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
@@ -148,11 +146,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv_heads != self.n_heads:  # expand() is a view; SDPA's fused CPU kernels want equal heads
-            rep = self.n_heads // self.n_kv_heads
-            k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
-            v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        rep = self.n_heads // self.n_kv_heads
+        if T == 1 and rep > 1:
+            # Decoding one token: fold each kv group's query heads into the query axis, so the cache is
+            # read in place instead of being copied `rep` times per step.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v, attn_mask=mask)
+            return self.proj(y.reshape(B, 1, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=rep > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -218,7 +219,9 @@ class LM(nn.Module):
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"{start + T} positions exceed the context of {self.cfg.max_seq_len} tokens")
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        # rotate in the activations' dtype (bf16 under autocast), as Llama does
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)
         mask = attention_mask(T, start, key_mask, x.device) if (key_mask is not None or (start and T > 1)) else None
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)

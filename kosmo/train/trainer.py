@@ -106,6 +106,17 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self._perm_epoch, self._perm = -1, None
+        self._check_resumable()
+
+    def _check_resumable(self):
+        """A run directory resumes only the run it holds; anything else would mix two models."""
+        if not (self.out / "state" / "latest.json").is_file():
+            return
+        saved = checkpoint.read_json(self.out / "config.json")
+        for key in ("model", "stage"):
+            if saved.get(key) != self.run_config.get(key):
+                raise KosmoError(f"{self.out}: holds a run with another '{key}' config; "
+                                 "use a new --out or delete it to start over")
 
     def _make_optimizer(self):
         decay, no_decay = [], []
@@ -142,7 +153,8 @@ class Trainer:
             checkpoint.write_json(self.out / "config.json", self.run_config)
         writer = self._tensorboard()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (env.main and cfg.progress),
-                   file=sys.stderr, dynamic_ncols=True, desc=self.run_config.get("stage", "train"))
+                   file=sys.stderr, dynamic_ncols=True, desc=self.run_config.get("stage", "train"),
+                   mininterval=0.5 if sys.stderr.isatty() else 30)  # keep CI logs short
         last = {}
         self.model.train()
         while self.step < cfg.max_steps:
@@ -274,11 +286,6 @@ class Trainer:
         latest = self.out / "state" / "latest.json"
         if not latest.is_file():
             return
-        saved = checkpoint.read_json(self.out / "config.json")
-        for key in ("model", "stage"):
-            if saved.get(key) != self.run_config.get(key):
-                raise KosmoError(f"{self.out}: holds a run with another '{key}' config; "
-                                 "use a new --out or delete it to start over")
         info = checkpoint.read_json(latest)
         state_dir = self.out / "state" / info["dir"]
         trainer = checkpoint.read_json(state_dir / "trainer.json")

@@ -1,0 +1,34 @@
+# The two commands of the README. Each sets up .venv on a fresh machine first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-slow setup browser-deps clean
+
+setup: $(STAMP)
+
+# CUDA machines get pip's default (CUDA) torch wheel; elsewhere the CPU build, installed first so
+# that no other requirement pulls the multi-GB CUDA one.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q $(TORCH); \
+	fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/kosmo demo --out out
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,135 @@
+"""kosmo LM vs transformers' LlamaForCausalLM, side by side in one process.
+
+Same config, same weights (exported from kosmo), same batch, same dtype (bf16 autocast by default).
+Reports training tokens/s (forward + backward + AdamW step, fp32 weights under bf16 autocast) and
+greedy decode tokens/s at batch 1 and batch 8 (weights cast to bf16, as when serving), with
+kosmo/transformers ratios. Runs alternate between the two so machine noise hits
+both alike; the median of the repeats is reported.
+
+    .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
+    .venv/bin/python benchmarks/lm_vs_hf.py --quick    # a fast smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from kosmo.generate import Sampling, generate_ids
+from kosmo.interop.hf_llama import export_hf
+from kosmo.model.lm import LM, LMConfig
+
+
+def train_step_fn(model, opt, ids, hf: bool, dtype):
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if hf:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                logits = model(ids[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(fn, repeats: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.new_tokens = 2, 16
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                   n_kv_heads=args.kv_heads, max_seq_len=max(args.seq, 128) + args.new_tokens + 64,
+                   tie_embeddings=False)
+    ours = LM(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(ours, d)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa")
+    ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1))
+
+    # ---- training throughput
+    steps = {}
+    for name, model, hf in (("kosmo", ours, False), ("transformers", theirs, True)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # both see seq input tokens: HF shifts labels inside, kosmo takes inputs and targets from seq+1
+        steps[name] = train_step_fn(model, opt, ids[:, : args.seq] if hf else ids, hf, dtype)
+        steps[name]()  # warm-up (allocations, autocast caches, oneDNN kernels)
+    train_times = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for name, fn in steps.items():
+            train_times[name].append(timed(fn, 2))
+    tokens = args.batch * args.seq
+    train = {k: tokens / statistics.median(v) for k, v in train_times.items()}
+
+    # ---- decode throughput: both models hold their weights in the benchmark dtype, as when serving
+    ours = copy.deepcopy(ours).to(dtype).eval()
+    theirs = theirs.to(dtype).eval()
+    prompt_len = 32
+    decode = {}
+    for batch in (1, 8):
+        prompts = ids[:batch, :prompt_len]
+        n = args.new_tokens
+
+        def run_ours():
+            generate_ids(ours, prompts.tolist(), Sampling(max_new_tokens=n), stop_ids=())
+
+        def run_theirs():
+            with torch.no_grad():
+                theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        run_ours(), run_theirs()
+        times = {"kosmo": [], "transformers": []}
+        for _ in range(args.rounds):
+            times["kosmo"].append(timed(run_ours, 1))
+            times["transformers"].append(timed(run_theirs, 1))
+        decode[batch] = {k: batch * n / statistics.median(v) for k, v in times.items()}
+
+    rows = [("training tokens/s", train["kosmo"], train["transformers"]),
+            ("decode tokens/s, batch 1", decode[1]["kosmo"], decode[1]["transformers"]),
+            ("decode tokens/s, batch 8", decode[8]["kosmo"], decode[8]["transformers"])]
+    print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
+          f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, {args.dtype}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print("| measure | kosmo | transformers | kosmo / transformers |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+    print(json.dumps({"train_ratio": round(train["kosmo"] / train["transformers"], 3),
+                      "decode_b1_ratio": round(decode[1]["kosmo"] / decode[1]["transformers"], 3),
+                      "decode_b8_ratio": round(decode[8]["kosmo"] / decode[8]["transformers"], 3)}))
+
+
+if __name__ == "__main__":
+    main()

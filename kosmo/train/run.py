@@ -1,0 +1,61 @@
+"""Running a training stage end to end: config, tokenizer, model, data, trainer. The CLI and the
+demo both come through here, so a stage behaves the same whichever way it is started."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from kosmo import config as C
+from kosmo.errors import KosmoError
+from kosmo.tokenizer import Tokenizer
+from kosmo.train import distributed as D
+from kosmo.train.trainer import Trainer
+
+
+def stages() -> dict:
+    from kosmo.train import lm
+    return {"lm": lm}
+
+
+def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, config_file=None,
+              overrides: list[str] = ()) -> dict:
+    """Trains `stage_name` on `data` into run directory `out`; returns the last step's metrics."""
+    from kosmo.model.load import load_run
+    stage = stages()[stage_name]
+    cfg = C.load(stage.StageConfig, config_file, overrides)
+    for path in data:
+        if not Path(path).is_file():
+            raise KosmoError(f"{path}: file not found")
+    out = Path(out)
+    env = D.setup(cfg.train.device)
+    init_model = None
+    if init:
+        init_model, tok, _ = load_run(init)
+    elif tokenizer:
+        tok = Tokenizer.load(tokenizer)
+    elif (out / "tokenizer.json").is_file():
+        tok = Tokenizer.load(out / "tokenizer.json")
+    else:
+        if env.main:
+            from kosmo.data.jsonl import iter_texts
+            Tokenizer.train(iter_texts(data), cfg.vocab_size).save(out)
+        D.barrier()
+        tok = Tokenizer.load(out / "tokenizer.json")
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of what a seed reproduces
+    model, loss_fn, train_set, eval_set = stage.build(cfg, data, tok, init_model)
+    run_config = {"stage": stage_name, "arch": "lm", "model": model.cfg.to_dict(),
+                  "config": dataclasses.asdict(cfg), "data": [str(p) for p in data],
+                  "init": str(init) if init else None}
+    trainer = Trainer(cfg.train, model, loss_fn, train_set, out, run_config, eval_set=eval_set, env=env)
+    if env.main:
+        print(f"{stage_name}: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} training rows, "
+              f"world size {env.world}, device {env.device}", file=sys.stderr)
+        tok.save(out)
+    try:
+        return trainer.fit()
+    finally:
+        D.teardown()

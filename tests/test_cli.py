@@ -1,0 +1,114 @@
+"""The command line as a user meets it: the documented verbs work, bad input gets one clear line."""
+
+import json
+
+import pytest
+
+from conftest import kosmo
+
+QUICK = ["train.max_steps=3", "train.progress=false", "train.tensorboard=false", "seq_len=32", "vocab_size=400",
+         "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1"]
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    kosmo("world", "--out", out, "--n", 60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "lm"
+    proc = kosmo("train", "lm", "--data", world / "text.jsonl", "--out", out, "--config", "configs/lm_tiny.yaml",
+                 *QUICK)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 3
+    return out
+
+
+def test_train_writes_a_complete_run_directory(run):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "state/latest.json"):
+        assert (run / name).is_file(), name
+
+
+def test_eval_ppl_prints_json_last(run, world):
+    proc = kosmo("eval", "ppl", "--model", run, "--data", world / "text.jsonl")
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["ppl"] > 1 and metrics["tokens"] > 100
+
+
+def test_generate_with_sampling_options(run):
+    proc = kosmo("generate", "--model", run, "--prompt", "There is a", "--prompt", "A red",
+                 "--max-new-tokens", 5, "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9, "--seed", 1)
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == ["There is a", "A red"] and all(r["tokens"] <= 5 for r in rows)
+    again = kosmo("generate", "--model", run, "--prompt", "There is a", "--prompt", "A red",
+                  "--max-new-tokens", 5, "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9, "--seed", 1)
+    assert again.stdout == proc.stdout
+
+
+def test_export_then_import_round_trips(run, world, tmp_path):
+    kosmo("export", "--model", run, "--out", tmp_path / "hf")
+    kosmo("import", "--hf", tmp_path / "hf", "--out", tmp_path / "back")
+    a = kosmo("eval", "ppl", "--model", run, "--data", world / "text.jsonl").stdout
+    b = kosmo("eval", "ppl", "--model", tmp_path / "back", "--data", world / "text.jsonl").stdout
+    assert a == b
+
+
+def test_tokenizer_command(world, tmp_path):
+    proc = kosmo("tokenizer", "--data", world / "text.jsonl", world / "chat.jsonl", "--vocab-size", 500,
+                 "--out", tmp_path)
+    assert json.loads(proc.stdout)["vocab_size"] <= 500 and (tmp_path / "tokenizer.json").is_file()
+
+
+def test_missing_file(tmp_path):
+    one_line_error(kosmo("train", "lm", "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "r", check=False),
+                   "nope.jsonl", "file not found")
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "broken\n')
+    one_line_error(kosmo("tokenizer", "--data", bad, "--out", tmp_path / "t", check=False), "bad.jsonl:3", "malformed JSON")
+    bad.write_text('{"text": 5}\n')
+    one_line_error(kosmo("tokenizer", "--data", bad, "--out", tmp_path / "t", check=False), "bad.jsonl:1", "'text'")
+
+
+def test_unknown_config_key_and_bad_value(world, tmp_path):
+    args = ("train", "lm", "--data", world / "text.jsonl", "--out", tmp_path / "r")
+    one_line_error(kosmo(*args, "train.lrr=1", check=False), "unknown config key 'train.lrr'")
+    one_line_error(kosmo(*args, "train.lr=fast", check=False), "'train.lr' must be float")
+    one_line_error(kosmo(*args, "model.size=huge", check=False), "model.size='huge'")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  batch_size: [1\n")
+    one_line_error(kosmo(*args, "--config", cfg, check=False), "c.yaml:", "invalid YAML")
+
+
+def test_prompt_longer_than_context(run):
+    one_line_error(kosmo("generate", "--model", run, "--prompt", "word " * 400, check=False), "exceeds the context")
+
+
+def test_checkpoint_of_the_wrong_shape(run, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"]["dim"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    one_line_error(kosmo("eval", "ppl", "--model", bad, "--data", "x.jsonl", check=False), "wrong shape")
+
+
+def test_resume_refuses_a_different_model(world, run, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    proc = kosmo("train", "lm", "--data", world / "text.jsonl", "--out", other, *QUICK, "model.dim=64", check=False)
+    one_line_error(proc, "another 'model' config")
