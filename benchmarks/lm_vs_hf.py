@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time kosmo training with torch.compile")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -79,12 +80,18 @@ def main():
 
     # ---- training throughput
     steps = {}
-    for name, model, hf in (("kosmo", ours, False), ("transformers", theirs, True)):
+    contenders = [("kosmo", ours, False), ("transformers", theirs, True)]
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        for block in compiled.blocks:
+            block.compile()
+        contenders.append(("kosmo, torch.compile", compiled, False))
+    for name, model, hf in contenders:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         # both see seq input tokens: HF shifts labels inside, kosmo takes inputs and targets from seq+1
         steps[name] = train_step_fn(model, opt, ids[:, : args.seq] if hf else ids, hf, dtype)
-        steps[name]()  # warm-up (allocations, autocast caches, oneDNN kernels)
+        steps[name]()  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
     train_times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for name, fn in steps.items():
@@ -116,9 +123,11 @@ def main():
             times["transformers"].append(timed(run_theirs, 1))
         decode[batch] = {k: batch * n / statistics.median(v) for k, v in times.items()}
 
-    rows = [("training tokens/s", train["kosmo"], train["transformers"]),
-            ("decode tokens/s, batch 1", decode[1]["kosmo"], decode[1]["transformers"]),
-            ("decode tokens/s, batch 8", decode[8]["kosmo"], decode[8]["transformers"])]
+    rows = [("training tokens/s", train["kosmo"], train["transformers"])]
+    if args.compile:
+        rows.append(("training tokens/s, kosmo with torch.compile", train["kosmo, torch.compile"], train["transformers"]))
+    rows += [("decode tokens/s, batch 1", decode[1]["kosmo"], decode[1]["transformers"]),
+             ("decode tokens/s, batch 8", decode[8]["kosmo"], decode[8]["transformers"])]
     print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
           f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, {args.dtype}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")

@@ -43,6 +43,7 @@ class TrainConfig:
     precision: str = "bf16"      # bf16 (autocast, fp32 master weights) or fp32
     device: str = "auto"         # auto, cpu, cuda, cuda:1 ...
     parallel: str = "ddp"        # under torchrun: ddp or fsdp
+    compile: bool = False        # torch.compile each transformer block (pays off on long GPU runs)
     eval_every: int = 100        # 0 disables evaluation
     eval_batches: int = 8
     save_every: int = 200        # a checkpoint also closes every run
@@ -100,6 +101,9 @@ class Trainer:
         if len(train_set) == 0:
             raise KosmoError("the training data holds no examples")
         torch.manual_seed(cfg.seed + self.env.rank)
+        if cfg.compile:
+            for block in D.blocks_of(model):
+                block.compile()
         self.model = D.wrap(model.to(self.env.device), cfg.parallel, self.env)
         self.optimizer = self._make_optimizer()
         self.step = 0
