@@ -61,23 +61,36 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def generate_ids(model: LM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
-                 use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None):
-    """The decode loop. Returns per-row new token lists (stop token excluded), finish reasons and,
-    if asked, the (B, V) logits of every step. `should_stop(row, tokens)` ends a row early."""
+def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
+                 use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None,
+                 images: torch.Tensor | None = None):
+    """The decode loop, for an `LM` or a multimodal model with `.lm` and `.embed_inputs(ids, images)`.
+
+    `images` fill the prompts' image slots in order. Returns per-row new token lists (stop token
+    excluded), finish reasons and, if asked, the (B, V) logits of every step. `should_stop(row,
+    tokens)` ends a row early.
+    """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt is empty")
-    device = next(model.parameters()).device
+    lm: LM = getattr(model, "lm", model)
+    device = next(lm.parameters()).device
     idx, key_mask = left_pad(prompts, device)
     B, width = idx.shape
     total = width + s.max_new_tokens
-    if total > model.cfg.max_seq_len:
+    if total > lm.cfg.max_seq_len:
         raise ValueError(f"prompt of {width} tokens + max_new_tokens {s.max_new_tokens} exceeds "
-                         f"the context of {model.cfg.max_seq_len} tokens")
+                         f"the context of {lm.cfg.max_seq_len} tokens")
     pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
     padded = not bool(key_mask.all())  # without padding the plain causal path needs no mask at all
-    cache = KVCache(model.cfg, B, total, dtype=cache_dtype or next(model.parameters()).dtype,
+    cache = KVCache(lm.cfg, B, total, dtype=cache_dtype or next(lm.parameters()).dtype,
                     device=device) if use_cache else None
+
+    def run(ids, pos, cache, with_images: bool):
+        if with_images and images is not None:
+            return lm(embeds=model.embed_inputs(ids, images), pos=pos, key_mask=key_mask if padded else None,
+                      cache=cache, last_only=True)[:, -1]
+        return lm(ids, pos=pos, key_mask=key_mask if padded else None, cache=cache, last_only=True)[:, -1]
+
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)
     out = [[] for _ in range(B)]
@@ -87,10 +100,9 @@ def generate_ids(model: LM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS
     seq, step_in, step_pos = idx, idx, pos
     for _ in range(s.max_new_tokens):
         if use_cache:
-            logits = model(step_in, pos=step_pos, key_mask=key_mask if padded else None, cache=cache,
-                           last_only=True)[:, -1]
+            logits = run(step_in, step_pos, cache, with_images=cache.length == 0)
         else:
-            logits = model(seq, pos=pos, key_mask=key_mask if padded else None, last_only=True)[:, -1]
+            logits = run(seq, pos, None, with_images=True)
         if return_logits:
             step_logits.append(logits.float())
         tok = next_tokens(logits, s, gen)
@@ -114,14 +126,14 @@ def generate_ids(model: LM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS
     return (out, reasons, step_logits) if return_logits else (out, reasons)
 
 
-def generate(model: LM, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
-             cache_dtype=None) -> list[Completion]:
+def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
+             cache_dtype=None, images: torch.Tensor | None = None) -> list[Completion]:
     """Completions for a batch of tokenised prompts; stop strings are cut from the returned text."""
     def hits_stop(i, toks):
         return any(st in tokenizer.decode(toks) for st in s.stop)
 
     out, reasons = generate_ids(model, prompts, s, stop_ids, cache_dtype=cache_dtype,
-                                should_stop=hits_stop if s.stop else None)
+                                should_stop=hits_stop if s.stop else None, images=images)
     results = []
     for toks, reason in zip(out, reasons):
         text = tokenizer.decode(toks)

@@ -155,3 +155,25 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_packing_puts_eos_and_bos_between_documents():
+    from kosmo.tokenizer import BOS, EOS
+    from kosmo.train.lm import PackedText
+
+    class Chars:
+        def encode_batch(self, texts):
+            return [[100 + ord(c) - 97 for c in t] for t in texts]
+
+    packed = PackedText.from_texts(["abc", "de", "fghij"], Chars(), seq_len=4)
+    stream = [BOS, 100, 101, 102, EOS, BOS, 103, 104, EOS, BOS, 105, 106, 107, 108, 109, EOS]
+    assert packed.rows.tolist() == [stream[0:5], stream[4:9], stream[8:13]]
+    batch = packed.collate([1])
+    assert batch["input"].tolist() == [stream[4:8]] and batch["labels"].tolist() == [stream[5:9]]
+
+
+def test_metrics_reach_tensorboard(tmp_path):
+    fit(tmp_path, tensorboard=True, eval_every=2)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    rows = read_metrics(tmp_path)
+    assert {"loss", "lr", "grad_norm", "tok_per_s"} <= rows[0].keys()
