@@ -19,6 +19,12 @@ def build_model(config: dict, where: str) -> torch.nn.Module:
             return LM(LMConfig.from_dict(config["model"]))
         except (KeyError, TypeError, ValueError) as e:
             raise KosmoError(f"{where}: invalid model config ({e})") from None
+    if arch == "mllm":
+        from kosmo.model.mllm import MLLM, MLLMConfig
+        try:
+            return MLLM(MLLMConfig.from_dict(config["model"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise KosmoError(f"{where}: invalid model config ({e})") from None
     raise KosmoError(f"{where}: unknown model arch {arch!r}")
 
 
@@ -30,8 +36,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     model = build_model(config, str(run / "config.json"))
     checkpoint.load_weights(model, checkpoint.load_tensors(run / "model.safetensors"), run / "model.safetensors")
     tokenizer = Tokenizer.load(run / "tokenizer.json")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.vocab_size}")
+    vocab = getattr(model, "lm", model).cfg.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab}")
     return model.to(device).eval(), tokenizer, config
 
 

@@ -17,8 +17,13 @@ from kosmo.train.trainer import Trainer
 
 
 def stages() -> dict:
-    from kosmo.train import lm
-    return {"lm": lm}
+    from kosmo.train import lm, mllm, sft
+    return {"lm": lm, "mllm": mllm, "sft": sft}
+
+
+def arch_of(model) -> str:
+    from kosmo.model.mllm import MLLM
+    return "mllm" if isinstance(model, MLLM) else "lm"
 
 
 def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, config_file=None,
@@ -47,7 +52,7 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
         tok = Tokenizer.load(out / "tokenizer.json")
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of what a seed reproduces
     model, loss_fn, train_set, eval_set = stage.build(cfg, data, tok, init_model)
-    run_config = {"stage": stage_name, "arch": "lm", "model": model.cfg.to_dict(),
+    run_config = {"stage": stage_name, "arch": arch_of(model), "model": model.cfg.to_dict(),
                   "config": dataclasses.asdict(cfg), "data": [str(p) for p in data],
                   "init": str(init) if init else None}
     trainer = Trainer(cfg.train, model, loss_fn, train_set, out, run_config, eval_set=eval_set, env=env)

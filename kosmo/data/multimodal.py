@@ -1,0 +1,203 @@
+"""Multimodal training examples: KOSMOS-1's three data kinds, VQA and chat, as token sequences with
+image slots, target flags and the images they need.
+
+    text         <s> text </s>
+    captions     <s> <image> [K x <|image_pad|>] </image> caption </s>
+    interleaved  <s> text <image> … </image> text <image> … </image> … </s>
+    VQA, chat    the chat template of `kosmo.data.chat`
+
+Loss is on text only: no position is asked to predict an image token, and chat examples learn only
+the assistant's words. Each image is decoded once, however many examples use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kosmo.data import chat
+from kosmo.data.jsonl import read_jsonl
+from kosmo.errors import KosmoError
+from kosmo.tokenizer import BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
+
+KINDS = ("text", "captions", "interleaved", "vqa", "chat")
+IMAGE_TOKENS = (IMAGE, IMAGE_PAD, IMAGE_END)
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    target: list[bool]          # is ids[i] a token the model should learn to predict?
+    images: list[str] = field(default_factory=list)
+    kind: str = "text"
+
+
+def kind_of(obj: dict) -> str:
+    if "messages" in obj:
+        return "chat"
+    if "question" in obj and "image" in obj:
+        return "vqa"
+    if "content" in obj:
+        return "interleaved"
+    if "image" in obj:
+        return "captions"
+    if "text" in obj:
+        return "text"
+    return "unknown"
+
+
+def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path, where: str) -> Example:
+    kind = kind_of(obj)
+
+    def image_path(ref) -> str:
+        if not isinstance(ref, str):
+            raise KosmoError(f"{where}: an image must be a path string")
+        return str((base / ref).resolve())
+
+    if kind == "text":
+        ids = tokenizer.encode(_text(obj, "text", where))
+        return Example([BOS, *ids, EOS], [False] + [True] * (len(ids) + 1), kind=kind)
+    if kind == "captions":
+        caption = tokenizer.encode(_text(obj, "text", where))
+        block = chat.image_block(tokens_per_image)
+        return Example([BOS, *block, *caption, EOS], [False] * (1 + len(block)) + [True] * (len(caption) + 1),
+                       [image_path(obj["image"])], kind)
+    if kind == "interleaved":
+        ids, target, images = [BOS], [False], []
+        if not isinstance(obj["content"], list):
+            raise KosmoError(f"{where}: 'content' must be a list of {{'text'}} / {{'image'}} parts")
+        for part in obj["content"]:
+            if isinstance(part, dict) and "image" in part:
+                block = chat.image_block(tokens_per_image)
+                ids += block
+                target += [False] * len(block)
+                images.append(image_path(part["image"]))
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                toks = tokenizer.encode(part["text"])
+                ids += toks
+                target += [True] * len(toks)
+            else:
+                raise KosmoError(f"{where}: a content part must be {{'text': str}} or {{'image': path}}")
+        return Example(ids + [EOS], target + [True], images, kind)
+    if kind == "vqa":
+        answers = obj.get("answers") or [obj.get("answer")]
+        if not answers or not isinstance(answers[0], str):
+            raise KosmoError(f"{where}: a VQA line needs 'answers': [str, …]")
+        messages = [{"role": "user", "content": [{"type": "image", "image": obj["image"]},
+                                                 {"type": "text", "text": _text(obj, "question", where)}]},
+                    {"role": "assistant", "content": answers[0]}]
+        obj = {"messages": messages}
+    if kind in ("vqa", "chat"):
+        ids, target, refs = chat.render(obj["messages"], tokenizer, tokens_per_image, where=where)
+        return Example(ids, target, [image_path(r) for r in refs], kind)
+    raise KosmoError(f"{where}: unknown record (expected a text, caption, interleaved, VQA or chat line)")
+
+
+def _text(obj: dict, key: str, where: str) -> str:
+    if not isinstance(obj.get(key), str):
+        raise KosmoError(f"{where}: field '{key}' must be a string")
+    return obj[key]
+
+
+def truncate(ex: Example, max_len: int) -> Example | None:
+    """Cuts to max_len tokens without splitting an image; None if nothing learnable is left."""
+    if len(ex.ids) <= max_len:
+        return ex
+    ids, target = ex.ids[:max_len], ex.target[:max_len]
+    opened = [i for i, t in enumerate(ids) if t == IMAGE]
+    closed = sum(t == IMAGE_END for t in ids)
+    if len(opened) > closed:  # the cut fell inside an image: drop that image's tokens
+        ids, target = ids[:opened[closed]], target[:opened[closed]]
+    if not any(target[1:]):
+        return None
+    return Example(ids, target, ex.images[:sum(t == IMAGE_END for t in ids)], ex.kind)
+
+
+def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
+                  kinds: tuple[str, ...] = KINDS) -> tuple[list[Example], int]:
+    """All examples of the given kinds in `paths`, truncated to max_len; also how many were dropped."""
+    out, dropped = [], 0
+    for path in paths:
+        path = Path(path)
+        for lineno, obj in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            kind = kind_of(obj)
+            if kind not in kinds:
+                raise KosmoError(f"{where}: a {kind} line, but this stage reads {', '.join(kinds)} data")
+            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where), max_len)
+            if ex is None:
+                dropped += 1
+            else:
+                out.append(ex)
+    return out, dropped
+
+
+class ImageBank:
+    """Every image of a dataset, decoded and preprocessed once, addressed by path."""
+
+    def __init__(self, paths: list[str], size: int, mode: str = "crop"):
+        from kosmo.data.images import load_images
+        unique = list(dict.fromkeys(paths))
+        self.pixels, ok, self.skipped = load_images(unique, size, mode)
+        self.index = {unique[i]: j for j, i in enumerate(ok)}
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.index
+
+    def get(self, paths: list[str]) -> torch.Tensor:
+        return self.pixels[[self.index[p] for p in paths]] if paths else self.pixels[:0]
+
+
+class MultimodalDataset:
+    """Examples plus their images, mixed by kind with weights; implements the trainer's Dataset."""
+
+    def __init__(self, examples: list[Example], bank: ImageBank, mix: dict[str, float] | None = None,
+                 seed: int = 0):
+        self.examples = [e for e in examples if all(p in bank for p in e.images)]
+        self.skipped = len(examples) - len(self.examples)  # examples whose image could not be read
+        self.bank = bank
+        if not self.examples:
+            raise KosmoError("no usable examples (every one was empty or had an unreadable image)")
+        self.order = self._mix(mix or {}, seed)
+
+    def _mix(self, mix: dict[str, float], seed: int) -> list[int]:
+        """Example indices for one epoch: each kind gets a share of the epoch proportional to its
+        weight (kinds without a weight keep their natural share), drawn without replacement first."""
+        by_kind: dict[str, list[int]] = {}
+        for i, e in enumerate(self.examples):
+            by_kind.setdefault(e.kind, []).append(i)
+        for k in mix:
+            if k not in KINDS:
+                raise KosmoError(f"unknown config key 'mix.{k}' (known: {', '.join(KINDS)})")
+        if not mix:
+            return list(range(len(self.examples)))
+        weights = {k: mix.get(k, 1.0) for k in by_kind}
+        total_w = sum(weights.values())
+        if total_w <= 0:
+            raise KosmoError("the mix weights of the data present sum to zero")
+        n = len(self.examples)
+        gen = torch.Generator().manual_seed(seed)
+        order = []
+        for k, idx in by_kind.items():
+            want = round(n * weights[k] / total_w)
+            reps = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
+            order += (reps * (want // len(reps) + 1))[:want]
+        return order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def collate(self, indices: list[int]) -> dict:
+        exs = [self.examples[self.order[i]] for i in indices]
+        T = max(len(e.ids) for e in exs) - 1
+        inp = torch.full((len(exs), T), PAD, dtype=torch.long)
+        labels = torch.full((len(exs), T), -100, dtype=torch.long)
+        for r, e in enumerate(exs):
+            ids = torch.tensor(e.ids)
+            tgt = torch.tensor(e.target[1:])
+            inp[r, : len(ids) - 1] = ids[:-1]
+            labels[r, : len(ids) - 1] = torch.where(tgt, ids[1:], -100)
+        images = self.bank.get([p for e in exs for p in e.images])
+        return {"input": inp, "labels": labels, "images": images, "n_targets": int((labels != -100).sum())}

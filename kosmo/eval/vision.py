@@ -1,0 +1,143 @@
+"""Captioning, VQA and chat evaluation, each beside its blind baseline: the same model and prompts
+with the images removed, which measures how much of a score the model earns by looking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kosmo.data import chat
+from kosmo.data.images import load_images
+from kosmo.data.jsonl import read_jsonl
+from kosmo.errors import KosmoError
+from kosmo.eval.metrics import caption_scores, vqa_accuracy
+from kosmo.generate import Sampling, generate
+from kosmo.tokenizer import BOS, IMAGE, IMAGE_END, IMAGE_PAD
+
+
+def _tokens_per_image(model) -> int:
+    return model.cfg.tokens_per_image if hasattr(model, "embed_inputs") else 0
+
+
+def _strip_images(ids: list[int]) -> list[int]:
+    return [t for t in ids if t not in (IMAGE, IMAGE_PAD, IMAGE_END)]
+
+
+def _run(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
+         batch_size: int, image_mode: str = "crop") -> list[str]:
+    """Greedy completions; images are loaded per batch (an unreadable one is a hard error here)."""
+    size = model.cfg.vision.image_size if hasattr(model, "embed_inputs") else 0
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = prompts[start:start + batch_size]
+        paths = [p for row in image_paths[start:start + batch_size] for p in row]
+        images = None
+        if blind:
+            ids = [_strip_images(p) for p in ids]
+        elif paths:
+            if not size:
+                raise KosmoError("the data has images but the model is text-only")
+            images, ok, skipped = load_images(paths, size, image_mode)
+            if skipped:
+                raise KosmoError(skipped[0][1])
+        results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), images=images)
+        out += [r.text.strip() for r in results]
+    return out
+
+
+def _records(path) -> list[tuple[str, dict]]:
+    return [(f"{path}:{n}", obj) for n, obj in read_jsonl(path)]
+
+
+def _image(path: Path, ref, where: str) -> str:
+    if not isinstance(ref, str):
+        raise KosmoError(f"{where}: field 'image' must be a path string")
+    return str((path.parent / ref).resolve())
+
+
+def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_size=32, limit=None) -> dict:
+    path = Path(path)
+    k = _tokens_per_image(model)
+    prompts, images, answers, qtypes = [], [], [], []
+    for where, obj in _records(path)[:limit]:
+        if not isinstance(obj.get("question"), str) or not isinstance(obj.get("answers"), list):
+            raise KosmoError(f"{where}: a VQA line needs 'question' and 'answers'")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": [{"type": "image", "image": obj["image"]},
+                                         {"type": "text", "text": obj["question"]}]}]
+        ids, _, refs = chat.render(messages, tok, k, add_generation_prompt=True, where=where)
+        prompts.append(ids)
+        images.append([_image(path, r, where) for r in refs])
+        answers.append(obj["answers"])
+        qtypes.append(obj.get("qtype", "all"))
+    preds = _run(model, tok, prompts, images, blind, 8, batch_size)
+    scores = [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
+    by_type: dict[str, list[float]] = {}
+    for q, s in zip(qtypes, scores):
+        by_type.setdefault(q, []).append(s)
+    return {"vqa_accuracy": round(100 * sum(scores) / len(scores), 2), "n": len(scores),
+            "by_type": {q: round(100 * sum(v) / len(v), 2) for q, v in sorted(by_type.items())},
+            "samples": [{"question": prompts_q, "prediction": p, "answers": a[:3]}
+                        for prompts_q, p, a in zip([tok.decode(x) for x in prompts[:4]], preds, answers)]}
+
+
+def eval_caption(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
+    path = Path(path)
+    k = _tokens_per_image(model)
+    prompts, images, refs = [], [], {}
+    for i, (where, obj) in enumerate(_records(path)[:limit]):
+        caps = obj.get("captions") or ([obj["text"]] if isinstance(obj.get("text"), str) else None)
+        if not caps or "image" not in obj:
+            raise KosmoError(f"{where}: a caption line needs 'image' and 'captions' (or 'text')")
+        prompts.append([BOS] + chat.image_block(k))
+        images.append([_image(path, obj["image"], where)])
+        refs[str(i)] = caps
+    preds = _run(model, tok, prompts, images, blind, 32, batch_size)
+    scores = caption_scores({str(i): p for i, p in enumerate(preds)}, refs)
+    return {**scores, "n": len(preds), "samples": [{"prediction": p, "reference": refs[str(i)][0]}
+                                                   for i, p in enumerate(preds[:4])]}
+
+
+def eval_chat(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
+    """Replays each dialogue up to its last user turn. Lines with a `style` (the shapes world's
+    form-changing system prompts) are scored for compliance, lines with an `answer` for correctness."""
+    from kosmo.data.world import answer_matches, complies
+    path = Path(path)
+    k = _tokens_per_image(model)
+    prompts, images, rows = [], [], []
+    for where, obj in _records(path)[:limit]:
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise KosmoError(f"{where}: a chat line needs 'messages'")
+        last_user = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                        default=None)
+        if last_user is None:
+            raise KosmoError(f"{where}: the dialogue has no user turn")
+        ids, _, refs = chat.render(messages[:last_user + 1], tok, k, add_generation_prompt=True, where=where)
+        prompts.append(ids)
+        images.append([_image(path, r, where) for r in refs])
+        rows.append(obj)
+    preds = _run(model, tok, prompts, images, blind, 24, batch_size)
+    styled = [(p, r) for p, r in zip(preds, rows) if "style" in r]
+    answered = [(p, r) for p, r in zip(preds, rows) if "answer" in r]
+    out = {"n": len(preds)}
+    if styled:
+        out["compliance"] = round(100 * sum(complies(p, r["style"]) for p, r in styled) / len(styled), 2)
+    if answered:
+        out["answer_accuracy"] = round(100 * sum(answer_matches(p, r["answer"]) for p, r in answered) / len(answered), 2)
+    out["samples"] = [{"style": r.get("style"), "prediction": p} for p, r in list(zip(preds, rows))[:4]]
+    return out
+
+
+EVALS = {"vqa": eval_vqa, "caption": eval_caption, "chat": eval_chat}
+
+
+@torch.no_grad()
+def evaluate(kind: str, model, tok, path, with_blind: bool = True, **kw) -> dict:
+    """The metrics of `kind`, and under "blind" the same metrics without the images."""
+    result = EVALS[kind](model, tok, path, **kw)
+    if with_blind and hasattr(model, "embed_inputs"):
+        blind = EVALS[kind](model, tok, path, blind=True, **kw)
+        result["blind"] = {k: v for k, v in blind.items() if k not in ("samples", "n")}
+    return result

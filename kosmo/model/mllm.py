@@ -1,0 +1,98 @@
+"""The KOSMOS-1 / MetaLM multimodal LM: image encoder -> connector -> embeddings spliced into the
+token stream between <image> and </image>, then an ordinary decoder-only LM over the mixed sequence.
+
+The token ids carry `<|image_pad|>` where image embeddings go, so one tensor of ids describes any
+number of images anywhere in any row; the i-th image of a batch (rows in order) fills the i-th run
+of pads. Freezing follows KOSMOS-1 and LLaVA: the encoder frozen (optionally but its last block),
+then either the connector alone (stage 1) or the connector and the LM (stage 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from kosmo.model.connector import make_connector
+from kosmo.model.lm import LM, LMConfig
+from kosmo.model.vision import VisionConfig, VisionTransformer
+from kosmo.tokenizer import IMAGE_PAD
+
+FREEZE = ("connector", "connector+lm", "all")
+
+
+@dataclass
+class MLLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    connector: str = "mlp"        # linear, mlp or resampler
+    feature_layer: int = -2       # which encoder block's output feeds the connector (HF hidden_states index)
+    use_cls: bool = False         # keep the class token beside the patch tokens
+    resampler_tokens: int = 8     # visual tokens per image with the resampler
+
+    @property
+    def tokens_per_image(self) -> int:
+        if self.connector == "resampler":
+            return self.resampler_tokens
+        return (self.vision.image_size // self.vision.patch_size) ** 2 + int(self.use_cls)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.lm.max_seq_len
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "vision": self.vision.to_dict(), "lm": self.lm.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MLLMConfig":
+        return cls(**{**d, "vision": VisionConfig.from_dict(d["vision"]), "lm": LMConfig.from_dict(d["lm"])})
+
+
+class MLLM(nn.Module):
+    def __init__(self, cfg: MLLMConfig, vision: VisionTransformer | None = None, lm: LM | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision or VisionTransformer(cfg.vision)
+        self.lm = lm or LM(cfg.lm)
+        self.connector = make_connector(cfg.connector, cfg.vision.dim, cfg.lm.dim, cfg.resampler_tokens,
+                                        n_heads=max(1, cfg.lm.n_heads))
+
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, H, W) -> (M, tokens_per_image, lm.dim)."""
+        feats = self.vision.features(pixels, self.cfg.feature_layer)
+        if not self.cfg.use_cls and self.cfg.connector != "resampler":
+            feats = feats[:, 1:]
+        return self.connector(feats)
+
+    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        x = self.lm.embed(idx)
+        slots = idx == IMAGE_PAD
+        n_slots = int(slots.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots != n_images * self.cfg.tokens_per_image:
+            raise ValueError(f"{n_slots} image positions in the tokens but {n_images} images x "
+                             f"{self.cfg.tokens_per_image} tokens each = {n_images * self.cfg.tokens_per_image}")
+        if n_images == 0:
+            return x
+        feats = self.image_embeds(images.to(x.device))
+        return x.masked_scatter(slots[..., None], feats.to(x.dtype))
+
+    def forward(self, idx, images=None, **kw):
+        return self.lm(embeds=self.embed_inputs(idx, images), **kw)
+
+    def freeze(self, policy: str, vision_last_block: bool = False):
+        """Sets requires_grad per the policy; frozen leading encoder blocks then build no autograd graph."""
+        if policy not in FREEZE:
+            raise ValueError(f"freeze must be one of {', '.join(FREEZE)}, got {policy!r}")
+        self.requires_grad_(policy == "all")
+        self.connector.requires_grad_(True)
+        if policy == "connector+lm":
+            self.lm.requires_grad_(True)
+        if vision_last_block and policy != "all":
+            last = len(self.vision.blocks) + self.cfg.feature_layer + 1 if self.cfg.feature_layer < 0 \
+                else self.cfg.feature_layer
+            self.vision.blocks[last - 1].requires_grad_(True)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

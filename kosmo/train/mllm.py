@@ -1,0 +1,104 @@
+"""The KOSMOS-1 multimodal stage: text, image-caption pairs and interleaved documents, loss on text.
+
+    kosmo train mllm --init runs/lm vision=runs/clip --data text.jsonl captions.jsonl interleaved.jsonl
+    kosmo train mllm --init runs/mllm-stage1 freeze=connector+lm --data …    # LLaVA's stage 2
+
+With `--init` an LM run, the image encoder comes from `vision` (a kosmo CLIP run or a Hugging Face
+CLIPModel / CLIPVisionModel directory); with `--init` a multimodal run, everything comes from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples
+from kosmo.errors import KosmoError
+from kosmo.model.lm import LM
+from kosmo.model.mllm import MLLM, MLLMConfig
+from kosmo.train.lm import lm_config
+from kosmo.train.trainer import TrainConfig
+
+KINDS = ("text", "captions", "interleaved")
+
+
+@dataclass
+class StageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seq_len: int = 256
+    val_fraction: float = 0.02
+    vision: str = ""                   # image encoder source, when --init is a text-only LM
+    connector: str = "mlp"             # linear, mlp or resampler
+    feature_layer: int = -2
+    use_cls: bool = False
+    resampler_tokens: int = 8
+    freeze: str = "connector"          # connector (stage 1), connector+lm (stage 2) or all
+    vision_last_block: bool = False    # KOSMOS-1: the encoder frozen but for its last block
+    image_mode: str = "crop"           # crop or pad to square
+    mix: dict = field(default_factory=dict)  # weight per data kind, e.g. {text: 1, captions: 2}
+    model: dict = field(default_factory=lambda: {"size": "tiny"})  # LM from scratch without --init
+    vocab_size: int = 4096
+
+
+def load_vision(source: str):
+    """A VisionTransformer from a kosmo CLIP run or a Hugging Face CLIP checkpoint directory."""
+    from pathlib import Path
+
+    from kosmo import checkpoint
+    if not source:
+        raise KosmoError("this stage needs an image encoder: set vision=RUN_OR_HF_DIR (or --init a multimodal run)")
+    path = Path(source)
+    if (path / "config.json").is_file() and checkpoint.read_json(path / "config.json").get("arch") == "clip":
+        from kosmo.model.load import load_run
+        clip, _, _ = load_run(path)
+        return clip.vision
+    from kosmo.interop.hf_clip import import_hf_vision
+    return import_hf_vision(path)
+
+
+def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
+    if isinstance(init_model, MLLM):
+        return init_model
+    lm = init_model if isinstance(init_model, LM) else LM(lm_config(cfg.model, tokenizer.vocab_size))
+    vision = load_vision(cfg.vision)
+    mcfg = MLLMConfig(vision=vision.cfg, lm=lm.cfg, connector=cfg.connector, feature_layer=cfg.feature_layer,
+                      use_cls=cfg.use_cls, resampler_tokens=cfg.resampler_tokens)
+    try:
+        return MLLM(mcfg, vision=vision, lm=lm)
+    except ValueError as e:
+        raise KosmoError(f"invalid config: {e}") from None
+
+
+def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    logits = model(batch["input"], batch["images"])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                           reduction="sum")
+    return loss, {}
+
+
+def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
+    examples, dropped = read_examples(data, tokenizer, model.cfg.tokens_per_image, cfg.seq_len + 1, kinds)
+    bank = ImageBank([p for e in examples for p in e.images], model.cfg.vision.image_size, cfg.image_mode)
+    for path, message in bank.skipped[:5]:
+        print(f"skipped image: {message}", flush=True)
+    n_val = int(len(examples) * cfg.val_fraction)
+    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed)
+    val = MultimodalDataset(examples[len(examples) - n_val:], bank) if n_val else None
+    if bank.skipped or dropped:
+        print(f"data: {len(bank.skipped)} unreadable images skipped, {train.skipped} examples without their "
+              f"images, {dropped} examples with nothing to learn after truncation", flush=True)
+    return train, val
+
+
+def build(cfg: StageConfig, data: list, tokenizer, init_model=None, kinds: tuple[str, ...] = KINDS):
+    model = make_model(cfg, tokenizer, init_model)
+    try:
+        model.freeze(cfg.freeze, cfg.vision_last_block)
+    except ValueError as e:
+        raise KosmoError(f"invalid config: {e}") from None
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}")
+    train, val = build_data(cfg, data, tokenizer, model, kinds)
+    return model, mllm_loss, train, val

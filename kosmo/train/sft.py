@@ -1,0 +1,43 @@
+"""Supervised fine-tuning on chat: loss on the assistant's tokens (and its end-of-turn) only.
+
+Works on a multimodal run (user turns may hold images; VQA lines become one-turn chats) and on a
+text-only LM run, whose dialogues must then be text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples
+from kosmo.errors import KosmoError
+from kosmo.model.lm import LM
+from kosmo.train import mllm
+
+KINDS = ("chat", "vqa")
+
+
+@dataclass
+class StageConfig(mllm.StageConfig):
+    freeze: str = "connector+lm"
+
+
+def text_loss(model, batch):
+    logits = model(batch["input"])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                           reduction="sum"), {}
+
+
+def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
+    if init_model is None:
+        raise KosmoError("sft needs --init RUN (a pretrained LM or multimodal run)")
+    if not (isinstance(init_model, LM) and not cfg.vision):
+        return mllm.build(cfg, data, tokenizer, init_model, kinds=KINDS)
+    examples, _ = read_examples(data, tokenizer, 0, cfg.seq_len + 1, KINDS)
+    if any(e.images for e in examples):
+        raise KosmoError("the chat data holds images but --init is a text-only LM: set vision=RUN_OR_HF_DIR")
+    n_val = int(len(examples) * cfg.val_fraction)
+    bank = ImageBank([], 1)
+    val = MultimodalDataset(examples[len(examples) - n_val:], bank) if n_val else None
+    return init_model, text_loss, MultimodalDataset(examples[: len(examples) - n_val], bank), val

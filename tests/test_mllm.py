@@ -1,0 +1,134 @@
+"""The KOSMOS-1 path: image slots, label masks, the chat template, freezing, multimodal generation."""
+
+import json
+
+import pytest
+import torch
+
+from kosmo.data import chat
+from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples, truncate, Example
+from kosmo.generate import Sampling, generate_ids
+from kosmo.model.lm import LMConfig
+from kosmo.model.mllm import MLLM, MLLMConfig
+from kosmo.model.vision import VisionConfig
+from kosmo.tokenizer import ASSISTANT, BOS, END_OF_TURN, EOS, IMAGE, IMAGE_END, IMAGE_PAD, Tokenizer
+
+K = 4  # tokens per image: a 16 px image in 8 px patches
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["a red circle is left of a blue square. what colour is it? red"] * 50, vocab_size=300)
+
+
+def tiny_mllm(connector="mlp") -> MLLM:
+    torch.manual_seed(0)
+    cfg = MLLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=3, n_heads=2, mlp_dim=64),
+                     lm=LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128),
+                     connector=connector, resampler_tokens=K)
+    return MLLM(cfg)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    from PIL import Image
+    for name, colour in [("r.png", "red"), ("b.png", "blue")]:
+        Image.new("RGB", (40, 20), colour).save(tmp_path / name)
+    lines = [
+        {"text": "a red circle"},
+        {"image": "r.png", "text": "a red picture"},
+        {"content": [{"text": "first"}, {"image": "r.png"}, {"text": "then"}, {"image": "b.png"}, {"text": "end"}]},
+        {"messages": [{"role": "system", "content": "be brief"},
+                      {"role": "user", "content": [{"type": "image", "image": "b.png"},
+                                                   {"type": "text", "text": "what colour is it?"}]},
+                      {"role": "assistant", "content": "blue"}]},
+        {"image": "b.png", "question": "what colour is it?", "answers": ["blue"]},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_labels_are_text_only_and_images_sit_in_their_slots(tok, data):
+    examples, dropped = read_examples([data], tok, K, 200)
+    assert [e.kind for e in examples] == ["text", "captions", "interleaved", "chat", "vqa"] and dropped == 0
+    cap = examples[1]
+    assert cap.ids[:K + 3] == [BOS, IMAGE, *[IMAGE_PAD] * K, IMAGE_END]
+    assert cap.target == [False] * (K + 3) + [True] * (len(cap.ids) - K - 3)
+    inter = examples[2]
+    assert len(inter.images) == 2 and inter.ids.count(IMAGE_PAD) == 2 * K
+    ds = MultimodalDataset(examples, ImageBank([p for e in examples for p in e.images], 16))
+    batch = ds.collate(list(range(5)))
+    assert batch["images"].shape == (5, 3, 16, 16)  # 0 + 1 + 2 + 1 + 1 images, rows in order
+    labels, inp = batch["labels"], batch["input"]
+    assert not torch.isin(labels, torch.tensor([IMAGE, IMAGE_PAD, IMAGE_END, 0])).any()
+    assert batch["n_targets"] == int((labels != -100).sum())
+    # the caption row: every target is the next input token, and only caption text + </s> is learned
+    row = labels[1][labels[1] != -100].tolist()
+    assert row == tok.encode("a red picture") + [EOS]
+
+
+def test_chat_loss_is_on_assistant_tokens_and_end_of_turn_only(tok):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what colour?"},
+                {"role": "assistant", "content": "red"}, {"role": "user", "content": "and now?"},
+                {"role": "assistant", "content": "blue"}]
+    ids, target, _ = chat.render(messages, tok, K)
+    learned = [t for t, on in zip(ids, target) if on]
+    assert learned == tok.encode("red") + [END_OF_TURN] + tok.encode("blue") + [END_OF_TURN]
+    prompt, _, _ = chat.render(messages[:2], tok, K, add_generation_prompt=True)
+    assert prompt[-1] == ASSISTANT and prompt == ids[:len(prompt)]
+
+
+def test_image_count_must_match_the_slots():
+    model = tiny_mllm()
+    ids = torch.tensor([[BOS, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 20, 21]])
+    assert model(ids, torch.randn(1, 3, 16, 16)).shape == (1, K + 5, 300)
+    with pytest.raises(ValueError, match="4 image positions in the tokens but 2 images"):
+        model(ids, torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="but 0 images"):
+        model(ids)
+
+
+def test_image_embeddings_change_only_the_text_after_them():
+    model = tiny_mllm()
+    ids = torch.tensor([[BOS, 20, 21, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 22, 23]])
+    a = model(ids, torch.randn(1, 3, 16, 16))
+    b = model(ids, torch.randn(1, 3, 16, 16))
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # causal: text before the image cannot see it
+    assert (a[:, -2:] - b[:, -2:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("policy,trainable", [("connector", {"connector"}), ("connector+lm", {"connector", "lm"}),
+                                              ("all", {"connector", "lm", "vision"})])
+def test_freezing_policies(policy, trainable):
+    model = tiny_mllm()
+    model.freeze(policy)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_vision_last_block_trainable_is_the_last_block_used():
+    model = tiny_mllm()
+    model.freeze("connector", vision_last_block=True)
+    names = {n for n, p in model.vision.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("blocks.1.") for n in names)  # 3 blocks, features from -2 = block 2
+
+
+def test_truncation_never_splits_an_image():
+    ex = Example([BOS, 20, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 21, 22], [False, True] + [False] * (K + 2) + [True, True],
+                 ["x.png"], "interleaved")
+    cut = truncate(ex, 5)
+    assert cut.ids == [BOS, 20] and cut.images == []
+    assert truncate(ex, len(ex.ids)).images == ["x.png"]
+
+
+@pytest.mark.parametrize("connector", ["linear", "mlp", "resampler"])
+def test_generation_with_images_cached_equals_uncached(connector):
+    model = tiny_mllm(connector).eval()
+    prompts = [[BOS, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 20], [BOS, 21, 22, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 23, 24]]
+    images = torch.randn(2, 3, 16, 16)
+    a, _, la = generate_ids(model, prompts, Sampling(max_new_tokens=6), stop_ids=(), images=images, return_logits=True)
+    b, _, lb = generate_ids(model, prompts, Sampling(max_new_tokens=6), stop_ids=(), images=images,
+                            use_cache=False, return_logits=True)
+    assert a == b
+    for x, y in zip(la, lb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
