@@ -65,10 +65,22 @@ def cmd_generate(args):
 
 def cmd_eval(args):
     from kosmo.model.load import load_run
-    model, tok, _ = load_run(args.model)
+    from kosmo.train.distributed import pick_device
+    model, tok, _ = load_run(args.model, pick_device(args.device))
     if args.kind == "ppl":
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
+    elif args.kind in ("zeroshot", "retrieval"):
+        from kosmo.eval import clip as E
+        fn = E.zeroshot if args.kind == "zeroshot" else E.retrieval
+        metrics = fn(model, tok, args.data[0], **({"template": args.template} if args.kind == "zeroshot" else {}))
+    else:
+        from kosmo.eval.vision import evaluate
+        kw = {"limit": args.limit, **({"system": args.system} if args.kind == "vqa" else {})}
+        metrics = {}
+        for path in args.data:
+            result = evaluate(args.kind, model, tok, path, with_blind=not args.no_blind, **kw)
+            metrics = result if len(args.data) == 1 else {**metrics, str(path): result}
     print(json.dumps(metrics))
 
 
@@ -138,10 +150,15 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
-    e.add_argument("kind", choices=["ppl"])
+    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "zeroshot", "retrieval"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", required=True)
-    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
+    e.add_argument("--limit", type=int, help="evaluate the first N lines only")
+    e.add_argument("--system", help="vqa: a system prompt before each question")
+    e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
+    e.add_argument("--no-blind", action="store_true", help="skip the image-removed baseline")
+    e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")

@@ -1,14 +1,14 @@
-"""`kosmo demo`: the pipeline on the shapes world, end to end, with a report.
+"""`kosmo demo`: the seed's story on the shapes world, end to end, with a report.
 
-Stages so far: world data -> BPE tokenizer -> language-model pretraining -> perplexity on held-out
-text and on the compositional held-out split -> samples. Writes OUT/report.json, OUT/report.md and
-loss curves as PNG; the trained run directory is OUT/runs/lm.
+world -> BPE tokenizer -> CLIP pretraining of the image encoder -> language-model pretraining ->
+multimodal pretraining of the connector (LLaVA's stage 1) -> chat SFT of connector and LM (stage 2)
+-> evaluation beside the blind baseline. Writes OUT/report.json, OUT/report.md, loss curves and
+sample pictures; the final model is OUT/runs/sft.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,95 +16,168 @@ from pathlib import Path
 from kosmo import checkpoint
 from kosmo.data.world import World, write_world
 
-SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has", "In the top left corner"]
+SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 
-BUDGETS = {  # steps and data sizes: the default fits ~10 minutes on 2 CPU cores, --quick ~1 minute
-    "default": {"n": 2000, "lm_steps": 300, "batch": 16, "seq_len": 128, "vocab": 2048},
-    "quick": {"n": 300, "lm_steps": 40, "batch": 8, "seq_len": 64, "vocab": 1024},
+# Steps and sizes. The default fits 10 minutes on 2 CPU cores; --quick is a ~1-minute smoke run.
+BUDGETS = {
+    "default": dict(n=2000, vocab=2048, clip_steps=300, lm_steps=300, stage1_steps=150, sft_steps=400, eval_n=200),
+    "quick": dict(n=200, vocab=1024, clip_steps=20, lm_steps=30, stage1_steps=10, sft_steps=20, eval_n=20),
 }
 
 
-def stage(name: str):
-    print(f"\n== {name} ==", file=sys.stderr, flush=True)
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
 
 
-def write_texts(path: Path, world: World, split: str, n: int) -> Path:
-    with path.open("w") as f:
+def write_extra_data(world: World, d: Path, n: int, eval_n: int) -> dict[str, Path]:
+    """Files beyond `write_world`: every question type for each training image, held-out text, and
+    single-object pictures labelled by colour and shape for CLIP's zero-shot test."""
+    paths = {"vqa_all": d / "vqa_all.jsonl", "val_text": d / "val_text.jsonl",
+             "heldout_text": d / "heldout_text.jsonl", "zeroshot": d / "val_zeroshot.jsonl"}
+    with paths["vqa_all"].open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"text": world.text(i, split)}) + "\n")
-    return path
+            scene = world.scene(i, "train")  # the scenes of captions.jsonl, so the images exist
+            for item in world.vqa(scene, i):
+                f.write(json.dumps({"image": f"images/{scene.id}.png", "question": item.question,
+                                    "answers": [item.answer], "qtype": item.qtype}) + "\n")
+    for split in ("val", "heldout"):
+        with paths[f"{split}_text"].open("w") as f:
+            for i in range(eval_n):
+                f.write(json.dumps({"text": world.text(i, split)}) + "\n")
+    with paths["zeroshot"].open("w") as f:
+        i, written = 0, 0
+        while written < eval_n:
+            scene = world.scene(10_000 + i, "val")
+            i += 1
+            if len(scene.objects) != 1:
+                continue
+            rel = f"images/{scene.id}.png"
+            world.render(scene).save(d / rel)
+            obj = scene.objects[0]
+            f.write(json.dumps({"image": rel, "label": f"{obj.colour} {obj.shape}"}) + "\n")
+            written += 1
+    return paths
 
 
-def plot_losses(run: Path, out_png: Path, title: str):
+def plot_losses(runs: dict[str, Path], out_png: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
-    ev = [r for r in rows if "eval_loss" in r]
-    ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3))
+    for ax, (name, run) in zip(axes, runs.items()):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+        ev = [r for r in rows if "eval_loss" in r]
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", ms=3, label="eval")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=100)
     plt.close(fig)
 
 
+def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> list[dict]:
+    """Held-out pictures with the model's caption and answers, saved enlarged for the report."""
+    from kosmo.data import chat
+    from kosmo.data.images import load_images
+    from kosmo.generate import Sampling, generate
+    from kosmo.tokenizer import BOS
+    (out / "samples").mkdir(exist_ok=True)
+    k = model.cfg.tokens_per_image
+    gallery = []
+    for i in range(n):
+        scene = world.scene(i, "val")
+        img = world.render(scene)
+        name = f"samples/val_{i}.png"
+        img.resize((128, 128), 0).save(out / name)
+        img.save(d / f"images/{scene.id}.png")
+        pixels = load_images([d / f"images/{scene.id}.png"], model.cfg.vision.image_size).pixels
+        caption = generate(model, tok, [[BOS, *chat.image_block(k)]], Sampling(max_new_tokens=32), images=pixels)[0]
+        qa = []
+        for item in world.vqa(scene, i)[:3]:
+            ids, _, _ = chat.render([{"role": "user", "content": [{"type": "image", "image": "x"},
+                                                                  {"type": "text", "text": item.question}]}],
+                                    tok, k, add_generation_prompt=True)
+            answer = generate(model, tok, [ids], Sampling(max_new_tokens=8), images=pixels)[0]
+            qa.append({"question": item.question, "answer": answer.text.strip(), "truth": item.answer})
+        gallery.append({"image": name, "caption": caption.text.strip(), "truth": world.captions(scene)[0], "qa": qa})
+    return gallery
+
+
 def run_demo(out: str | Path, quick: bool = False) -> dict:
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.eval.clip import retrieval, zeroshot
     from kosmo.eval.ppl import perplexity
+    from kosmo.eval.vision import evaluate
     from kosmo.generate import Sampling, generate
     from kosmo.model.load import load_run
-    from kosmo.tokenizer import BOS
+    from kosmo.tokenizer import BOS, Tokenizer
     from kosmo.train.run import run_stage
 
-    budget = BUDGETS["quick" if quick else "default"]
+    b = BUDGETS["quick" if quick else "default"]
     out = Path(out)
+    runs, d = out / "runs", out / "data"
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    report: dict = {"budget": "quick" if quick else "default", "stages": {}}
-    timings = {}
+    report: dict = {"budget": "quick" if quick else "default", "stages": {}, "timings_s": {}}
 
-    stage("1/4 shapes world")
-    t0 = time.time()
+    def timed(name, fn):
+        t0 = time.time()
+        result = fn()
+        report["timings_s"][name] = round(time.time() - t0, 1)
+        return result
+
+    def train(stage, name, data, overrides, init=None):
+        log(f"\n== {name}: kosmo train {stage} ==")
+        common = ["train.tensorboard=false", f"train.eval_every={max(10, int(overrides[0].split('=')[1]) // 4)}"]
+        return timed(name, lambda: run_stage(stage, data, runs / name, init=runs / init if init else None,
+                                             tokenizer=d / "tokenizer.json", overrides=overrides + common))
+
+    log("== shapes world ==")
     world = World()
-    data = write_world(out / "data", budget["n"])
-    val_text = write_texts(out / "data" / "val_text.jsonl", world, "val", max(100, budget["n"] // 10))
-    heldout_text = write_texts(out / "data" / "heldout_text.jsonl", world, "heldout", max(100, budget["n"] // 10))
-    timings["world"] = time.time() - t0
+    data = timed("world", lambda: {**write_world(d, b["n"]), **write_extra_data(World(), d, b["n"], b["eval_n"])})
+    log("== tokenizer ==")
+    timed("tokenizer", lambda: Tokenizer.train(iter_texts([data["text"], data["captions"], data["chat"],
+                                                           data["vqa_all"]]), b["vocab"]).save(d))
 
-    stage("2/4 tokenizer + language model pretraining")
-    t0 = time.time()
-    lm_run = out / "runs" / "lm"
-    overrides = [f"train.max_steps={budget['lm_steps']}", f"train.batch_size={budget['batch']}",
-                 f"seq_len={budget['seq_len']}", f"vocab_size={budget['vocab']}", "train.lr=2e-3",
-                 f"train.warmup_steps={max(5, budget['lm_steps'] // 20)}",
-                 f"train.eval_every={max(10, budget['lm_steps'] // 10)}", "train.tensorboard=false",
-                 "model.size=tiny"]
-    last = run_stage("lm", [data["text"], data["interleaved"]], lm_run, overrides=overrides)
-    timings["lm"] = time.time() - t0
-    plot_losses(lm_run, out / "lm_loss.png", "language model pretraining")
+    train("clip", "clip", [data["captions"]], [f"train.max_steps={b['clip_steps']}", "train.batch_size=64",
+                                               "train.lr=1e-3", "train.warmup_steps=20"])
+    clip, tok, _ = load_run(runs / "clip")
+    report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
+                                **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
 
-    stage("3/4 perplexity")
-    model, tok, _ = load_run(lm_run)
-    first = json.loads((lm_run / "metrics.jsonl").read_text().splitlines()[0])
-    lm_report = {"params": model.num_params(), "steps": last["step"], "first_loss": round(first["loss"], 4),
-                 "final_loss": round(last["loss"], 4), "eval_loss": round(last.get("eval_loss", math.nan), 4),
-                 "tok_per_s": round(last["tok_per_s"]),
-                 "ppl_val": perplexity(model, tok, [val_text], seq_len=budget["seq_len"])["ppl"],
-                 "ppl_heldout": perplexity(model, tok, [heldout_text], seq_len=budget["seq_len"])["ppl"],
-                 "ppl_uniform": tok.vocab_size}
-    report["stages"]["lm"] = lm_report
+    train("lm", "lm", [data["text"], data["interleaved"]],
+          [f"train.max_steps={b['lm_steps']}", "train.batch_size=16", "seq_len=128", "train.lr=2e-3",
+           "train.warmup_steps=15", "model.size=tiny"])
+    lm, tok, _ = load_run(runs / "lm")
+    completions = generate(lm, tok, [[BOS, *tok.encode(p)] for p in SAMPLE_PROMPTS], Sampling(max_new_tokens=20))
+    report["stages"]["lm"] = {
+        "params": lm.num_params(),
+        "ppl_val": perplexity(lm, tok, [data["val_text"]], seq_len=128)["ppl"],
+        "ppl_heldout": perplexity(lm, tok, [data["heldout_text"]], seq_len=128)["ppl"],
+        "samples": [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, completions)]}
 
-    stage("4/4 samples")
-    prompts = [[BOS] + tok.encode(p) for p in SAMPLE_PROMPTS]
-    completions = generate(model, tok, prompts, Sampling(max_new_tokens=24, temperature=0.0))
-    report["samples"] = [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, completions)]
+    train("mllm", "mllm", [data["captions"]],
+          [f"train.max_steps={b['stage1_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=2e-3",
+           "train.warmup_steps=10", "freeze=connector", f"vision={runs / 'clip'}"], init="lm")
+    train("sft", "sft", [data["vqa_all"], data["chat"], data["captions"]],
+          [f"train.max_steps={b['sft_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=1e-3",
+           "train.warmup_steps=20", "freeze=connector+lm"], init="mllm")
 
-    timings["total"] = time.time() - t_start
-    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    log("\n== evaluation ==")
+    model, tok, _ = load_run(runs / "sft")
+    n = b["eval_n"]
+    report["eval"] = timed("eval", lambda: {
+        "vqa_val": evaluate("vqa", model, tok, data["val_vqa"], limit=n),
+        "vqa_heldout": evaluate("vqa", model, tok, data["heldout_vqa"], limit=n),
+        "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
+        "chat_val": evaluate("chat", model, tok, data["val_chat"], limit=n),
+    })
+    report["gallery"] = sample_gallery(model, tok, world, d, out)
+    plot_losses({s: runs / s for s in ("clip", "lm", "mllm", "sft")}, out / "losses.png")
+    report["timings_s"]["total"] = round(time.time() - t_start, 1)
     checkpoint.write_json(out / "report.json", report)
     (out / "report.md").write_text(render_markdown(report))
     print((out / "report.md").read_text())
@@ -112,24 +185,38 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
 
 
 def render_markdown(r: dict) -> str:
-    lm = r["stages"]["lm"]
+    e, lm, clip = r["eval"], r["stages"]["lm"], r["stages"]["clip"]
+
+    def row(name, metric, res, fmt="{:.2f}"):
+        return f"| {name} | {fmt.format(res[metric])} | {fmt.format(res['blind'][metric])} | " \
+               f"{fmt.format(res[metric] - res['blind'][metric])} |"
     lines = [
         "# kosmo demo report", "",
-        f"Budget: `{r['budget']}`; total time {r['timings_s']['total']} s. Every number below was measured by this run "
-        "(`kosmo demo`); `report.json` holds them all.", "",
-        "## Language model", "",
-        "| metric | value |", "|---|---:|",
-        f"| parameters | {lm['params']:,} |",
-        f"| training steps | {lm['steps']} |",
-        f"| train loss, first → last step | {lm['first_loss']} → {lm['final_loss']} |",
-        f"| eval loss (held-out rows) | {lm['eval_loss']} |",
-        f"| perplexity, val text | {lm['ppl_val']} |",
-        f"| perplexity, compositional held-out text | {lm['ppl_heldout']} |",
-        f"| perplexity of a uniform guess | {lm['ppl_uniform']} |",
-        f"| training tokens/s | {lm['tok_per_s']} |", "",
-        "![language model loss](lm_loss.png)", "",
-        "## Samples (greedy)", "",
-        "| prompt | completion |", "|---|---|",
+        f"Budget `{r['budget']}`, {r['timings_s']['total']} s in all. Every number was measured by this run of "
+        "`kosmo demo`; `report.json` holds them all. The final model is `runs/sft`.", "",
+        "## Vision-language results (held-out images)", "",
+        "| metric | with the image | blind (image removed) | gain from looking |", "|---|---:|---:|---:|",
+        row("VQA accuracy, val images (%)", "vqa_accuracy", e["vqa_val"]),
+        row("VQA accuracy, compositional held-out split (%)", "vqa_accuracy", e["vqa_heldout"]),
+        row("caption CIDEr, val images", "cider", e["caption_val"], "{:.3f}"),
+        row("caption BLEU-4, val images", "bleu4", e["caption_val"], "{:.3f}"),
+        row("system-prompt compliance, val chats (%)", "compliance", e["chat_val"]),
+        row("chat answer accuracy, val chats (%)", "answer_accuracy", e["chat_val"]), "",
+        "VQA accuracy by question type (val): " + ", ".join(f"{k} {v}" for k, v in e["vqa_val"]["by_type"].items()),
+        "", "## Earlier stages", "",
+        "| stage | metric | value |", "|---|---|---:|",
+        f"| CLIP | image→text R@1 / R@5 (val, {clip['n']} images) | {clip['i2t_r1']} / {clip['i2t_r5']} |",
+        f"| CLIP | text→image R@1 / R@5 | {clip['t2i_r1']} / {clip['t2i_r5']} |",
+        f"| CLIP | zero-shot colour+shape accuracy ({clip['classes']} classes, chance {clip['chance']}) | "
+        f"{clip['zeroshot_accuracy']} |",
+        f"| LM | perplexity, val text / held-out text | {lm['ppl_val']} / {lm['ppl_heldout']} |", "",
+        "![losses](losses.png)", "",
+        "## Samples (held-out images, greedy)", "",
     ]
-    lines += [f"| {s['prompt']} | {s['completion'].replace('|', '/').strip()} |" for s in r["samples"]]
+    for g in r["gallery"]:
+        qa = "<br>".join(f"Q: {x['question']} → **{x['answer']}** (truth: {x['truth']})" for x in g["qa"])
+        lines += [f"![sample]({g['image']})", "", f"- caption: **{g['caption']}** (a reference: {g['truth']})",
+                  f"- {qa}", ""]
+    lines += ["## Language model samples", ""] + [f"- *{s['prompt']}* → {s['completion']}" for s in lm["samples"]]
+    lines += ["", "## Time per stage (s)", "", " · ".join(f"{k} {v}" for k, v in r["timings_s"].items())]
     return "\n".join(lines) + "\n"

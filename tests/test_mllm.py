@@ -132,3 +132,17 @@ def test_generation_with_images_cached_equals_uncached(connector):
     assert a == b
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_a_bad_image_in_the_training_stream_is_skipped_and_counted(tok, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_text("not a picture")
+    path = tmp_path / "caps.jsonl"
+    path.write_text(json.dumps({"image": "good.png", "text": "red"}) + "\n" +
+                    json.dumps({"image": "bad.png", "text": "blue"}) + "\n")
+    examples, _ = read_examples([path], tok, K, 100)
+    bank = ImageBank([p for e in examples for p in e.images], 16)
+    ds = MultimodalDataset(examples, bank)
+    assert len(ds) == 1 and ds.skipped == 1
+    assert len(bank.skipped) == 1 and "bad.png" in bank.skipped[0][1] and "\n" not in bank.skipped[0][1]

@@ -12,20 +12,25 @@ from kosmo.model.lm import LM, LMConfig
 from kosmo.tokenizer import Tokenizer
 
 
+def _archs() -> dict:
+    from kosmo.model.clip import CLIP, CLIPConfig
+    from kosmo.model.mllm import MLLM, MLLMConfig
+    return {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig)}
+
+
+def arch_of(model: torch.nn.Module) -> str:
+    return next(name for name, (cls, _) in _archs().items() if isinstance(model, cls))
+
+
 def build_model(config: dict, where: str) -> torch.nn.Module:
     arch = config.get("arch", "lm")
-    if arch == "lm":
-        try:
-            return LM(LMConfig.from_dict(config["model"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise KosmoError(f"{where}: invalid model config ({e})") from None
-    if arch == "mllm":
-        from kosmo.model.mllm import MLLM, MLLMConfig
-        try:
-            return MLLM(MLLMConfig.from_dict(config["model"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise KosmoError(f"{where}: invalid model config ({e})") from None
-    raise KosmoError(f"{where}: unknown model arch {arch!r}")
+    if arch not in _archs():
+        raise KosmoError(f"{where}: unknown model arch {arch!r} (known: {', '.join(_archs())})")
+    cls, cfg_cls = _archs()[arch]
+    try:
+        return cls(cfg_cls.from_dict(config["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise KosmoError(f"{where}: invalid model config ({e})") from None
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, dict]:
@@ -36,7 +41,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     model = build_model(config, str(run / "config.json"))
     checkpoint.load_weights(model, checkpoint.load_tensors(run / "model.safetensors"), run / "model.safetensors")
     tokenizer = Tokenizer.load(run / "tokenizer.json")
-    vocab = getattr(model, "lm", model).cfg.vocab_size
+    vocab = (model.cfg.text if hasattr(model.cfg, "text") else getattr(model, "lm", model).cfg).vocab_size
     if tokenizer.vocab_size > vocab:
         raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab}")
     return model.to(device).eval(), tokenizer, config

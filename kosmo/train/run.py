@@ -17,19 +17,14 @@ from kosmo.train.trainer import Trainer
 
 
 def stages() -> dict:
-    from kosmo.train import lm, mllm, sft
-    return {"lm": lm, "mllm": mllm, "sft": sft}
-
-
-def arch_of(model) -> str:
-    from kosmo.model.mllm import MLLM
-    return "mllm" if isinstance(model, MLLM) else "lm"
+    from kosmo.train import clip, lm, mllm, sft
+    return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft}
 
 
 def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, config_file=None,
               overrides: list[str] = ()) -> dict:
     """Trains `stage_name` on `data` into run directory `out`; returns the last step's metrics."""
-    from kosmo.model.load import load_run
+    from kosmo.model.load import arch_of, load_run
     stage = stages()[stage_name]
     cfg = C.load(stage.StageConfig, config_file, overrides)
     for path in data:
@@ -57,7 +52,10 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
                   "init": str(init) if init else None}
     trainer = Trainer(cfg.train, model, loss_fn, train_set, out, run_config, eval_set=eval_set, env=env)
     if env.main:
-        print(f"{stage_name}: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} training rows, "
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{stage_name}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+              f"{len(train_set)} training rows, "
               f"world size {env.world}, device {env.device}", file=sys.stderr)
         tok.save(out)
     try:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on chat: loss on the assistant's tokens (and its end-of-turn) only.
 
 Works on a multimodal run (user turns may hold images; VQA lines become one-turn chats) and on a
-text-only LM run, whose dialogues must then be text.
+text-only LM run, whose dialogues must then be text. Pretraining lines (text, captions, interleaved)
+may be mixed in, with their own targets, so that fine-tuning keeps what pretraining taught.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples
+from kosmo.data.multimodal import KINDS, ImageBank, MultimodalDataset, read_examples
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
 from kosmo.train import mllm
-
-KINDS = ("chat", "vqa")
 
 
 @dataclass
