@@ -52,12 +52,15 @@ def read_yaml(path: str | Path) -> dict:
 def build(cls, data: dict, where: str = ""):
     """An instance of dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}{key}"
-        if key not in names:
-            raise KosmoError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        if key not in fields:
+            raise KosmoError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
+        default = fields[key].default_factory
+        if hints[key] is dict and isinstance(value, dict) and default is not dataclasses.MISSING:
+            value = merge(default(), value)  # `vision.dim=64` changes one entry, not the whole mapping
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)

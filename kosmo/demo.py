@@ -18,10 +18,15 @@ from kosmo.data.world import World, write_world
 
 SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 
-# Steps and sizes. The default fits 10 minutes on 2 CPU cores; --quick is a ~1-minute smoke run.
+# The recipe and its budget. The default fits 10 minutes on 2 CPU cores; --quick is a smoke run.
+# `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
-    "default": dict(n=2000, vocab=2048, clip_steps=300, lm_steps=300, stage1_steps=150, sft_steps=400, eval_n=200),
-    "quick": dict(n=200, vocab=1024, clip_steps=20, lm_steps=30, stage1_steps=10, sft_steps=20, eval_n=20),
+    "default": dict(n=2000, vocab=2048, clip_steps=300, lm_steps=300, stage1_steps=150, sft_steps=400, eval_n=200,
+                    patch_size=8, vision_dim=128, sft_freeze="connector+lm", vision_lr_scale=1.0, sft_batch=32,
+                    connector="mlp"),
+    "quick": dict(n=200, vocab=1024, clip_steps=20, lm_steps=30, stage1_steps=10, sft_steps=20, eval_n=20,
+                  patch_size=8, vision_dim=64, sft_freeze="connector+lm", vision_lr_scale=1.0, sft_batch=16,
+                  connector="mlp"),
 }
 
 
@@ -106,7 +111,7 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
     return gallery
 
 
-def run_demo(out: str | Path, quick: bool = False) -> dict:
+def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None) -> dict:
     from kosmo.data.jsonl import iter_texts
     from kosmo.eval.clip import retrieval, zeroshot
     from kosmo.eval.ppl import perplexity
@@ -116,12 +121,12 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     from kosmo.tokenizer import BOS, Tokenizer
     from kosmo.train.run import run_stage
 
-    b = BUDGETS["quick" if quick else "default"]
+    b = {**BUDGETS["quick" if quick else "default"], **(recipe or {})}
     out = Path(out)
     runs, d = out / "runs", out / "data"
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    report: dict = {"budget": "quick" if quick else "default", "stages": {}, "timings_s": {}}
+    report: dict = {"budget": "quick" if quick else "default", "recipe": b, "stages": {}, "timings_s": {}}
 
     def timed(name, fn):
         t0 = time.time()
@@ -142,8 +147,10 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     timed("tokenizer", lambda: Tokenizer.train(iter_texts([data["text"], data["captions"], data["chat"],
                                                            data["vqa_all"]]), b["vocab"]).save(d))
 
+    vision = dict(patch_size=b["patch_size"], dim=b["vision_dim"], mlp_dim=4 * b["vision_dim"])
     train("clip", "clip", [data["captions"]], [f"train.max_steps={b['clip_steps']}", "train.batch_size=64",
-                                               "train.lr=1e-3", "train.warmup_steps=20"])
+                                               "train.lr=1e-3", "train.warmup_steps=20",
+                                               *[f"vision.{k}={v}" for k, v in vision.items()]])
     clip, tok, _ = load_run(runs / "clip")
     report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
                                 **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
@@ -161,10 +168,12 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
 
     train("mllm", "mllm", [data["captions"]],
           [f"train.max_steps={b['stage1_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=2e-3",
-           "train.warmup_steps=10", "freeze=connector", f"vision={runs / 'clip'}"], init="lm")
+           "train.warmup_steps=10", "freeze=connector", f"vision={runs / 'clip'}", f"connector={b['connector']}"],
+          init="lm")
     train("sft", "sft", [data["vqa_all"], data["chat"], data["captions"]],
-          [f"train.max_steps={b['sft_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=1e-3",
-           "train.warmup_steps=20", "freeze=connector+lm"], init="mllm")
+          [f"train.max_steps={b['sft_steps']}", f"train.batch_size={b['sft_batch']}", "seq_len=128", "train.lr=1e-3",
+           "train.warmup_steps=20", f"freeze={b['sft_freeze']}", f"train.lr_scale.vision={b['vision_lr_scale']}"],
+          init="mllm")
 
     log("\n== evaluation ==")
     model, tok, _ = load_run(runs / "sft")

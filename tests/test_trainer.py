@@ -177,3 +177,11 @@ def test_metrics_reach_tensorboard(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     rows = read_metrics(tmp_path)
     assert {"loss", "lr", "grad_norm", "tok_per_s"} <= rows[0].keys()
+
+
+def test_lr_scale_gives_a_parameter_group_its_own_learning_rate(tmp_path):
+    trainer, _ = fit(tmp_path, lr=1e-2, lr_scale={"blocks.0.": 0.0}, max_steps=3)
+    before = tiny_lm().state_dict()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
+    assert not torch.equal(before["blocks.1.mlp.down.weight"], after["blocks.1.mlp.down.weight"])

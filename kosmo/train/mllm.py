@@ -80,6 +80,9 @@ def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
     examples, dropped = read_examples(data, tokenizer, model.cfg.tokens_per_image, cfg.seq_len + 1, kinds)
+    if not examples:
+        raise KosmoError(f"no example fits seq_len={cfg.seq_len} with {model.cfg.tokens_per_image} tokens per image "
+                         f"({dropped} had nothing left to learn after truncation); raise seq_len")
     bank = ImageBank([p for e in examples for p in e.images], model.cfg.vision.image_size, cfg.image_mode)
     for path, message in bank.skipped[:5]:
         print(f"skipped image: {message}", flush=True)

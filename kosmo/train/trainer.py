@@ -15,7 +15,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -40,6 +40,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 disables clipping
+    lr_scale: dict = field(default_factory=dict)  # parameter-name prefix -> lr multiplier, e.g. {vision: 0.1}
     precision: str = "bf16"      # bf16 (autocast, fp32 master weights) or fp32
     device: str = "auto"         # auto, cpu, cuda, cuda:1 ...
     parallel: str = "ddp"        # under torchrun: ddp or fsdp
@@ -123,13 +124,15 @@ class Trainer:
                                  "use a new --out or delete it to start over")
 
     def _make_optimizer(self):
-        decay, no_decay = [], []
-        for p in self.model.parameters():
+        """AdamW with one group per (lr scale, decay or not): no decay on norms and biases."""
+        groups: dict[tuple[float, bool], list] = {}
+        for name, p in D.unwrap(self.model).named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms and biases
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                scale = next((float(v) for k, v in self.cfg.lr_scale.items() if name.startswith(k)), 1.0)
+                groups.setdefault((scale, p.ndim >= 2), []).append(p)
+        param_groups = [{"params": ps, "lr_scale": scale, "weight_decay": self.cfg.weight_decay if decay else 0.0}
+                        for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
+        return torch.optim.AdamW(param_groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                  foreach=self.env.device.type == "cuda" or None)
 
     # ---- data order ------------------------------------------------------------------------
@@ -185,7 +188,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         lr = lr_at(self.step, cfg)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         batches = [self.train_set.collate(self._rows(self.step, m)) for m in range(cfg.grad_accum)]
         n_total = D.all_reduce_sum(torch.tensor(float(sum(b["n_targets"] for b in batches)), device=env.device))
         loss_sum = torch.zeros((), device=env.device)

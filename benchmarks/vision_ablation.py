@@ -1,0 +1,62 @@
+"""Measures the choices of the demo's vision recipe, one full `kosmo demo` pipeline per variant.
+
+    .venv/bin/python benchmarks/vision_ablation.py --out /tmp/ablation                  # every variant
+    .venv/bin/python benchmarks/vision_ablation.py --out /tmp/ablation --only default,patch4
+
+Each variant changes a few knobs of `kosmo.demo.BUDGETS["default"]` and prints one JSON line; the
+markdown table at the end is what docs/vision.md shows. A variant takes 5-15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kosmo.demo import run_demo
+
+VARIANTS = {
+    "default": {},
+    "sft3x": {"sft_steps": 1200},
+    "patch4": {"patch_size": 4},
+    "vision_lr0.1": {"sft_freeze": "all", "vision_lr_scale": 0.1},
+    "vision_lr1": {"sft_freeze": "all", "vision_lr_scale": 1.0},
+    "no_clip": {"clip_steps": 1},
+    "resampler": {"connector": "resampler"},
+}
+DESCRIPTIONS = {
+    "default": "the demo's recipe: CLIP (300 steps, 32 px, 8 px patches) frozen; connector, then connector + LM",
+    "sft3x": "3x the SFT steps (1200)",
+    "patch4": "4 px patches (64 visual tokens instead of 16)",
+    "vision_lr0.1": "encoder trainable in SFT at 0.1x the learning rate",
+    "vision_lr1": "encoder trainable in SFT at the full learning rate",
+    "no_clip": "no contrastive pretraining (1 CLIP step: a random encoder)",
+    "resampler": "a resampler connector (8 visual tokens)",
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", help="comma-separated variant names")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    rows = []
+    for name in names:
+        r = run_demo(Path(args.out) / name, recipe=VARIANTS[name])
+        e = r["eval"]
+        row = {"variant": name, "vqa": e["vqa_val"]["vqa_accuracy"], "vqa_blind": e["vqa_val"]["blind"]["vqa_accuracy"],
+               "vqa_heldout": e["vqa_heldout"]["vqa_accuracy"], "cider": e["caption_val"]["cider"],
+               "compliance": e["chat_val"]["compliance"], "by_type": e["vqa_val"]["by_type"],
+               "seconds": r["timings_s"]["total"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print("\n| variant | VQA val | blind | VQA held-out split | CIDEr | compliance | time (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {DESCRIPTIONS[row['variant']]} | {row['vqa']} | {row['vqa_blind']} | {row['vqa_heldout']} | "
+              f"{row['cider']} | {row['compliance']} | {row['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
