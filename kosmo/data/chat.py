@@ -15,6 +15,16 @@ from kosmo.tokenizer import ASSISTANT, BOS, END_OF_TURN, IMAGE, IMAGE_END, IMAGE
 ROLES = tuple(ROLE_IDS)
 
 
+def vqa_messages(question: str, image, answer: str | None = None, system: str | None = None) -> list[dict]:
+    """A visual question as a one-turn chat. The question comes before the image, so that in a causal
+    LM the image's positions can already attend to what is asked about."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [{"type": "text", "text": question}, {"type": "image", "image": image}]})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
 def image_block(tokens_per_image: int) -> list[int]:
     return [IMAGE] + [IMAGE_PAD] * tokens_per_image + [IMAGE_END]
 

@@ -85,10 +85,7 @@ def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path,
         answers = obj.get("answers") or [obj.get("answer")]
         if not answers or not isinstance(answers[0], str):
             raise KosmoError(f"{where}: a VQA line needs 'answers': [str, …]")
-        messages = [{"role": "user", "content": [{"type": "image", "image": obj["image"]},
-                                                 {"type": "text", "text": _text(obj, "question", where)}]},
-                    {"role": "assistant", "content": answers[0]}]
-        obj = {"messages": messages}
+        obj = {"messages": chat.vqa_messages(_text(obj, "question", where), obj["image"], answers[0])}
     if kind in ("vqa", "chat"):
         ids, target, refs = chat.render(obj["messages"], tokenizer, tokens_per_image, where=where)
         return Example(ids, target, [image_path(r) for r in refs], kind)

@@ -63,9 +63,7 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
     for where, obj in _records(path)[:limit]:
         if not isinstance(obj.get("question"), str) or not isinstance(obj.get("answers"), list):
             raise KosmoError(f"{where}: a VQA line needs 'question' and 'answers'")
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": [{"type": "image", "image": obj["image"]},
-                                         {"type": "text", "text": obj["question"]}]}]
+        messages = chat.vqa_messages(obj["question"], obj["image"], system=system)
         ids, _, refs = chat.render(messages, tok, k, add_generation_prompt=True, where=where)
         prompts.append(ids)
         images.append([_image(path, r, where) for r in refs])
