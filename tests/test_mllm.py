@@ -60,7 +60,7 @@ def test_labels_are_text_only_and_images_sit_in_their_slots(tok, data):
     ds = MultimodalDataset(examples, ImageBank([p for e in examples for p in e.images], 16))
     batch = ds.collate(list(range(5)))
     assert batch["images"].shape == (5, 3, 16, 16)  # 0 + 1 + 2 + 1 + 1 images, rows in order
-    labels, inp = batch["labels"], batch["input"]
+    labels = batch["labels"]
     assert not torch.isin(labels, torch.tensor([IMAGE, IMAGE_PAD, IMAGE_END, 0])).any()
     assert batch["n_targets"] == int((labels != -100).sum())
     # the caption row: every target is the next input token, and only caption text + </s> is learned

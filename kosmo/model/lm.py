@@ -230,13 +230,8 @@ class LM(nn.Module):
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
-    def num_params(self, trainable_only: bool = False) -> int:
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) not in seen and (p.requires_grad or not trainable_only):
-                seen.add(id(p))
-                n += p.numel()
-        return n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
 
 def attention_mask(T: int, start: int, key_mask, device) -> torch.Tensor:

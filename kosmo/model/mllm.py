@@ -93,6 +93,3 @@ class MLLM(nn.Module):
             last = len(self.vision.blocks) + self.cfg.feature_layer + 1 if self.cfg.feature_layer < 0 \
                 else self.cfg.feature_layer
             self.vision.blocks[last - 1].requires_grad_(True)
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -83,11 +83,13 @@ def _join(docs: list[list[int]]) -> list[int]:
     return out
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 over the targets (labels of -100 are skipped)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    logits = model(batch["input"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss, {}
+    return token_loss(model(batch["input"]), batch["labels"]), {}
 
 
 def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: LM | None = None):

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
 from kosmo.model.mllm import MLLM, MLLMConfig
-from kosmo.train.lm import lm_config
+from kosmo.train.lm import lm_config, token_loss
 from kosmo.train.trainer import TrainConfig
 
 KINDS = ("text", "captions", "interleaved")
@@ -72,10 +71,7 @@ def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
 
 
 def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    logits = model(batch["input"], batch["images"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss, {}
+    return token_loss(model(batch["input"], batch["images"]), batch["labels"]), {}
 
 
 def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from kosmo.data.multimodal import KINDS, ImageBank, MultimodalDataset, read_examples
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
 from kosmo.train import mllm
+from kosmo.train.lm import lm_loss
 
 
 @dataclass
 class StageConfig(mllm.StageConfig):
     freeze: str = "connector+lm"
-
-
-def text_loss(model, batch):
-    logits = model(batch["input"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                           reduction="sum"), {}
 
 
 def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
@@ -39,4 +32,4 @@ def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
     n_val = int(len(examples) * cfg.val_fraction)
     bank = ImageBank([], 1)
     val = MultimodalDataset(examples[len(examples) - n_val:], bank) if n_val else None
-    return init_model, text_loss, MultimodalDataset(examples[: len(examples) - n_val], bank), val
+    return init_model, lm_loss, MultimodalDataset(examples[: len(examples) - n_val], bank), val
