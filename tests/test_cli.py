@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import kosmo
+from conftest import ROOT, kosmo
 
 QUICK = ["train.max_steps=3", "train.progress=false", "train.tensorboard=false", "seq_len=32", "vocab_size=400",
          "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1"]
@@ -112,3 +112,12 @@ def test_resume_refuses_a_different_model(world, run, tmp_path):
     shutil.copytree(run, other)
     proc = kosmo("train", "lm", "--data", world / "text.jsonl", "--out", other, *QUICK, "model.dim=64", check=False)
     one_line_error(proc, "another 'model' config")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_into_its_stage(path):
+    from kosmo import config as C
+    from kosmo.train.run import stages
+    stage = {"lm": "lm", "clip": "clip", "mllm": "mllm", "sft": "sft"}[path.stem.split("_")[0]]
+    cfg = C.load(stages()[stage].StageConfig, path)
+    assert cfg.train.max_steps > 0
