@@ -43,10 +43,14 @@ def cmd_generate(args):
     from kosmo.generate import Sampling, generate
     from kosmo.model.load import load_run
     from kosmo.train.distributed import pick_device
-    model, tok, _ = load_run(args.model, pick_device(args.device))
+    model, tok, config = load_run(args.model, pick_device(args.device))
+    if config.get("arch") == "clip":
+        raise KosmoError(f"{args.model}: a CLIP run embeds images and text; it does not generate")
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not Path(args.prompts_file).is_file():
+            raise KosmoError(f"{args.prompts_file}: file not found")
+        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise KosmoError("give at least one --prompt or a --prompts-file")
     from kosmo.tokenizer import BOS
@@ -54,7 +58,7 @@ def cmd_generate(args):
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
-        with torch.autocast(model.embed.weight.device.type, torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.bf16):
             results = generate(model, tok, ids, s)
     except ValueError as e:
         raise KosmoError(str(e)) from None
@@ -66,7 +70,11 @@ def cmd_generate(args):
 def cmd_eval(args):
     from kosmo.model.load import load_run
     from kosmo.train.distributed import pick_device
-    model, tok, _ = load_run(args.model, pick_device(args.device))
+    model, tok, config = load_run(args.model, pick_device(args.device))
+    is_clip = config.get("arch") == "clip"
+    if is_clip != (args.kind in ("zeroshot", "retrieval")):
+        raise KosmoError(f"{args.model}: eval {args.kind} needs "
+                         f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
     if args.kind == "ppl":
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)

@@ -38,6 +38,8 @@ def test_own_data_trains_and_evaluates_through_every_stage(folder, tmp_path):
     kosmo("train", "clip", "--data", caps, "--out", tmp_path / "clip", *tok, *TINY, "vision.dim=32", "vision.n_layers=2",
           "vision.mlp_dim=64", "text.dim=32", "text.n_layers=1", "text.mlp_dim=64", "embed_dim=16")
     assert last_json(kosmo("eval", "retrieval", "--model", tmp_path / "clip", "--data", caps))["n"] == 6
+    wrong = kosmo("eval", "vqa", "--model", tmp_path / "clip", "--data", vqa, check=False)
+    assert wrong.returncode == 2 and "needs a language-model run" in wrong.stderr
     kosmo("train", "lm", "--data", caps, vqa, "--out", tmp_path / "lm", *tok, *TINY, "seq_len=16", "model.dim=32",
           "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1")
     kosmo("train", "mllm", "--data", caps, "--out", tmp_path / "mllm", "--init", tmp_path / "lm", *TINY,
