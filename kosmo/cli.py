@@ -189,12 +189,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may stand anywhere; pull them out so `--data a b` cannot swallow them
-    overrides = [a for a in argv if "=" in a and not a.startswith("-") and "." in a.split("=", 1)[0]
-                 or "=" in a and not a.startswith("-") and a.split("=", 1)[0].isidentifier()]
-    args = parser().parse_args([a for a in argv if a not in overrides])
-    if overrides and not hasattr(args, "overrides"):
-        parser().error(f"unrecognized arguments: {' '.join(overrides)}")
+    overrides = []
+    if argv[:1] == ["train"]:
+        # key=value overrides may stand anywhere; pull them out so `--data a b` cannot swallow them
+        is_override = [not a.startswith("-") and "=" in a and a.split("=", 1)[0].replace(".", "_").isidentifier()
+                       for a in argv]
+        overrides = [a for a, o in zip(argv, is_override) if o]
+        argv = [a for a, o in zip(argv, is_override) if not o]
+    args = parser().parse_args(argv)
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + overrides
     try:

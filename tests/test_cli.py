@@ -121,3 +121,8 @@ def test_every_shipped_config_loads_into_its_stage(path):
     stage = {"lm": "lm", "clip": "clip", "mllm": "mllm", "sft": "sft"}[path.stem.split("_")[0]]
     cfg = C.load(stages()[stage].StageConfig, path)
     assert cfg.train.max_steps > 0
+
+
+def test_a_prompt_that_looks_like_an_override_stays_a_prompt(run):
+    proc = kosmo("generate", "--model", run, "--prompt", "size=large", "--max-new-tokens", 2)
+    assert json.loads(proc.stdout.strip())["prompt"] == "size=large"
