@@ -129,8 +129,13 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, EN
 def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
              cache_dtype=None, images: torch.Tensor | None = None) -> list[Completion]:
     """Completions for a batch of tokenised prompts; stop strings are cut from the returned text."""
+    # A stop string of L characters lies within the last L tokens (+3 for a character split into
+    # bytes), so each step decodes a short tail instead of the whole completion.
+    window = max((len(st) for st in s.stop), default=0) + 4
+
     def hits_stop(i, toks):
-        return any(st in tokenizer.decode(toks) for st in s.stop)
+        tail = tokenizer.decode(toks[-window:])
+        return any(st in tail for st in s.stop)
 
     out, reasons = generate_ids(model, prompts, s, stop_ids, cache_dtype=cache_dtype,
                                 should_stop=hits_stop if s.stop else None, images=images)
