@@ -72,19 +72,17 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, strict: bool = True):
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path):
     """Copies tensors into the model, with errors naming the checkpoint and the tensor at fault."""
     expected = model.state_dict()
     aliases = {n for n in expected if n not in model_tensors(model)}
     for name, t in tensors.items():
         if name not in expected:
-            if strict:
-                raise KosmoError(f"{source}: unexpected tensor '{name}' (checkpoint of another model?)")
-            continue
+            raise KosmoError(f"{source}: unexpected tensor '{name}' (checkpoint of another model?)")
         if tuple(t.shape) != tuple(expected[name].shape):
             raise KosmoError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, "
                              f"the model expects {tuple(expected[name].shape)} (checkpoint of the wrong shape)")
     missing = [n for n in expected if n not in tensors and n not in aliases]
-    if strict and missing:
+    if missing:
         raise KosmoError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
-    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
+    model.load_state_dict(tensors, strict=False)  # tied aliases are absent from the file by design
