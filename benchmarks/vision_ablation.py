@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/vision_ablation.py --out /tmp/ablation                  # every variant
     .venv/bin/python benchmarks/vision_ablation.py --out /tmp/ablation --only default,patch4
 
-Each variant changes a few knobs of `kosmo.demo.BUDGETS["default"]` and prints one JSON line; the
+Each variant changes a few knobs of the vision section's default budget (`kosmo/demo/vision.py`) and prints one JSON line; the
 markdown table at the end is what docs/vision.md shows. A variant takes 6-12 minutes on 2 CPU cores.
 """
 
@@ -43,8 +43,8 @@ def main():
     names = args.only.split(",") if args.only else list(VARIANTS)
     rows = []
     for name in names:
-        r = run_demo(Path(args.out) / name, recipe=VARIANTS[name])
-        e = r["eval"]
+        r = run_demo(Path(args.out) / name, recipe=VARIANTS[name], sections=("vision",))
+        e = r["vision"]["eval"]
         row = {"variant": name, "vqa": e["vqa_val"]["vqa_accuracy"], "vqa_blind": e["vqa_val"]["blind"]["vqa_accuracy"],
                "vqa_heldout": e["vqa_heldout"]["vqa_accuracy"], "cider": e["caption_val"]["cider"],
                "compliance": e["chat_val"]["compliance"], "by_type": e["vqa_val"]["by_type"],

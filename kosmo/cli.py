@@ -112,8 +112,12 @@ def cmd_import(args):
 
 
 def cmd_demo(args):
-    from kosmo.demo import run_demo
-    run_demo(args.out, quick=args.quick)
+    from kosmo.demo import SECTIONS, run_demo
+    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise KosmoError(f"--sections: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
+    run_demo(args.out, quick=args.quick, sections=sections)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -183,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on the shapes world")
     d.add_argument("--out", default="out")
     d.add_argument("--quick", action="store_true")
+    d.add_argument("--sections", help="comma-separated sections to run, in order (default: all)")
     d.set_defaults(fn=cmd_demo)
     return p
 

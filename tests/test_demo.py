@@ -8,15 +8,16 @@ from conftest import kosmo
 def test_quick_demo_writes_the_report(tmp_path):
     kosmo("demo", "--out", tmp_path, "--quick")
     report = json.loads((tmp_path / "report.json").read_text())
-    e = report["eval"]
+    v = report["vision"]
+    e = v["eval"]
     for key, metric in [("vqa_val", "vqa_accuracy"), ("vqa_heldout", "vqa_accuracy"), ("caption_val", "cider"),
                         ("chat_val", "compliance")]:
         assert metric in e[key] and metric in e[key]["blind"], key  # every vision figure has its blind twin
     assert e["vqa_val"]["n"] == 20 and set(e["vqa_val"]["by_type"]) >= {"colour", "count", "shape"}
-    assert 1 < report["stages"]["lm"]["ppl_val"] < 100
-    assert {"i2t_r1", "zeroshot_accuracy"} <= report["stages"]["clip"].keys()
+    assert 1 < v["stages"]["lm"]["ppl_val"] < 100
+    assert {"i2t_r1", "zeroshot_accuracy"} <= v["stages"]["clip"].keys()
     md = (tmp_path / "report.md").read_text()
     assert f"| VQA accuracy, val images (%) | {e['vqa_val']['vqa_accuracy']:.2f} |" in md
     assert (tmp_path / "losses.png").stat().st_size > 1000
-    assert all((tmp_path / g["image"]).is_file() for g in report["gallery"])
+    assert all((tmp_path / g["image"]).is_file() for g in v["gallery"])
     assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()

@@ -1,20 +1,17 @@
-"""`kosmo demo`: the seed's story on the shapes world, end to end, with a report.
+"""The vision section of `kosmo demo`: the KOSMOS-1 path on the shapes world.
 
-world -> BPE tokenizer -> CLIP pretraining of the image encoder -> language-model pretraining ->
-multimodal pretraining of the connector (LLaVA's stage 1) -> chat SFT of connector and LM (stage 2)
--> evaluation beside the blind baseline. Writes OUT/report.json, OUT/report.md, loss curves and
-sample pictures; the final model is OUT/runs/sft.
+CLIP pretraining of the image encoder -> language-model pretraining -> multimodal pretraining of the
+connector (LLaVA's stage 1) -> chat SFT of connector and LM (stage 2) -> evaluation beside the blind
+baseline. The final model is OUT/runs/sft.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
-from kosmo import checkpoint
-from kosmo.data.world import World, write_world
+from kosmo.data.world import World
+from kosmo.demo import log
 
 SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 
@@ -23,17 +20,15 @@ SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 # 9 visual tokens per image, none of them cutting through an object.
 # `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
-    "default": dict(n=2000, image_size=36, patch_size=12, vision_dim=128, vocab=2048, clip_steps=300, lm_steps=300,
-                    stage1_steps=150, sft_steps=800, sft_batch=32, eval_n=200, sft_freeze="connector+lm",
-                    vision_lr_scale=1.0, connector="mlp"),
-    "quick": dict(n=200, image_size=36, patch_size=12, vision_dim=64, vocab=1024, clip_steps=20, lm_steps=30,
-                  stage1_steps=10, sft_steps=20, sft_batch=16, eval_n=20, sft_freeze="connector+lm",
-                  vision_lr_scale=1.0, connector="mlp"),
+    "default": dict(patch_size=12, vision_dim=128, clip_steps=300, lm_steps=300, stage1_steps=150, sft_steps=800,
+                    sft_batch=32, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
+    "quick": dict(patch_size=12, vision_dim=64, clip_steps=20, lm_steps=30, stage1_steps=10, sft_steps=20,
+                  sft_batch=16, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
 }
 
 
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+def write_data(demo, b: dict) -> dict[str, Path]:
+    return demo.timed("vision_data", lambda: write_extra_data(demo.world, demo.data_dir, b["n"], b["eval_n"]))
 
 
 def write_extra_data(world: World, d: Path, n: int, eval_n: int) -> dict[str, Path]:
@@ -111,55 +106,27 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
     return gallery
 
 
-def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None) -> dict:
-    from kosmo.data.jsonl import iter_texts
+def run(demo, b: dict) -> dict:
     from kosmo.eval.clip import retrieval, zeroshot
     from kosmo.eval.ppl import perplexity
     from kosmo.eval.vision import evaluate
     from kosmo.generate import Sampling, generate
     from kosmo.model.load import load_run
-    from kosmo.tokenizer import BOS, Tokenizer
-    from kosmo.train.run import run_stage
+    from kosmo.tokenizer import BOS
 
-    b = {**BUDGETS["quick" if quick else "default"], **(recipe or {})}
-    out = Path(out)
-    runs, d = out / "runs", out / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    report: dict = {"budget": "quick" if quick else "default", "recipe": b, "stages": {}, "timings_s": {}}
-
-    def timed(name, fn):
-        t0 = time.time()
-        result = fn()
-        report["timings_s"][name] = round(time.time() - t0, 1)
-        return result
-
-    def train(stage, name, data, overrides, init=None):
-        log(f"\n== {name}: kosmo train {stage} ==")
-        common = ["train.tensorboard=false", f"train.eval_every={max(10, int(overrides[0].split('=')[1]) // 4)}"]
-        return timed(name, lambda: run_stage(stage, data, runs / name, init=runs / init if init else None,
-                                             tokenizer=d / "tokenizer.json", overrides=overrides + common))
-
-    log("== shapes world ==")
-    world = World(image_size=b["image_size"])
-    data = timed("world", lambda: {**write_world(d, b["n"], image_size=b["image_size"]),
-                                   **write_extra_data(world, d, b["n"], b["eval_n"])})
-    log("== tokenizer ==")
-    timed("tokenizer", lambda: Tokenizer.train(iter_texts([data["text"], data["captions"], data["chat"],
-                                                           data["vqa_all"]]), b["vocab"]).save(d))
-
+    data, runs, report = demo.data, demo.runs, {"stages": {}}
     vision = dict(image_size=b["image_size"], patch_size=b["patch_size"], dim=b["vision_dim"],
                   mlp_dim=4 * b["vision_dim"])
-    train("clip", "clip", [data["captions"]], [f"train.max_steps={b['clip_steps']}", "train.batch_size=64",
-                                               "train.lr=1e-3", "train.warmup_steps=20",
-                                               *[f"vision.{k}={v}" for k, v in vision.items()]])
+    demo.train("clip", "clip", [data["captions"]], [f"train.max_steps={b['clip_steps']}", "train.batch_size=64",
+                                                    "train.lr=1e-3", "train.warmup_steps=20",
+                                                    *[f"vision.{k}={v}" for k, v in vision.items()]])
     clip, tok, _ = load_run(runs / "clip")
     report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
                                 **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
 
-    train("lm", "lm", [data["text"], data["interleaved"]],
-          [f"train.max_steps={b['lm_steps']}", "train.batch_size=16", "seq_len=128", "train.lr=2e-3",
-           "train.warmup_steps=15", "model.size=tiny"])
+    demo.train("lm", "lm", [data["text"], data["interleaved"]],
+               [f"train.max_steps={b['lm_steps']}", "train.batch_size=16", "seq_len=128", "train.lr=2e-3",
+                "train.warmup_steps=15", "model.size=tiny"])
     lm, tok, _ = load_run(runs / "lm")
     completions = generate(lm, tok, [[BOS, *tok.encode(p)] for p in SAMPLE_PROMPTS], Sampling(max_new_tokens=20))
     report["stages"]["lm"] = {
@@ -168,44 +135,39 @@ def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None) -
         "ppl_heldout": perplexity(lm, tok, [data["heldout_text"]], seq_len=128)["ppl"],
         "samples": [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, completions)]}
 
-    train("mllm", "mllm", [data["captions"]],
-          [f"train.max_steps={b['stage1_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=2e-3",
-           "train.warmup_steps=10", "freeze=connector", f"vision={runs / 'clip'}", f"connector={b['connector']}"],
-          init="lm")
-    train("sft", "sft", [data["vqa_all"], data["chat"], data["captions"]],
-          [f"train.max_steps={b['sft_steps']}", f"train.batch_size={b['sft_batch']}", "seq_len=128", "train.lr=1e-3",
-           "train.warmup_steps=20", f"freeze={b['sft_freeze']}", f"train.lr_scale.vision={b['vision_lr_scale']}"],
-          init="mllm")
+    demo.train("mllm", "mllm", [data["captions"]],
+               [f"train.max_steps={b['stage1_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=2e-3",
+                "train.warmup_steps=10", "freeze=connector", f"vision={runs / 'clip'}", f"connector={b['connector']}"],
+               init="lm")
+    demo.train("sft", "sft", [data["vqa_all"], data["chat"], data["captions"]],
+               [f"train.max_steps={b['sft_steps']}", f"train.batch_size={b['sft_batch']}", "seq_len=128",
+                "train.lr=1e-3", "train.warmup_steps=20", f"freeze={b['sft_freeze']}",
+                f"train.lr_scale.vision={b['vision_lr_scale']}"],
+               init="mllm")
 
-    log("\n== evaluation ==")
+    log("\n== vision evaluation ==")
     model, tok, _ = load_run(runs / "sft")
     n = b["eval_n"]
-    report["eval"] = timed("eval", lambda: {
+    report["eval"] = demo.timed("eval", lambda: {
         "vqa_val": evaluate("vqa", model, tok, data["val_vqa"], limit=n),
         "vqa_heldout": evaluate("vqa", model, tok, data["heldout_vqa"], limit=n),
         "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
         "chat_val": evaluate("chat", model, tok, data["val_chat"], limit=n),
     })
-    report["gallery"] = sample_gallery(model, tok, world, d, out)
-    plot_losses({s: runs / s for s in ("clip", "lm", "mllm", "sft")}, out / "losses.png")
-    report["timings_s"]["total"] = round(time.time() - t_start, 1)
-    checkpoint.write_json(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
-    print((out / "report.md").read_text())
+    report["gallery"] = sample_gallery(model, tok, demo.world, demo.data_dir, demo.out)
+    plot_losses({s: runs / s for s in ("clip", "lm", "mllm", "sft")}, demo.out / "losses.png")
     return report
 
 
-def render_markdown(r: dict) -> str:
+def render(r: dict) -> list[str]:
     e, lm, clip = r["eval"], r["stages"]["lm"], r["stages"]["clip"]
 
     def row(name, metric, res, fmt="{:.2f}"):
         return f"| {name} | {fmt.format(res[metric])} | {fmt.format(res['blind'][metric])} | " \
                f"{fmt.format(res[metric] - res['blind'][metric])} |"
     lines = [
-        "# kosmo demo report", "",
-        f"Budget `{r['budget']}`, {r['timings_s']['total']} s in all. Every number was measured by this run of "
-        "`kosmo demo`; `report.json` holds them all. The final model is `runs/sft`.", "",
         "## Vision-language results (held-out images)", "",
+        "The KOSMOS-1 path; the final model is `runs/sft`.", "",
         "| metric | with the image | blind (image removed) | gain from looking |", "|---|---:|---:|---:|",
         row("VQA accuracy, val images (%)", "vqa_accuracy", e["vqa_val"]),
         row("VQA accuracy, compositional held-out split (%)", "vqa_accuracy", e["vqa_heldout"]),
@@ -229,5 +191,4 @@ def render_markdown(r: dict) -> str:
         lines += [f"![sample]({g['image']})", "", f"- caption: **{g['caption']}** (a reference: {g['truth']})",
                   f"- {qa}", ""]
     lines += ["## Language model samples", ""] + [f"- *{s['prompt']}* → {s['completion']}" for s in lm["samples"]]
-    lines += ["", "## Time per stage (s)", "", " · ".join(f"{k} {v}" for k, v in r["timings_s"].items())]
-    return "\n".join(lines) + "\n"
+    return lines
