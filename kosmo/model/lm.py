@@ -216,23 +216,32 @@ class LM(nn.Module):
         positions are computed and returned, flattened to (N, vocab): training needs no others.
         """
         x = self.embed(idx) if embeds is None else embeds
+        rope, mask = self.context(x, pos, key_mask, cache, segments)
+        for i, block in enumerate(self.blocks):
+            x = block(x, *rope, mask, cache, i)
+        return self.head(x, cache, last_only, logits_at)
+
+    def context(self, x, pos=None, key_mask=None, cache: KVCache | None = None, segments=None):
+        """The rotary tables (cos, sin) at each position and the attention mask, for input x (B, T, dim)."""
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
+        mask = None
         if segments is not None:
             pos, mask = segment_positions(segments), segment_mask(segments)
+        elif key_mask is not None or (start and T > 1):
+            mask = attention_mask(T, start, key_mask, x.device)
         if pos is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"{start + T} positions exceed the context of {self.cfg.max_seq_len} tokens")
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         # rotate in the activations' dtype (bf16 under autocast), as Llama does
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos, sin = self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)
-        if segments is None:
-            mask = attention_mask(T, start, key_mask, x.device) if (key_mask is not None or (start and T > 1)) else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+        return (self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)), mask
+
+    def head(self, x, cache: KVCache | None = None, last_only: bool = False, logits_at=None):
+        """Advances the cache past x and returns the logits asked for (see `forward`)."""
         if cache is not None:
-            cache.length += T
+            cache.length += x.shape[1]
         if logits_at is not None:
             x = x[logits_at]
         elif last_only:
