@@ -202,12 +202,14 @@ class Engine:
     """Continuous batching for one model. `submit` is safe from any thread; the work runs in one
     background thread started by `start`."""
 
-    def __init__(self, model, tokenizer, arch: str, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model, tokenizer, arch: str, max_batch: int = 16, max_queue: int = 64,
+                 image_mode: str = "crop"):
         if arch not in ADAPTERS:
             raise ValueError(f"serving does not support arch {arch!r} (supported: {', '.join(ADAPTERS)})")
         self.device = next(model.parameters()).device
         self.adapter = ADAPTERS[arch](model, max_batch, self.device)
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
+        self.image_mode = image_mode  # how pictures are fitted to the encoder's square, as in training
         self.slots: list[_Running | None] = [None] * max_batch
         self._last = [PAD] * max_batch  # the token each slot feeds into its next decode step
         self.waiting: collections.deque[Request] = collections.deque()
