@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,9 +42,10 @@ def random_run(out: Path, size: str) -> Path:
     return out
 
 
-def start_server(run: Path, port: int, max_batch: int, device: str) -> subprocess.Popen:
+def start_server(run: Path, port: int, max_batch: int, device: str, threads: int | None) -> subprocess.Popen:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen([sys.executable, "-m", "kosmo", "serve", "--model", str(run), "--port", str(port),
-                             "--max-batch", str(max_batch), "--device", device, "--max-queue", "256"])
+                             "--max-batch", str(max_batch), "--device", device, "--max-queue", "256"], env=env)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -103,6 +105,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -113,7 +116,7 @@ def main():
         run = Path(args.model) if args.model else random_run(Path(tmp) / "run", args.size)
         rows = []
         for engine, max_batch in (("continuous batching", max(args.concurrency)), ("one at a time", 1)):
-            server = start_server(run, args.port, max_batch, args.device)
+            server = start_server(run, args.port, max_batch, args.device, args.threads)
             try:
                 for c in args.concurrency:
                     row = asyncio.run(load(f"http://127.0.0.1:{args.port}", c, max(args.requests, c),

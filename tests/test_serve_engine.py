@@ -50,8 +50,9 @@ def collect(engine, prompts, params):
     return out
 
 
-def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model):
-    engine = Engine(model, Letters(), "lm", max_batch=2).start()
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, max_batch):
+    engine = Engine(model, Letters(), "lm", max_batch=max_batch).start()
     try:
         events = collect(engine, PROMPTS, Params(max_tokens=16, temperature=0))
     finally:

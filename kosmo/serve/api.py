@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,7 +36,7 @@ from kosmo.tokenizer import BOS
 PLAYGROUND = Path(__file__).parent / "static" / "index.html"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 16 * 2**20
     max_images: int = 4
@@ -88,7 +88,7 @@ class Sampled(Schema):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(None)
+    stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -255,10 +255,14 @@ async def load_images(messages: list[dict], refs: list[str], engine: Engine, med
                        code="too_many_images", param="messages")
     where = [f"messages[{i}].content[{j}]" for i, m in enumerate(messages) if isinstance(m["content"], list)
              for j, p in enumerate(m["content"]) if p["type"] == "image_url"]
-    try:
-        pictures = await asyncio.gather(*(load_image(url, media, w) for url, w in zip(refs, where)))
-    except MediaError as e:
-        raise APIError(e.status, str(e), code=e.code, param=str(e).split(":")[0]) from None
+
+    async def load(url: str, where: str):
+        try:
+            return await load_image(url, media, where)
+        except MediaError as e:
+            raise APIError(e.status, str(e), code=e.code, param=where) from None
+
+    pictures = await asyncio.gather(*(load(url, w) for url, w in zip(refs, where)))
     size = engine.adapter.image_size
     return torch.stack(await asyncio.to_thread(lambda: [preprocess(p, size, engine.image_mode) for p in pictures]))
 
@@ -272,7 +276,7 @@ async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: 
     requests = []
     for i in range(body.n):
         seed = None if params.seed is None else params.seed + i  # n samples of one seed still differ
-        choice = Params(**{**params.__dict__, "seed": seed})
+        choice = dataclasses.replace(params, seed=seed)
         emit = (lambda i: lambda e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))(i)
         requests.append(EngineRequest(ids, choice, emit, images))
     try:

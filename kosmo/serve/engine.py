@@ -143,7 +143,7 @@ class DecoderAdapter:
             x = self.lm.embed(idx) if images is None else self.model.embed_inputs(idx, images.to(self.device))
             pos = torch.arange(len(ids), device=self.device)[None]
             self.lengths[slot] = 0
-            return self._forward(x, pos, [slot])[0, -1].float()
+            return self._forward(x, pos, [slot], decode=False)[0, -1].float()
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, active: list[int]) -> torch.Tensor:
@@ -152,38 +152,49 @@ class DecoderAdapter:
         Idle slots ride along on padding so the step's shape never changes; only `active` rows
         attend and write to the cache.
         """
-        pos = torch.tensor(self.lengths, device=self.device)[:, None]
+        pos = torch.tensor([self.lengths[s] if s in active else 0 for s in range(len(self.lengths))],
+                           device=self.device)[:, None]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            return self._forward(self.lm.embed(tokens[:, None]), pos, active)[:, -1].float()
+            return self._forward(self.lm.embed(tokens[:, None]), pos, active, decode=True)[:, -1].float()
 
-    def _forward(self, x, pos, rows: list[int]):
-        """The LM over `x` (B, T, dim) at positions `pos` (B, T); with B == 1, `rows` is its slot."""
+    def _forward(self, x, pos, rows: list[int], decode: bool):
+        """The LM over `x` (B, T, dim) at positions `pos` (B, T): a decode step over every slot, of which
+        `rows` are active, or a prompt (B == 1) for slot `rows[0]`."""
         lm, (B, T, _) = self.lm, x.shape
-        cos, sin = lm.rope_cos[pos].unsqueeze(1).to(x.dtype), lm.rope_sin[pos].unsqueeze(1).to(x.dtype)
+        dtype = torch.bfloat16 if self.autocast else x.dtype  # rotate in the activations' dtype, as the LM does
+        cos, sin = lm.rope_cos[pos].unsqueeze(1).to(dtype), lm.rope_sin[pos].unsqueeze(1).to(dtype)
         for layer, block in enumerate(lm.blocks):
-            x = x + self._attention(block.attn, block.attn_norm(x), cos, sin, layer, rows)
+            x = x + self._attention(block.attn, block.attn_norm(x), cos, sin, layer, rows, decode)
             x = x + block.mlp(block.mlp_norm(x))
         for r in rows:
             self.lengths[r] += T
         return lm.lm_head(lm.norm(x[:, -1:]))
 
-    def _attention(self, attn, x, cos, sin, layer: int, rows: list[int]):
+    def _attention(self, attn, x, cos, sin, layer: int, rows: list[int], decode: bool):
         B, T, _ = x.shape
         hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
         q, k, v = attn.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
         q = apply_rope(q.view(B, T, hq, d).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, hkv, d).transpose(1, 2), cos, sin)
         v = v.view(B, T, hkv, d).transpose(1, 2)
+        if not decode:  # prefill: the prompt fills its slot from the start
+            self.k[layer, rows[0], :, :T] = k[0]
+            self.v[layer, rows[0], :, :T] = v[0]
+            keys, values = self.k[layer, rows[0]:rows[0] + 1, :, :T], self.v[layer, rows[0]:rows[0] + 1, :, :T]
+            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), is_causal=T > 1,
+                                               enable_gqa=hq != hkv)
+            return attn.proj(y.transpose(1, 2).reshape(B, T, hq * d))
+        # decode: every active slot writes its one new key at its own length, in one indexed copy
+        slots = torch.tensor(rows, device=x.device)
+        at = torch.tensor([self.lengths[r] for r in rows], device=x.device)
+        self.k[layer, slots, :, at] = k[slots, :, 0].to(self.k.dtype)
+        self.v[layer, slots, :, at] = v[slots, :, 0].to(self.v.dtype)
+        # then attends over exactly its own keys, the query heads of a kv group folded into the query axis
         y = torch.zeros_like(q)
-        for slot in rows:
-            row = 0 if B == 1 else slot  # prefill runs one row; a decode step runs every slot
-            start = self.lengths[slot]
-            self.k[layer, slot, :, start:start + T] = k[row]
-            self.v[layer, slot, :, start:start + T] = v[row]
-            keys = self.k[layer, slot:slot + 1, :, :start + T].to(q.dtype)
-            values = self.v[layer, slot:slot + 1, :, :start + T].to(q.dtype)
-            y[row:row + 1] = F.scaled_dot_product_attention(q[row:row + 1], keys, values, is_causal=T > 1,
-                                                            enable_gqa=hq != hkv)
+        for r in rows:
+            n = self.lengths[r] + 1
+            keys, values = self.k[layer, r:r + 1, :, :n].to(q.dtype), self.v[layer, r:r + 1, :, :n].to(q.dtype)
+            y[r] = F.scaled_dot_product_attention(q[r].view(1, hkv, hq // hkv, d), keys, values).view(hq, 1, d)
         return attn.proj(y.transpose(1, 2).reshape(B, T, hq * d))
 
 
@@ -269,9 +280,9 @@ class Engine:
                     request = self.waiting.popleft()
                 if request.cancelled:
                     continue
-                seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
+                seed = request.params.seed if request.params.seed is not None else random.getrandbits(64)
                 self.slots[slot] = _Running(request, TextStream(self.tokenizer, request.params.stop),
-                                            torch.Generator(device=self.device).manual_seed(seed))
+                                            torch.Generator(device=self.device).manual_seed(seed % 2**64))
                 try:
                     logits = self.adapter.prefill(slot, request.prompt, request.images)
                     self._advance(slot, logits)
