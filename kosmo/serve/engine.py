@@ -12,9 +12,9 @@ same tokens whether it runs alone or beside fifteen others. Two things make that
 - attention runs row by row over exactly that row's keys, since a batched, masked attention sums
   in an order that depends on the batch and on the longest row.
 
-The model side is an adapter with `prefill(slot, ids, images)` and `decode(tokens, positions)`,
-so an architecture that keeps other per-request state (a Flamingo's image features) plugs in with
-an adapter of its own.
+The model side is an `Adapter` with `prefill(slot, ids, images)` and `decode(tokens, active)`, so
+an architecture that keeps other per-request state (a Flamingo's image features) plugs in with an
+adapter of its own, registered in `ADAPTERS` under its arch name.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,19 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+class Adapter(Protocol):
+    """What the engine needs from a model architecture; each keeps its own per-slot state (KV cache, ...)."""
+    context: int  # tokens a slot holds, prompt included
+    tokens_per_image: int  # image slots per picture in the prompt (0: text-only)
+    image_size: int  # side of the square pictures the encoder takes
+
+    def prefill(self, slot: int, ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
+        """Starts `slot` on a prompt (its pictures in order); the (V,) logits after its last token."""
+
+    def decode(self, tokens: torch.Tensor, active: list[int]) -> torch.Tensor:
+        """Feeds one token to every slot, (max_batch,) -> (max_batch, V) logits; only `active` slots matter."""
+
+
 class DecoderAdapter:
     """A Llama decoder (`lm`) or a KOSMOS MLLM (`mllm`), over a slot KV cache.
 
@@ -160,7 +174,7 @@ class DecoderAdapter:
     def _forward(self, x, pos, rows: list[int], decode: bool):
         """The LM over `x` (B, T, dim) at positions `pos` (B, T): a decode step over every slot, of which
         `rows` are active, or a prompt (B == 1) for slot `rows[0]`."""
-        lm, (B, T, _) = self.lm, x.shape
+        lm, T = self.lm, x.shape[1]
         dtype = torch.bfloat16 if self.autocast else x.dtype  # rotate in the activations' dtype, as the LM does
         cos, sin = lm.rope_cos[pos].unsqueeze(1).to(dtype), lm.rope_sin[pos].unsqueeze(1).to(dtype)
         for layer, block in enumerate(lm.blocks):
@@ -198,7 +212,7 @@ class DecoderAdapter:
         return attn.proj(y.transpose(1, 2).reshape(B, T, hq * d))
 
 
-ADAPTERS = {"lm": DecoderAdapter, "mllm": DecoderAdapter}
+ADAPTERS: dict[str, type[Adapter]] = {"lm": DecoderAdapter, "mllm": DecoderAdapter}
 
 
 @dataclass
@@ -218,7 +232,7 @@ class Engine:
         if arch not in ADAPTERS:
             raise ValueError(f"serving does not support arch {arch!r} (supported: {', '.join(ADAPTERS)})")
         self.device = next(model.parameters()).device
-        self.adapter = ADAPTERS[arch](model, max_batch, self.device)
+        self.adapter: Adapter = ADAPTERS[arch](model, max_batch, self.device)
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.image_mode = image_mode  # how pictures are fitted to the encoder's square, as in training
         self.slots: list[_Running | None] = [None] * max_batch
