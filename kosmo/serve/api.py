@@ -122,7 +122,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        # a browser asked for a password opens the playground with the key as Basic-auth password
+        headers = {"WWW-Authenticate": 'Basic realm="kosmo"'} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
@@ -176,7 +178,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise APIError(400, str(e).removeprefix("messages: "), param="messages") from None
         images = await load_images(messages, refs, engine, media, limits)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = make_params(body, ids, max_tokens, engine, body.top_logprobs or 0 if body.logprobs else None)
+        params = make_params(body, ids, max_tokens, engine, (body.top_logprobs or 0) if body.logprobs else None)
         return await respond(request, engine, tokenizer, body, ids, images, params, model_name, chat=True)
 
     @app.post("/v1/completions", dependencies=auth)
@@ -291,20 +293,26 @@ async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: 
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(watch_disconnect(http, events))
     try:
         finished = 0
         while finished < body.n:
-            try:
-                i, event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except TimeoutError:
-                if await http.is_disconnected():
-                    return JSONResponse({}, status_code=499)  # nobody is listening; the slots are freed below
-                continue
+            i, event = await events.get()
+            if i is None:
+                return JSONResponse({}, status_code=499)  # nobody is listening; the slots are freed below
             finished += reply.add(i, event)
         return reply.whole()
     finally:
+        watcher.cancel()
         for r in requests:
             r.cancel()
+
+
+async def watch_disconnect(http: Request, events: asyncio.Queue):
+    """Wakes a waiting non-streaming handler when its client goes away (a stream notices by itself)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.25)
+    events.put_nowait((None, None))
 
 
 async def stream(reply: "Reply", events: asyncio.Queue, requests: list[EngineRequest], usage: bool):
