@@ -82,15 +82,21 @@ def test_a_cancelled_request_frees_its_slot_and_hears_no_more(model):
         engine.stop()
 
 
-def test_a_full_queue_answers_429_at_once(model):
+def test_a_full_queue_answers_429_and_a_stopped_engine_503_at_once(model):
     engine = Engine(model, Letters(), "lm", max_queue=1)  # not started: nothing leaves the queue
     engine.submit(Request([1, 2], Params(max_tokens=1), print))
     with pytest.raises(QueueFull):
         engine.submit(Request([1, 2], Params(max_tokens=1), print))
     client = TestClient(create_app(engine, Letters(), "m"))
-    r = client.post("/v1/completions", json={"prompt": "", "max_tokens": 2})
-    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-    assert client.get("/health").status_code == 503  # the engine thread is not running
+    request = {"prompt": "", "max_tokens": 2}
+    assert client.post("/v1/completions", json=request).status_code == 503
+    assert client.get("/health").status_code == 503
+    engine = Engine(model, Letters(), "lm", max_queue=0).start()  # a queue that is always full
+    try:
+        r = TestClient(create_app(engine, Letters(), "m")).post("/v1/completions", json=request)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    finally:
+        engine.stop()
 
 
 def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it():

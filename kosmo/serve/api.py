@@ -3,7 +3,8 @@ and the playground page, over one continuous-batching `Engine`.
 
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad values are 400, values of the wrong type 422, a wrong key 401, an unknown model 404, an oversized
-body or image 413, a full queue 429. Nothing a client sends leads to a 500.
+body or image 413, a full queue 429, an engine that is not running 503. Nothing a client sends leads
+to a 500.
 """
 
 from __future__ import annotations
@@ -152,9 +153,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
-        alive = engine.thread is not None and engine.thread.is_alive()
-        body = {"status": "ok" if alive else "down", "running": engine.running, "waiting": len(engine.waiting)}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        body = {"status": "ok" if engine.alive else "down", "running": engine.running, "waiting": len(engine.waiting)}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/", dependencies=auth, response_class=HTMLResponse)
     async def playground():
@@ -273,6 +273,8 @@ async def load_images(messages: list[dict], refs: list[str], engine: Engine, med
 
 async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: list[int], images, params: Params,
                   model_name: str, chat: bool):
+    if not engine.alive:
+        raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     requests = []

@@ -247,6 +247,10 @@ class Engine:
         return self.adapter.context
 
     @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    @property
     def running(self) -> int:
         return sum(s is not None for s in self.slots)
 
