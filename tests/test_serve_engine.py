@@ -1,14 +1,18 @@
-"""The serving engine and media policy in-process: parity with `generate_ids`, cancellation, a full queue,
-stop strings in streamed text, and remote image fetching that never reaches a private address."""
+"""The serving engine and media policy in-process: parity with `generate_ids`, cancellation (also by a
+client that hangs up), a full queue, stop strings in streamed text, and remote image fetching that never
+reaches a private address."""
 
 import asyncio
 import queue
+import threading
+import time
 
 import httpx
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
-from serve_helpers import png_bytes
+from serve_helpers import free_port, png_bytes
 
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LM, LMConfig
@@ -145,3 +149,32 @@ def test_remote_images_come_only_from_allowed_public_hosts():
         with pytest.raises(MediaError) as e:
             fetch_fake(url, policy)
         assert e.value.status in (400, 413), url
+
+
+def test_a_client_that_goes_away_cancels_its_requests(model):
+    """Over real HTTP, with an engine that takes requests but never runs them: closing the connection, streamed
+    or not, must cancel the request (which frees its slot in a running engine)."""
+    engine = Engine(model, Letters(), "lm")
+    idle = threading.Event()
+    engine.thread = threading.Thread(target=idle.wait)  # alive, so requests are accepted, but nothing runs
+    engine.thread.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, Letters(), "m"), port=port, log_level="warning"))
+    serving = threading.Thread(target=server.run)
+    serving.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with httpx.stream("POST", url, json={"prompt": "ab", "max_tokens": 5, "stream": True}) as r:
+            assert r.status_code == 200
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url, json={"prompt": "ab", "max_tokens": 5}, timeout=0.5)
+        deadline = time.time() + 5
+        while not all(r.cancelled for r in engine.waiting) and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(engine.waiting) == 2 and all(r.cancelled for r in engine.waiting)
+    finally:
+        server.should_exit = True
+        serving.join()
+        idle.set()
