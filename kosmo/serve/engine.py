@@ -220,7 +220,8 @@ class _Running:
     request: Request
     stream: TextStream
     generator: torch.Generator
-    tokens: int = 0
+    tokens: int = 0  # generated so far
+    last: int = PAD  # the token to feed at the next decode step
 
 
 class Engine:
@@ -236,7 +237,6 @@ class Engine:
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.image_mode = image_mode  # how pictures are fitted to the encoder's square, as in training
         self.slots: list[_Running | None] = [None] * max_batch
-        self._last = [PAD] * max_batch  # the token each slot feeds into its next decode step
         self.waiting: collections.deque[Request] = collections.deque()
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -316,7 +316,7 @@ class Engine:
         active = [slot for slot, run in enumerate(self.slots) if run is not None]
         tokens = torch.full((self.max_batch,), PAD, dtype=torch.long)
         for slot in active:
-            tokens[slot] = self._last[slot]
+            tokens[slot] = self.slots[slot].last
         try:
             logits = self.adapter.decode(tokens.to(self.device), active)
         except Exception as e:
@@ -349,11 +349,18 @@ class Engine:
             elif run.tokens >= p.max_tokens:
                 event.text += run.stream.flush()
                 event.finish = "length"
-        self._last[slot] = token
+        run.last = token
         if event.finish:
             self.slots[slot] = None
-        run.request.emit(event)
+        self._tell(run.request, event)
 
     def _fail(self, slot: int, error: Exception):
         run, self.slots[slot] = self.slots[slot], None
-        run.request.emit(error)
+        self._tell(run.request, error)
+
+    @staticmethod
+    def _tell(request: Request, message: Event | Exception):
+        try:
+            request.emit(message)
+        except Exception:  # the listener is gone (e.g. its event loop closed): stop working for it
+            request.cancel()
