@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/kosmo demo --out out
 
-test: setup
+test: setup browser-deps
 	$(PY) -m pytest -q
+
+# The playground's browser test drives Debian's Chromium through Playwright.
+browser-deps:
+	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

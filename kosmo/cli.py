@@ -120,6 +120,24 @@ def cmd_demo(args):
     run_demo(args.out, quick=args.quick, sections=sections)
 
 
+def cmd_serve(args):
+    from kosmo.serve.api import Limits, serve
+    from kosmo.serve.media import MediaPolicy
+    domains = tuple(d.strip().lower() for d in (args.allowed_media_domains or "").split(",") if d.strip())
+    local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
+    if local is not None and not local.is_dir():
+        raise KosmoError(f"--allowed-local-media-path: {local} is not a directory")
+    media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+                        allowed_domains=domains, local_root=local)
+    serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
+          args.max_batch, args.max_queue, media, Limits(args.max_body_bytes, args.max_images))
+
+
+def cmd_chat(args):
+    from kosmo.serve.chat import chat
+    chat(args.model, args.device, args.max_tokens, args.temperature)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kosmo", description="Train, align, evaluate and serve multimodal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,6 +201,29 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True)
     i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
     i.set_defaults(fn=cmd_import)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web playground for a run")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="required from clients as a Bearer token (default: $KOSMO_API_KEY)")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which clients get 429")
+    sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
+    sv.add_argument("--max-images", type=int, default=4, help="images per request")
+    sv.add_argument("--max-image-bytes", type=int, default=8 * 2**20)
+    sv.add_argument("--max-image-pixels", type=int, default=16_000_000)
+    sv.add_argument("--allowed-media-domains", help="comma-separated domains whose http(s) image URLs may be fetched")
+    sv.add_argument("--allowed-local-media-path", help="folder whose files file:// image URLs may name")
+    sv.set_defaults(fn=cmd_serve)
+
+    ch = sub.add_parser("chat", help="chat with a run in the terminal (/image PATH, /system TEXT, /reset)")
+    ch.add_argument("--model", required=True)
+    ch.add_argument("--device", default="auto")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.set_defaults(fn=cmd_chat)
 
     d = sub.add_parser("demo", help="the whole pipeline on the shapes world")
     d.add_argument("--out", default="out")

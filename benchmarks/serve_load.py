@@ -1,0 +1,141 @@
+"""Load test of `kosmo serve`: time to first token, time per output token, and request and token
+throughput at several concurrencies, for the continuous-batching engine and for the same server
+decoding one request at a time (`--max-batch 1`), side by side in one run.
+
+Each concurrency level keeps C streaming chat requests in flight (a client sends its next request
+as soon as its last one ends) over real HTTP. Without --model it serves a random-weight LM of the
+`small` size (6 layers, dim 384, 4096-token vocabulary), where batching matters.
+
+    .venv/bin/python benchmarks/serve_load.py                 # the table in docs/performance.md
+    .venv/bin/python benchmarks/serve_load.py --quick         # a fast smoke run
+    .venv/bin/python benchmarks/serve_load.py --model RUN     # any run directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from kosmo.data.world import World
+from kosmo.model.lm import LM, LMConfig, SIZES
+from kosmo.model.load import save_run
+from kosmo.tokenizer import Tokenizer
+
+
+def random_run(out: Path, size: str) -> Path:
+    world = World()
+    tok = Tokenizer.train((world.text(i, "train") for i in range(3000)), vocab_size=4096)
+    torch.manual_seed(0)
+    cfg = LMConfig(**{**SIZES[size], "vocab_size": 4096})
+    save_run(out, LM(cfg), tok, {"stage": "benchmark", "arch": "lm", "model": cfg.to_dict()})
+    return out
+
+
+def start_server(run: Path, port: int, max_batch: int, device: str, threads: int | None) -> subprocess.Popen:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "kosmo", "serve", "--model", str(run), "--port", str(port),
+                             "--max-batch", str(max_batch), "--device", device, "--max-queue", "256"], env=env)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and "role" not in chunk["choices"][0]["delta"]:
+                last = time.perf_counter()  # a chunk per generated token
+                first = first or last
+    return {"ttft": first - start, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens,
+            "end": time.perf_counter()}
+
+
+async def load(url: str, concurrency: int, requests: int, max_tokens: int, prompts: list[str]) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_request(client, prompts[0], 4)  # warm-up
+        todo = iter(range(requests))
+        results = []
+
+        async def worker():
+            for i in todo:
+                results.append(await one_request(client, prompts[i % len(prompts)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": requests,
+            "ttft_ms": 1000 * statistics.median(r["ttft"] for r in results),
+            "tpot_ms": 1000 * statistics.median(r["tpot"] for r in results),
+            "req_per_s": requests / wall, "tok_per_s": sum(r["tokens"] for r in results) / wall}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="run directory (default: a random LM of --size)")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.size, args.concurrency, args.requests, args.max_tokens = "tiny", [1, 4], 4, 16
+    world = World()
+    prompts = [world.text(i, "val") for i in range(64)]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(args.model) if args.model else random_run(Path(tmp) / "run", args.size)
+        rows = []
+        for engine, max_batch in (("continuous batching", max(args.concurrency)), ("one at a time", 1)):
+            server = start_server(run, args.port, max_batch, args.device, args.threads)
+            try:
+                for c in args.concurrency:
+                    row = asyncio.run(load(f"http://127.0.0.1:{args.port}", c, max(args.requests, c),
+                                           args.max_tokens, prompts))
+                    rows.append({"engine": engine, **row})
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                server.terminate()
+                server.wait()
+    print("\n| engine | concurrency | TTFT ms | time/token ms | requests/s | tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['concurrency']} | {r['ttft_ms']:.0f} | {r['tpot_ms']:.1f} | "
+              f"{r['req_per_s']:.2f} | {r['tok_per_s']:.0f} |")
+    top = max(args.concurrency)
+    tps = {r["engine"]: r["tok_per_s"] for r in rows if r["concurrency"] == top}
+    print(f"\nthroughput ratio at concurrency {top}: {tps['continuous batching'] / tps['one at a time']:.1f}x "
+          f"(continuous batching / one at a time)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The OpenAI-compatible HTTP API: chat and text completions (streamed or not), models, health,
+and the playground page, over one continuous-batching `Engine`.
+
+Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
+bad values are 400, values of the wrong type 422, a wrong key 401, an unknown model 404, an oversized
+body or image 413, a full queue 429, an engine that is not running 503. Nothing a client sends leads
+to a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kosmo.data.chat import render
+from kosmo.data.images import preprocess
+from kosmo.errors import KosmoError
+from kosmo.serve.engine import Engine, Event, Params, QueueFull
+from kosmo.serve.engine import Request as EngineRequest
+from kosmo.serve.media import MediaError, MediaPolicy, load_image
+from kosmo.tokenizer import BOS
+
+PLAYGROUND = Path(__file__).parent / "static" / "index.html"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 * 2**20
+    max_images: int = 4
+    max_n: int = 8
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request schemas (strict: a string where a number belongs is an error, not a guess)
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(Schema):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(Schema):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class Message(Schema):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class Sampled(Schema):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, "'stop' takes at most 4 strings", param="stop")
+        return stops
+
+
+class ChatRequest(Sampled):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(Sampled):
+    prompt: str
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+# ---- the app
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               media: MediaPolicy = MediaPolicy(), limits: Limits = Limits()) -> FastAPI:
+    app = FastAPI(title="kosmo", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        # a browser asked for a password opens the playground with the key as Basic-auth password
+        headers = {"WWW-Authenticate": 'Basic realm="kosmo"'} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        return JSONResponse(APIError(500, f"internal error ({type(e).__name__})", type="server_error").body(),
+                            status_code=500)
+
+    async def authorized(request: Request):
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic":  # a browser opening the playground sends the key as a password
+            try:
+                given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+            except (binascii.Error, ValueError):
+                given = ""
+        # compare_digest takes as long whatever the first wrong byte: no timing oracle for the key
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    auth = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if engine.alive else "down", "running": engine.running, "waiting": len(engine.waiting)}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    @app.get("/", dependencies=auth, response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text())
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "kosmo", "context_length": engine.context}]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request):
+        body = parse(ChatRequest, await read_body(request, limits.max_body_bytes))
+        check_common(body, model_name, limits)
+        if not body.messages:
+            raise APIError(400, "'messages' must not be empty", param="messages")
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            ids, _, refs = render(messages, tokenizer, engine.adapter.tokens_per_image, add_generation_prompt=True)
+        except KosmoError as e:
+            raise APIError(400, str(e).removeprefix("messages: "), param="messages") from None
+        images = await load_images(messages, refs, engine, media, limits)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = make_params(body, ids, max_tokens, engine, (body.top_logprobs or 0) if body.logprobs else None)
+        return await respond(request, engine, tokenizer, body, ids, images, params, model_name, chat=True)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request):
+        body = parse(CompletionRequest, await read_body(request, limits.max_body_bytes))
+        check_common(body, model_name, limits)
+        ids = [BOS] + tokenizer.encode(body.prompt)
+        params = make_params(body, ids, body.max_tokens, engine, body.logprobs)
+        return await respond(request, engine, tokenizer, body, ids, None, params, model_name, chat=False)
+
+    return app
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"request body too large ({int(declared):,} bytes, limit {cap:,})",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise APIError(413, f"request body too large (limit {cap:,} bytes)", code="request_too_large")
+    return bytes(body)
+
+
+def parse(schema: type[Schema], body: bytes) -> Schema:
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"malformed JSON body ({err['msg']})", code="invalid_json") from None
+        if err["type"] == "model_type":
+            raise APIError(400, "the body must be a JSON object", code="invalid_json") from None
+        param = ".".join(str(x) for x in err["loc"] if not _is_type_tag(x))
+        status, code = (400, "missing_parameter") if err["type"] == "missing" else (422, "invalid_type")
+        raise APIError(status, f"{param}: {err['msg']}", code=code, param=param) from None
+
+
+def _is_type_tag(loc) -> bool:
+    """pydantic puts the union member tried ('str', 'list[str]', 'tagged-union[...]') into error locations."""
+    return isinstance(loc, str) and (loc in ("str", "int", "float", "bool") or "[" in loc or "-" in loc)
+
+
+def check_common(body: Sampled, model_name: str, limits: Limits):
+    if body.model not in (None, model_name):
+        raise APIError(404, f"model {body.model!r} does not exist (this server serves {model_name!r})",
+                       code="model_not_found", param="model")
+    if body.n > limits.max_n:
+        raise APIError(400, f"'n' must be at most {limits.max_n}", param="n")
+
+
+def make_params(body: Sampled, ids: list[int], max_tokens: int | None, engine: Engine,
+                logprobs: int | None) -> Params:
+    room = engine.context - len(ids)
+    if room < 1:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {engine.context}",
+                       code="context_length_exceeded", param="messages")
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"max_tokens {max_tokens} + the prompt's {len(ids)} tokens exceed this model's "
+                       f"context of {engine.context}", code="context_length_exceeded", param="max_tokens")
+    return Params(max_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                  stop=body.stops(), logprobs=logprobs)
+
+
+async def load_images(messages: list[dict], refs: list[str], engine: Engine, media: MediaPolicy,
+                      limits: Limits) -> torch.Tensor | None:
+    if not refs:
+        return None
+    if not engine.adapter.tokens_per_image:
+        raise APIError(400, "this model is text-only; it does not take images", code="images_not_supported",
+                       param="messages")
+    if len(refs) > limits.max_images:
+        raise APIError(400, f"{len(refs)} images in the request; the limit is {limits.max_images}",
+                       code="too_many_images", param="messages")
+    where = [f"messages[{i}].content[{j}]" for i, m in enumerate(messages) if isinstance(m["content"], list)
+             for j, p in enumerate(m["content"]) if p["type"] == "image_url"]
+
+    async def load(url: str, where: str):
+        try:
+            return await load_image(url, media, where)
+        except MediaError as e:
+            raise APIError(e.status, str(e), code=e.code, param=where) from None
+
+    pictures = await asyncio.gather(*(load(url, w) for url, w in zip(refs, where)))
+    size = engine.adapter.image_size
+    return torch.stack(await asyncio.to_thread(lambda: [preprocess(p, size, engine.image_mode) for p in pictures]))
+
+
+# ---- responses
+
+async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: list[int], images, params: Params,
+                  model_name: str, chat: bool):
+    if not engine.alive:
+        raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
+    events: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    requests = []
+    for i in range(body.n):
+        seed = None if params.seed is None else params.seed + i  # n samples of one seed still differ
+        choice = dataclasses.replace(params, seed=seed)
+        emit = (lambda i: lambda e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))(i)
+        requests.append(EngineRequest(ids, choice, emit, images))
+    try:
+        for r in requests:
+            engine.submit(r)
+    except QueueFull as e:
+        for r in requests:
+            r.cancel()
+        raise APIError(429, str(e), code="queue_full", type="server_busy") from None
+    reply = Reply(tokenizer, model_name, len(ids), body.n, chat)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(watch_disconnect(http, events))
+    try:
+        finished = 0
+        while finished < body.n:
+            i, event = await events.get()
+            if i is None:
+                return JSONResponse({}, status_code=499)  # nobody is listening; the slots are freed below
+            finished += reply.add(i, event)
+        return reply.whole()
+    finally:
+        watcher.cancel()
+        for r in requests:
+            r.cancel()
+
+
+async def watch_disconnect(http: Request, events: asyncio.Queue):
+    """Wakes a waiting non-streaming handler when its client goes away (a stream notices by itself)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.25)
+    events.put_nowait((None, None))
+
+
+async def stream(reply: "Reply", events: asyncio.Queue, requests: list[EngineRequest], usage: bool):
+    """Server-sent events; a client that goes away cancels this generator, which frees its slots."""
+    try:
+        for i in range(reply.n):
+            yield sse(reply.chunk(i, {"role": "assistant", "content": ""}))
+        finished = 0
+        while finished < reply.n:
+            i, event = await events.get()
+            if isinstance(event, Exception):
+                yield sse(APIError(500, f"generation failed ({type(event).__name__})", type="server_error").body())
+                return
+            finished += reply.add(i, event)
+            yield sse(reply.delta(i, event))
+        if usage:
+            yield sse({**reply.chunk(None, None), "usage": reply.usage()})
+        yield "data: [DONE]\n\n"
+    finally:
+        for r in requests:
+            r.cancel()
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """Accumulates each choice's events into OpenAI's response and chunk objects."""
+
+    def __init__(self, tokenizer, model: str, prompt_tokens: int, n: int, chat: bool):
+        self.tokenizer, self.model, self.prompt_tokens, self.n, self.chat = tokenizer, model, prompt_tokens, n, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.text = [""] * n
+        self.logprobs: list[list[dict]] = [[] for _ in range(n)]
+        self.tokens = [0] * n
+        self.finish: list[str | None] = [None] * n
+
+    def add(self, i: int, event: Event | Exception) -> int:
+        """Records an event; 1 when it ends its choice."""
+        if isinstance(event, Exception):
+            raise APIError(500, f"generation failed ({type(event).__name__})", type="server_error")
+        self.text[i] += event.text
+        self.tokens[i] += 1
+        if event.logprob is not None:
+            self.logprobs[i].append(self.logprob_entry(event))
+        self.finish[i] = event.finish
+        return int(event.finish is not None)
+
+    def logprob_entry(self, e: Event) -> dict:
+        def piece(token: int, logprob: float) -> dict:
+            text = self.tokenizer.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {**piece(e.token, e.logprob), "top_logprobs": [piece(t, lp) for t, lp in e.top]}
+
+    def logprobs_of(self, entries: list[dict]) -> dict | None:
+        if not entries:
+            return None
+        if self.chat:
+            return {"content": entries}
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
+
+    def usage(self) -> dict:
+        done = sum(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}
+
+    def chunk(self, i: int | None, delta: dict | None, finish: str | None = None, logprobs=None) -> dict:
+        head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model}
+        if i is None:
+            return {**head, "choices": []}
+        choice = {"index": i, "delta": delta} if self.chat else {"index": i, "text": delta.get("content", "")}
+        return {**head, "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish}]}
+
+    def delta(self, i: int, e: Event) -> dict:
+        logprobs = self.logprobs_of(self.logprobs[i][-1:]) if e.logprob is not None else None
+        return self.chunk(i, {"content": e.text} if e.text or not e.finish else {}, e.finish, logprobs)
+
+    def whole(self) -> dict:
+        choices = []
+        for i in range(self.n):
+            out = {"message": {"role": "assistant", "content": self.text[i]}} if self.chat else {"text": self.text[i]}
+            choices.append({"index": i, **out, "logprobs": self.logprobs_of(self.logprobs[i]),
+                            "finish_reason": self.finish[i]})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
+          max_batch: int = 16, max_queue: int = 64, media: MediaPolicy = MediaPolicy(), limits: Limits = Limits()):
+    """Loads a run and serves it until interrupted."""
+    import uvicorn
+
+    from kosmo.model.load import load_run
+    from kosmo.train.distributed import pick_device
+    model, tokenizer, config = load_run(run, pick_device(device))
+    arch = config.get("arch", "lm")
+    try:
+        engine = Engine(model, tokenizer, arch, max_batch=max_batch, max_queue=max_queue,
+                        image_mode=config.get("config", {}).get("image_mode", "crop"))
+    except ValueError as e:
+        raise KosmoError(f"{run}: {e}") from None
+    app = create_app(engine.start(), tokenizer, Path(run).resolve().name, api_key, media, limits)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()

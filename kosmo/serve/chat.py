@@ -1,0 +1,111 @@
+"""`kosmo chat`: a conversation with a run in the terminal, streamed token by token.
+
+Commands: `/image PATH` attaches a picture to the next message, `/system TEXT` sets the system prompt,
+`/reset` starts over, `/quit` (or Ctrl-D) leaves. Answers go to stdout, everything else to stderr,
+so a piped session's stdout is the model's words alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+
+import torch
+
+from kosmo.data.chat import render
+from kosmo.data.images import load_image
+from kosmo.errors import KosmoError
+from kosmo.serve.engine import Engine, Params, Request
+
+HELP = "/image PATH attaches a picture to your next message, /system TEXT sets the system prompt, " \
+       "/reset starts over, /quit leaves"
+
+
+class Conversation:
+    def __init__(self, engine: Engine, tokenizer, max_tokens: int, temperature: float):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.system: str | None = None
+        self.reset()
+
+    def reset(self):
+        self.messages: list[dict] = []
+        self.pictures: dict[str, torch.Tensor] = {}  # path -> pixels, for every image in the conversation
+        self.attached: list[str] = []  # paths waiting for the next message
+
+    def attach(self, path: str):
+        if not self.engine.adapter.tokens_per_image:
+            raise KosmoError("this model is text-only; it does not take images")
+        self.pictures[path] = load_image(path, self.engine.adapter.image_size, self.engine.image_mode)
+        self.attached.append(path)
+
+    def say(self, text: str, out) -> str:
+        """Sends a user message; streams the answer to `out` and returns it."""
+        content = [{"type": "text", "text": text}] + [{"type": "image", "image": p} for p in self.attached]
+        messages = self.messages + [{"role": "user", "content": content}]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        ids, _, refs = render(system + messages, self.tokenizer, self.engine.adapter.tokens_per_image,
+                              add_generation_prompt=True)
+        room = self.engine.context - len(ids)
+        if room < 1:
+            raise KosmoError(f"the conversation ({len(ids)} tokens) fills the model's context of "
+                             f"{self.engine.context}; /reset to start over")
+        images = torch.stack([self.pictures[p] for p in refs]) if refs else None
+        events: queue.Queue = queue.Queue()
+        self.engine.submit(Request(ids, Params(max_tokens=min(self.max_tokens, room), temperature=self.temperature),
+                                   events.put, images))
+        answer = ""
+        while True:
+            event = events.get()
+            if isinstance(event, Exception):
+                raise KosmoError(f"generation failed: {event}")
+            answer += event.text
+            out.write(event.text)
+            out.flush()
+            if event.finish:
+                break
+        out.write("\n")
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        self.attached = []
+        return answer
+
+
+def chat(run: str, device: str = "auto", max_tokens: int = 256, temperature: float = 0.0):
+    from kosmo.model.load import load_run
+    from kosmo.train.distributed import pick_device
+    model, tokenizer, config = load_run(run, pick_device(device))
+    try:
+        engine = Engine(model, tokenizer, config.get("arch", "lm"), max_batch=1,
+                        image_mode=config.get("config", {}).get("image_mode", "crop")).start()
+    except ValueError as e:
+        raise KosmoError(f"{run}: {e}") from None
+    talk = Conversation(engine, tokenizer, max_tokens, temperature)
+    interactive = sys.stdin.isatty()
+    print(f"kosmo chat with {run}: {HELP}", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "").strip()
+            except EOFError:
+                break
+            command, _, arg = line.partition(" ")
+            try:
+                if command == "/quit":
+                    break
+                elif command == "/reset":
+                    talk.reset()
+                    print("(new conversation)", file=sys.stderr)
+                elif command == "/system":
+                    talk.system = arg.strip() or None
+                    print("(system prompt set)" if talk.system else "(system prompt cleared)", file=sys.stderr)
+                elif command == "/image":
+                    talk.attach(arg.strip())
+                    print(f"(attached {arg.strip()})", file=sys.stderr)
+                elif line.startswith("/"):
+                    print(f"unknown command {command!r}: {HELP}", file=sys.stderr)
+                elif line:
+                    talk.say(line, sys.stdout)
+            except KosmoError as e:
+                print(f"error: {e}", file=sys.stderr)
+    finally:
+        engine.stop()

@@ -1,0 +1,92 @@
+"""Tiny random runs to serve and a real `kosmo serve` in a subprocess, for the serving tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+IMAGE_SIZE = 16
+
+
+def build_runs(root: Path) -> dict[str, Path]:
+    """A text-only LM run and a KOSMOS MLLM run with random weights (large enough init to vary its words)."""
+    from kosmo.data.world import World
+    from kosmo.model.lm import LM, LMConfig
+    from kosmo.model.load import save_run
+    from kosmo.model.mllm import MLLM, MLLMConfig
+    from kosmo.model.vision import VisionConfig
+    from kosmo.tokenizer import Tokenizer
+
+    runs = {"lm": root / "lm", "mllm": root / "mllm"}
+    if all((r / "model.safetensors").is_file() for r in runs.values()):
+        return runs
+    world = World()
+    tok = Tokenizer.train((world.text(i, "train") for i in range(300)), vocab_size=300)
+    torch.manual_seed(0)
+    lm_cfg = LMConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=192,
+                      init_std=0.1)
+    save_run(runs["lm"], LM(lm_cfg), tok, {"stage": "test", "arch": "lm", "model": lm_cfg.to_dict()})
+    cfg = MLLMConfig(vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=8, dim=32, n_layers=1, n_heads=2,
+                                         mlp_dim=64), lm=lm_cfg)
+    save_run(runs["mllm"], MLLM(cfg), tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`kosmo serve` on a free local port; `url` is its base address."""
+
+    def __init__(self, run: Path, *args: str, api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "kosmo", "serve", "--model", str(run), "--port", str(self.port),
+               "--device", "cpu", *args, *(["--api-key", api_key] if api_key else [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kosmo serve exited ({self.proc.returncode}):\n{self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.close()
+        raise RuntimeError("kosmo serve did not come up in 60 s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def png_bytes(w: int = IMAGE_SIZE, h: int = IMAGE_SIZE, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

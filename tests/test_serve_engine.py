@@ -1,0 +1,180 @@
+"""The serving engine and media policy in-process: parity with `generate_ids`, cancellation (also by a
+client that hangs up), a full queue, stop strings in streamed text, and remote image fetching that never
+reaches a private address."""
+
+import asyncio
+import queue
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from serve_helpers import free_port, png_bytes
+
+from kosmo.generate import Sampling, generate_ids
+from kosmo.model.lm import LM, LMConfig
+from kosmo.serve.api import create_app
+from kosmo.serve.engine import Engine, Params, QueueFull, Request, TextStream
+from kosmo.serve.media import MediaError, MediaPolicy, fetch
+
+
+class Letters:
+    """A stand-in tokenizer: token i is one letter."""
+
+    def encode(self, text):
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                       init_std=0.1)).eval()
+
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51], [1, 60, 61, 62, 63, 64], [1, 7, 8], [1, 30, 31]]
+
+
+def collect(engine, prompts, params):
+    """Submits every prompt at once; each one's events, in order."""
+    events = queue.Queue()
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, params, lambda e, i=i: events.put((i, e))))
+    out, done = [[] for _ in prompts], 0
+    while done < len(prompts):
+        i, e = events.get(timeout=30)
+        out[i].append(e)
+        done += e.finish is not None
+    return out
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, max_batch):
+    engine = Engine(model, Letters(), "lm", max_batch=max_batch).start()
+    try:
+        events = collect(engine, PROMPTS, Params(max_tokens=16, temperature=0))
+    finally:
+        engine.stop()
+    for p, evs in zip(PROMPTS, events):
+        ref, reasons = generate_ids(model, [p], Sampling(max_new_tokens=16))
+        tokens = [e.token for e in evs]
+        assert tokens[:len(ref[0])] == ref[0]
+        assert evs[-1].finish == reasons[0]
+        assert "".join(e.text for e in evs) == Letters().decode(ref[0])
+
+
+def test_a_cancelled_request_frees_its_slot_and_hears_no_more(model):
+    engine = Engine(model, Letters(), "lm", max_batch=1).start()
+    events = queue.Queue()
+    first = Request(PROMPTS[0], Params(max_tokens=100, temperature=1.0, seed=0), events.put)
+    try:
+        engine.submit(first)
+        events.get(timeout=30)
+        first.cancel()
+        # the only slot goes to the next request long before the first could have used its 100 tokens
+        second = collect(engine, [PROMPTS[1]], Params(max_tokens=3, temperature=0))[0]
+        assert len(second) <= 3 and second[-1].finish
+        assert events.qsize() < 100
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
+def test_a_full_queue_answers_429_and_a_stopped_engine_503_at_once(model):
+    engine = Engine(model, Letters(), "lm", max_queue=1)  # not started: nothing leaves the queue
+    engine.submit(Request([1, 2], Params(max_tokens=1), print))
+    with pytest.raises(QueueFull):
+        engine.submit(Request([1, 2], Params(max_tokens=1), print))
+    client = TestClient(create_app(engine, Letters(), "m"))
+    request = {"prompt": "", "max_tokens": 2}
+    assert client.post("/v1/completions", json=request).status_code == 503
+    assert client.get("/health").status_code == 503
+    engine = Engine(model, Letters(), "lm", max_queue=0).start()  # a queue that is always full
+    try:
+        r = TestClient(create_app(engine, Letters(), "m")).post("/v1/completions", json=request)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    finally:
+        engine.stop()
+
+
+def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it():
+    s = TextStream(Letters(), stop=["cde"])
+    assert s.push(0) == ("a", False)
+    assert s.push(1) == ("b", False)
+    assert s.push(2) == ("", False)  # "c" may start "cde"
+    assert s.push(3) == ("", False)
+    assert s.push(4) == ("", True)  # "cde" complete: nothing of it is released
+    s = TextStream(Letters(), stop=["cx"])
+    assert [s.push(t) for t in (2, 3)] == [("", False), ("cd", False)]  # "c" then "d": not the stop after all
+    assert s.flush() == ""
+
+
+PUBLIC = {"img.example.org": ["93.184.216.34"], "evil.example.org": ["93.184.216.35"],
+          "internal.example.org": ["10.0.0.7"], "mixed.example.org": ["93.184.216.36", "127.0.0.1"]}
+POLICY = MediaPolicy(allowed_domains=("example.org",), max_image_bytes=10_000)
+
+
+def serve_fake(request: httpx.Request) -> httpx.Response:
+    """The fake internet: each pinned address answers for its own host."""
+    host = request.headers["host"]
+    assert PUBLIC[host][0] == request.url.host  # the connection went to the address that was checked
+    if host == "evil.example.org":
+        return httpx.Response(302, headers={"location": "http://internal.example.org/secret.png"})
+    if request.url.path == "/big.png":
+        return httpx.Response(200, content=b"\0" * 20_000)
+    return httpx.Response(200, content=png_bytes())
+
+
+def fetch_fake(url, policy=POLICY):
+    return asyncio.run(fetch(url, policy, "image", httpx.MockTransport(serve_fake), lambda host, port: PUBLIC[host]))
+
+
+def test_remote_images_come_only_from_allowed_public_hosts():
+    assert fetch_fake("https://img.example.org/a.png") == png_bytes()
+    refused = {
+        "https://img.example.org/a.png": MediaPolicy(),  # remote fetching not enabled
+        "http://internal.example.org/a.png": POLICY,  # a private address
+        "http://mixed.example.org/a.png": POLICY,  # one private address among public ones
+        "http://evil.example.org/a.png": POLICY,  # a public host that redirects to a private one
+        "http://img.example.org.attacker.net/a.png": POLICY,  # not a subdomain of an allowed one
+        "http://img.example.org/big.png": POLICY,  # over the byte cap
+    }
+    for url, policy in refused.items():
+        with pytest.raises(MediaError) as e:
+            fetch_fake(url, policy)
+        assert e.value.status in (400, 413), url
+
+
+def test_a_client_that_goes_away_cancels_its_requests(model):
+    """Over real HTTP, with an engine that takes requests but never runs them: closing the connection, streamed
+    or not, must cancel the request (which frees its slot in a running engine)."""
+    engine = Engine(model, Letters(), "lm")
+    idle = threading.Event()
+    engine.thread = threading.Thread(target=idle.wait)  # alive, so requests are accepted, but nothing runs
+    engine.thread.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, Letters(), "m"), port=port, log_level="warning"))
+    serving = threading.Thread(target=server.run)
+    serving.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with httpx.stream("POST", url, json={"prompt": "ab", "max_tokens": 5, "stream": True}) as r:
+            assert r.status_code == 200
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url, json={"prompt": "ab", "max_tokens": 5}, timeout=0.5)
+        deadline = time.time() + 5
+        while not all(r.cancelled for r in engine.waiting) and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(engine.waiting) == 2 and all(r.cancelled for r in engine.waiting)
+    finally:
+        server.should_exit = True
+        serving.join()
+        idle.set()
