@@ -59,7 +59,7 @@ class Server:
                "--device", "cpu", *args, *(["--api-key", api_key] if api_key else [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # a loaded machine imports slowly
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kosmo serve exited ({self.proc.returncode}):\n{self.proc.stdout.read()}")
@@ -69,7 +69,7 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.close()
-        raise RuntimeError("kosmo serve did not come up in 60 s")
+        raise RuntimeError("kosmo serve did not come up in 180 s")
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
