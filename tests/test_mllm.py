@@ -146,3 +146,38 @@ def test_a_bad_image_in_the_training_stream_is_skipped_and_counted(tok, tmp_path
     ds = MultimodalDataset(examples, bank)
     assert len(ds) == 1 and ds.skipped == 1
     assert len(bank.skipped) == 1 and "bad.png" in bank.skipped[0][1] and "\n" not in bank.skipped[0][1]
+
+
+def test_packed_batches_give_the_same_loss_and_gradients_as_one_example_per_row(tok, data):
+    from kosmo.train.mllm import mllm_loss
+    examples, _ = read_examples([data], tok, K, 200)
+    bank = ImageBank([p for e in examples for p in e.images], 16)
+    plain = MultimodalDataset(examples, bank).collate(list(range(5)))
+    packed = MultimodalDataset(examples, bank, pack_len=64).collate(list(range(5)))
+    assert packed["input"].shape[0] < plain["input"].shape[0]  # fewer rows ...
+    assert packed["n_targets"] == plain["n_targets"]            # ... the same targets
+    model = tiny_mllm()
+    grads = []
+    for batch in (plain, packed):
+        model.zero_grad()
+        loss, _ = mllm_loss(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_document_sees_only_itself_and_its_positions_restart():
+    from kosmo.model.lm import LM, segment_positions
+    torch.manual_seed(0)
+    lm = LM(LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    a, b = torch.randint(10, 300, (1, 7)), torch.randint(10, 300, (1, 5))
+    row = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1)
+    segments = torch.tensor([[1] * 7 + [2] * 5 + [0] * 3])
+    assert segment_positions(segments).tolist() == [list(range(7)) + list(range(5)) + list(range(3))]
+    packed = lm(row, segments=segments)
+    torch.testing.assert_close(packed[:, :7], lm(a), rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[:, 7:12], lm(b), rtol=0, atol=1e-5)
+    at = segments > 0
+    assert torch.equal(lm(row, segments=segments, logits_at=at), packed[at])

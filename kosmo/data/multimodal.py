@@ -151,7 +151,8 @@ class MultimodalDataset:
     """Examples plus their images, mixed by kind with weights; implements the trainer's Dataset."""
 
     def __init__(self, examples: list[Example], bank: ImageBank, mix: dict[str, float] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, pack_len: int = 0):
+        self.pack_len = pack_len  # >0: pack a batch's examples into rows of this many tokens
         self.examples = [e for e in examples if all(p in bank for p in e.images)]
         self.skipped = len(examples) - len(self.examples)  # examples whose image could not be read
         self.bank = bank
@@ -187,14 +188,39 @@ class MultimodalDataset:
         return len(self.order)
 
     def collate(self, indices: list[int]) -> dict:
+        """The batch of these examples. Packed, the same examples (hence the same loss) fill fewer rows:
+        each example is its own document (`segments`), so none sees another, and far less of the
+        batch is padding, which in short-answer chat data is otherwise most of it."""
         exs = [self.examples[self.order[i]] for i in indices]
-        T = max(len(e.ids) for e in exs) - 1
-        inp = torch.full((len(exs), T), PAD, dtype=torch.long)
-        labels = torch.full((len(exs), T), -100, dtype=torch.long)
-        for r, e in enumerate(exs):
-            ids = torch.tensor(e.ids)
-            tgt = torch.tensor(e.target[1:])
-            inp[r, : len(ids) - 1] = ids[:-1]
-            labels[r, : len(ids) - 1] = torch.where(tgt, ids[1:], -100)
-        images = self.bank.get([p for e in exs for p in e.images])
-        return {"input": inp, "labels": labels, "images": images, "n_targets": int((labels != -100).sum())}
+        rows = pack(exs, self.pack_len) if self.pack_len else [[e] for e in exs]
+        T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
+        inp = torch.full((len(rows), T), PAD, dtype=torch.long)
+        labels = torch.full((len(rows), T), -100, dtype=torch.long)
+        segments = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, row in enumerate(rows):
+            t = 0
+            for doc, e in enumerate(row, start=1):
+                ids, n = torch.tensor(e.ids), len(e.ids) - 1
+                inp[r, t:t + n] = ids[:-1]
+                labels[r, t:t + n] = torch.where(torch.tensor(e.target[1:]), ids[1:], -100)
+                segments[r, t:t + n] = doc
+                t += n
+        images = self.bank.get([p for row in rows for e in row for p in e.images])
+        batch = {"input": inp, "labels": labels, "images": images, "n_targets": int((labels != -100).sum())}
+        return {**batch, "segments": segments} if self.pack_len else batch
+
+
+def pack(examples: list[Example], capacity: int) -> list[list[Example]]:
+    """First-fit decreasing: each example goes into the first row with room for its input tokens."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.ids)):
+        n = len(e.ids) - 1
+        r = next((i for i, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(e)
+        room[r] -= n
+    return rows

@@ -20,25 +20,29 @@ SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 # 9 visual tokens per image, none of them cutting through an object.
 # `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
-    "default": dict(patch_size=12, vision_dim=128, clip_steps=300, lm_steps=300, stage1_steps=150, sft_steps=800,
-                    sft_batch=32, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
+    "default": dict(patch_size=12, vision_dim=128, clip_steps=300, lm_steps=300, stage1_steps=150, sft_steps=2500,
+                    sft_batch=32, vqa_images=6000, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
     "quick": dict(patch_size=12, vision_dim=64, clip_steps=20, lm_steps=30, stage1_steps=10, sft_steps=20,
-                  sft_batch=16, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
+                  sft_batch=16, vqa_images=200, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
 }
 
 
 def write_data(demo, b: dict) -> dict[str, Path]:
-    return demo.timed("vision_data", lambda: write_extra_data(demo.world, demo.data_dir, b["n"], b["eval_n"]))
+    return demo.timed("vision_data", lambda: write_extra_data(demo.world, demo.data_dir, b["n"], b["eval_n"],
+                                                                b["vqa_images"]))
 
 
-def write_extra_data(world: World, d: Path, n: int, eval_n: int) -> dict[str, Path]:
-    """Files beyond `write_world`: every question type for each training image, held-out text, and
-    single-object pictures labelled by colour and shape for CLIP's zero-shot test."""
+def write_extra_data(world: World, d: Path, n: int, eval_n: int, vqa_images: int) -> dict[str, Path]:
+    """Files beyond `write_world`: every question type for each of `vqa_images` training pictures
+    (the first `n` are those of captions.jsonl), held-out text, and single-object pictures labelled
+    by colour and shape for CLIP's zero-shot test."""
     paths = {"vqa_all": d / "vqa_all.jsonl", "val_text": d / "val_text.jsonl",
              "heldout_text": d / "heldout_text.jsonl", "zeroshot": d / "val_zeroshot.jsonl"}
     with paths["vqa_all"].open("w") as f:
-        for i in range(n):
-            scene = world.scene(i, "train")  # the scenes of captions.jsonl, so the images exist
+        for i in range(max(n, vqa_images)):
+            scene = world.scene(i, "train")
+            if i >= n:
+                world.render(scene).save(d / f"images/{scene.id}.png")
             for item in world.vqa(scene, i):
                 f.write(json.dumps({"image": f"images/{scene.id}.png", "question": item.question,
                                     "answers": [item.answer], "qtype": item.qtype}) + "\n")

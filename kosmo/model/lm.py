@@ -206,29 +206,47 @@ class LM(nn.Module):
             nn.init.normal_(m.weight, std=self.cfg.init_std)
 
     def forward(self, idx=None, *, embeds=None, pos=None, key_mask=None, cache: KVCache | None = None,
-                last_only: bool = False):
+                last_only: bool = False, segments=None, logits_at=None):
         """Logits for token ids `idx` (B, T) or for ready-made input `embeds` (B, T, dim).
 
         pos: (B, T) positions, by default counted on from the cache. key_mask: (B, S) bool, True for
         real tokens over every position so far (cache included); only needed when rows are padded.
+        segments: (B, T) document ids of packed training rows; a token sees only its own document,
+        whose positions start at 0. logits_at: (B, T) bool; if given, only the logits at those
+        positions are computed and returned, flattened to (N, vocab): training needs no others.
         """
         x = self.embed(idx) if embeds is None else embeds
+        rope, mask = self.context(x, pos, key_mask, cache, segments)
+        for i, block in enumerate(self.blocks):
+            x = block(x, *rope, mask, cache, i)
+        return self.head(x, cache, last_only, logits_at)
+
+    def context(self, x, pos=None, key_mask=None, cache: KVCache | None = None, segments=None):
+        """The rotary tables (cos, sin) at each position and the attention mask, for input x (B, T, dim)."""
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
+        mask = None
+        if segments is not None:
+            pos, mask = segment_positions(segments), segment_mask(segments)
+        elif key_mask is not None or (start and T > 1):
+            mask = attention_mask(T, start, key_mask, x.device)
         if pos is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"{start + T} positions exceed the context of {self.cfg.max_seq_len} tokens")
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         # rotate in the activations' dtype (bf16 under autocast), as Llama does
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos, sin = self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)
-        mask = attention_mask(T, start, key_mask, x.device) if (key_mask is not None or (start and T > 1)) else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+        return (self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)), mask
+
+    def head(self, x, cache: KVCache | None = None, last_only: bool = False, logits_at=None):
+        """Advances the cache past x and returns the logits asked for (see `forward`)."""
         if cache is not None:
-            cache.length += T
-        x = self.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)
+            cache.length += x.shape[1]
+        if logits_at is not None:
+            x = x[logits_at]
+        elif last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
@@ -247,3 +265,18 @@ def attention_mask(T: int, start: int, key_mask, device) -> torch.Tensor:
         mask = mask & key_mask[:, None, None, :S].bool()
         mask = mask | (k_pos == q_pos)[None, None]
     return mask
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask for packed rows: causal, and within each document only."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, :, None] == segments[:, None, :])[:, None] & causal
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that restart at 0 where each packed document begins."""
+    t = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values

@@ -83,13 +83,19 @@ def _join(docs: list[list[int]]) -> list[int]:
     return out
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32 over the targets (labels of -100 are skipped)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+def token_loss(model, batch: dict, **inputs) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 over the targets (labels of -100 are skipped).
+
+    Logits are computed at the target positions only: in chat data most tokens are prompt, and the
+    output layer over the whole vocabulary is the costliest matmul of a small model.
+    """
+    at = batch["labels"] != -100
+    logits = model(batch["input"], segments=batch.get("segments"), logits_at=at, **inputs)
+    return F.cross_entropy(logits.float(), batch["labels"][at], reduction="sum")
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    return token_loss(model(batch["input"]), batch["labels"]), {}
+    return token_loss(model, batch), {}
 
 
 def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: LM | None = None):

@@ -37,6 +37,7 @@ class StageConfig:
     vision_last_block: bool = False    # KOSMOS-1: the encoder frozen but for its last block
     image_mode: str = "crop"           # crop or pad to square
     mix: dict = field(default_factory=dict)  # weight per data kind, e.g. {text: 1, captions: 2}
+    pack: bool = True                  # pack each batch's examples into rows of seq_len tokens
     model: dict = field(default_factory=lambda: {"size": "tiny"})  # LM from scratch without --init
     vocab_size: int = 4096
 
@@ -71,7 +72,7 @@ def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
 
 
 def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    return token_loss(model(batch["input"], batch["images"]), batch["labels"]), {}
+    return token_loss(model, batch, images=batch["images"]), {}
 
 
 def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
@@ -83,8 +84,9 @@ def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
     for path, message in bank.skipped[:5]:
         print(f"skipped image: {message}", flush=True)
     n_val = int(len(examples) * cfg.val_fraction)
-    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed)
-    val = MultimodalDataset(examples[len(examples) - n_val:], bank) if n_val else None
+    pack_len = cfg.seq_len if cfg.pack else 0
+    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed, pack_len)
+    val = MultimodalDataset(examples[len(examples) - n_val:], bank, pack_len=pack_len) if n_val else None
     if bank.skipped or dropped:
         print(f"data: {len(bank.skipped)} unreadable images skipped, {train.skipped} examples without their "
               f"images, {dropped} examples with nothing to learn after truncation", flush=True)

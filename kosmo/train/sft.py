@@ -31,5 +31,7 @@ def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
         raise KosmoError("the chat data holds images but --init is a text-only LM: set vision=RUN_OR_HF_DIR")
     n_val = int(len(examples) * cfg.val_fraction)
     bank = ImageBank([], 1)
-    val = MultimodalDataset(examples[len(examples) - n_val:], bank) if n_val else None
-    return init_model, lm_loss, MultimodalDataset(examples[: len(examples) - n_val], bank), val
+    pack_len = cfg.seq_len if cfg.pack else 0
+    val = MultimodalDataset(examples[len(examples) - n_val:], bank, pack_len=pack_len) if n_val else None
+    return init_model, lm_loss, MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed,
+                                                  pack_len), val
