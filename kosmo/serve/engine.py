@@ -174,15 +174,13 @@ class DecoderAdapter:
     def _forward(self, x, pos, rows: list[int], decode: bool):
         """The LM over `x` (B, T, dim) at positions `pos` (B, T): a decode step over every slot, of which
         `rows` are active, or a prompt (B == 1) for slot `rows[0]`."""
-        lm, T = self.lm, x.shape[1]
-        dtype = torch.bfloat16 if self.autocast else x.dtype  # rotate in the activations' dtype, as the LM does
-        cos, sin = lm.rope_cos[pos].unsqueeze(1).to(dtype), lm.rope_sin[pos].unsqueeze(1).to(dtype)
-        for layer, block in enumerate(lm.blocks):
-            x = x + self._attention(block.attn, block.attn_norm(x), cos, sin, layer, rows, decode)
+        rope, _ = self.lm.context(x, pos)  # attention below reads each slot's own keys only: no mask
+        for layer, block in enumerate(self.lm.blocks):
+            x = x + self._attention(block.attn, block.attn_norm(x), *rope, layer, rows, decode)
             x = x + block.mlp(block.mlp_norm(x))
         for r in rows:
-            self.lengths[r] += T
-        return lm.lm_head(lm.norm(x[:, -1:]))
+            self.lengths[r] += x.shape[1]
+        return self.lm.head(x, last_only=True)
 
     def _attention(self, attn, x, cos, sin, layer: int, rows: list[int], decode: bool):
         B, T, _ = x.shape

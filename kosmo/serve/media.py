@@ -50,25 +50,23 @@ class MediaPolicy:
     max_redirects: int = 3
 
 
-async def load_image(url: str, policy: MediaPolicy, where: str, transport: httpx.AsyncBaseTransport | None = None,
-                     resolve=None) -> Image.Image:
-    """The RGB picture an image part points to, or a MediaError naming `where` (e.g. messages[0].content[1])."""
-    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+async def load_image(url: str, policy: MediaPolicy, where: str) -> Image.Image:
+    """The RGB picture an image part points to, or a MediaError naming `where` (e.g. messages[0].content[1]).
+    Decoding runs in a worker thread, so a big picture never stalls the event loop."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        data = decode_data_url(url, policy, where)
-    elif scheme in ("http", "https"):
+        return await asyncio.to_thread(lambda: open_checked(decode_data_url(url, policy, where), where, policy))
+    if scheme in ("http", "https"):
         try:
-            data = await asyncio.wait_for(fetch(url, policy, where, transport, resolve or resolve_host),
-                                          policy.fetch_timeout)
+            data = await asyncio.wait_for(fetch(url, policy, where), policy.fetch_timeout)
         except TimeoutError:
             raise MediaError(f"{where}: fetching the image took longer than {policy.fetch_timeout:g} s",
                              code="image_fetch_failed") from None
-    elif scheme == "file":
+        return await asyncio.to_thread(open_checked, data, where, policy)
+    if scheme == "file":
         return await asyncio.to_thread(open_checked, local_path(url, policy, where), where, policy)
-    else:
-        raise MediaError(f"{where}: image URLs must be data:, http(s): or file: URLs, not {scheme or url[:20]!r}",
-                         code="invalid_image_url")
-    return await asyncio.to_thread(open_checked, data, where, policy)
+    raise MediaError(f"{where}: image URLs must be data:, http(s): or file: URLs, not {scheme or url[:20]!r}",
+                     code="invalid_image_url")
 
 
 def open_checked(source: bytes | Path, where: str, policy: MediaPolicy) -> Image.Image:
