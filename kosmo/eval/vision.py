@@ -16,8 +16,13 @@ from kosmo.generate import Sampling, generate
 from kosmo.tokenizer import BOS, IMAGE, IMAGE_END, IMAGE_PAD
 
 
+def sees_images(model) -> bool:
+    """Whether a model takes images: a KOSMOS or a Flamingo model, not a text-only LM."""
+    return hasattr(model, "vision")
+
+
 def _tokens_per_image(model) -> int:
-    return model.cfg.tokens_per_image if hasattr(model, "embed_inputs") else 0
+    return model.cfg.tokens_per_image if sees_images(model) else 0
 
 
 def _strip_images(ids: list[int]) -> list[int]:
@@ -27,7 +32,7 @@ def _strip_images(ids: list[int]) -> list[int]:
 def _run(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
          batch_size: int, image_mode: str = "crop") -> list[str]:
     """Greedy completions; images are loaded per batch (an unreadable one is a hard error here)."""
-    size = model.cfg.vision.image_size if hasattr(model, "embed_inputs") else 0
+    size = model.cfg.vision.image_size if sees_images(model) else 0
     out = []
     for start in range(0, len(prompts), batch_size):
         ids = prompts[start:start + batch_size]
@@ -135,7 +140,7 @@ EVALS = {"vqa": eval_vqa, "caption": eval_caption, "chat": eval_chat}
 def evaluate(kind: str, model, tok, path, with_blind: bool = True, **kw) -> dict:
     """The metrics of `kind`, and under "blind" the same metrics without the images."""
     result = EVALS[kind](model, tok, path, **kw)
-    if with_blind and hasattr(model, "embed_inputs"):
+    if with_blind and sees_images(model):
         blind = EVALS[kind](model, tok, path, blind=True, **kw)
         result["blind"] = {k: v for k, v in blind.items() if k not in ("samples", "n")}
     return result
