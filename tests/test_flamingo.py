@@ -65,31 +65,38 @@ def test_zero_gates_give_the_frozen_lms_logits_bit_for_bit(source, tmp_path):
         assert torch.equal(model(ids[:, -1:], cache=cache), lm(ids[:, -1:], cache=lm_cache))
 
 
-def test_training_changes_only_the_resampler_cross_attention_and_marker_embeddings(tmp_path):
-    from PIL import Image
-
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A shapes world of 16 px pictures, a tiny text LM run and CLIP run, and a Flamingo run trained
+    from them for two steps."""
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.data.world import write_world
     from kosmo.model.clip import CLIP, CLIPConfig
-    from kosmo.model.load import load_run, save_run
+    from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
     from kosmo.train.run import run_stage
-    for name, colour in [("r.png", "red"), ("b.png", "blue")]:
-        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
-    lines = [{"text": "a red circle"}, {"image": "r.png", "text": "a red picture"},
-             {"content": [{"text": "first"}, {"image": "r.png"}, {"text": "then"}, {"image": "b.png"}]}] * 4
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    tok = Tokenizer.train(["a red circle, a blue picture, first then"] * 20, vocab_size=300)
+    root = tmp_path_factory.mktemp("flamingo")
+    data = write_world(root / "data", 20, image_size=16)
+    tok = Tokenizer.train(iter_texts([data["text"], data["captions"], data["fewshot"]]), vocab_size=300)
     lm = tiny_lm()
-    save_run(tmp_path / "lm", lm, tok, {"arch": "lm", "model": lm.cfg.to_dict()})
+    save_run(root / "lm", lm, tok, {"arch": "lm", "model": lm.cfg.to_dict()})
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig(vision=VISION))
-    save_run(tmp_path / "clip", clip, tok, {"arch": "clip", "model": clip.cfg.to_dict()})
-    run_stage("flamingo", [tmp_path / "data.jsonl"], tmp_path / "fl", init=tmp_path / "lm",
-              overrides=["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0", "train.progress=false",
-                         "train.tensorboard=false", "train.eval_every=0", "latents=4", "resampler_heads=2",
-                         "xattn_heads=2", f"vision={tmp_path / 'clip'}", "seq_len=32"])
+    save_run(root / "clip", clip, tok, {"arch": "clip", "model": clip.cfg.to_dict()})
+    run_stage("flamingo", [data["text"], data["captions"], data["interleaved"], data["fewshot"]], root / "fl",
+              init=root / "lm", overrides=["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0",
+                                           "train.progress=false", "train.tensorboard=false", "train.eval_every=0",
+                                           "latents=4", "resampler_heads=2", "xattn_heads=2", "seq_len=128",
+                                           f"vision={root / 'clip'}"])
+    return root, data, lm, clip
+
+
+def test_training_changes_only_the_resampler_cross_attention_and_marker_embeddings(runs):
+    from kosmo.model.load import load_run
+    root, _, lm, clip = runs
     start = flamingo(lm)
     start.vision.load_state_dict(clip.vision.state_dict())
-    trained, _, config = load_run(tmp_path / "fl")
+    trained, _, config = load_run(root / "fl")
     assert config["arch"] == "flamingo" and isinstance(trained, Flamingo)
     before, after = start.state_dict(), trained.state_dict()
     new_parts = ("resampler.", "xattn.", "marker_embed")
@@ -99,6 +106,24 @@ def test_training_changes_only_the_resampler_cross_attention_and_marker_embeddin
     # the first step moves the gates and markers; with the gates open the second reaches everything behind them
     moved = {name for name in after if name.startswith(new_parts) and not torch.equal(after[name], before[name])}
     assert moved == {name for name in after if name.startswith(new_parts)}
+
+
+def test_eval_commands_run_on_a_flamingo_run(runs, tmp_path):
+    root, data, _, _ = runs
+    out = kosmo("eval", "fewshot", "--model", root / "fl", "--data", data["val_fewshot"], data["val_vqa"],
+                "--shots", "0,2", "--limit", "6", "--plot", tmp_path / "curve.png")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    episodes, vqa = result[str(data["val_fewshot"])], result[str(data["val_vqa"])]
+    assert episodes["task"] == "episodes" and episodes["chance"] == 50.0
+    assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2"} and episodes["n"]["0"] == 6
+    assert all(0 <= v <= 100 for v in [*episodes["curve"].values(), *vqa["curve"].values()])
+    assert vqa["task"] == "vqa" and vqa["n"] == {"0": 6, "2": 6}
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    caption = json.loads(kosmo("eval", "caption", "--model", root / "fl", "--data", data["val_captions"],
+                               "--limit", "2").stdout.strip().splitlines()[-1])
+    assert "cider" in caption and "cider" in caption["blind"]
+    bad = kosmo("eval", "fewshot", "--model", root / "fl", "--data", data["val_vqa"], "--shots", "two", check=False)
+    assert bad.returncode == 2 and "--shots: expected numbers of examples like 0,2,4,8, got 'two'" in bad.stderr
 
 
 @pytest.mark.parametrize("attend", ["latest", "previous"])

@@ -13,7 +13,7 @@ from kosmo.data.jsonl import read_jsonl
 from kosmo.errors import KosmoError
 from kosmo.eval.metrics import caption_scores, vqa_accuracy
 from kosmo.generate import Sampling, generate
-from kosmo.tokenizer import BOS, IMAGE, IMAGE_END, IMAGE_PAD
+from kosmo.tokenizer import BOS, END_OF_TURN, EOS, IMAGE, IMAGE_END, IMAGE_PAD
 
 
 def sees_images(model) -> bool:
@@ -29,8 +29,8 @@ def _strip_images(ids: list[int]) -> list[int]:
     return [t for t in ids if t not in (IMAGE, IMAGE_PAD, IMAGE_END)]
 
 
-def _run(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
-         batch_size: int, image_mode: str = "crop") -> list[str]:
+def complete(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
+             batch_size: int, image_mode: str = "crop", stop_ids=(EOS, END_OF_TURN)) -> list[str]:
     """Greedy completions; images are loaded per batch (an unreadable one is a hard error here)."""
     size = model.cfg.vision.image_size if sees_images(model) else 0
     out = []
@@ -46,7 +46,7 @@ def _run(model, tok, prompts: list[list[int]], image_paths: list[list[str]], bli
             images, ok, skipped = load_images(paths, size, image_mode)
             if skipped:
                 raise KosmoError(skipped[0][1])
-        results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), images=images)
+        results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), stop_ids, images=images)
         out += [r.text.strip() for r in results]
     return out
 
@@ -74,7 +74,7 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
         images.append([_image(path, r, where) for r in refs])
         answers.append(obj["answers"])
         qtypes.append(obj.get("qtype", "all"))
-    preds = _run(model, tok, prompts, images, blind, 8, batch_size)
+    preds = complete(model, tok, prompts, images, blind, 8, batch_size)
     scores = [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
     by_type: dict[str, list[float]] = {}
     for q, s in zip(qtypes, scores):
@@ -96,7 +96,7 @@ def eval_caption(model, tok, path, blind=False, batch_size=32, limit=None) -> di
         prompts.append([BOS] + chat.image_block(k))
         images.append([_image(path, obj["image"], where)])
         refs[str(i)] = caps
-    preds = _run(model, tok, prompts, images, blind, 32, batch_size)
+    preds = complete(model, tok, prompts, images, blind, 32, batch_size)
     scores = caption_scores({str(i): p for i, p in enumerate(preds)}, refs)
     return {**scores, "n": len(preds), "samples": [{"prediction": p, "reference": refs[str(i)][0]}
                                                    for i, p in enumerate(preds[:4])]}
@@ -121,7 +121,7 @@ def eval_chat(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
         prompts.append(ids)
         images.append([_image(path, r, where) for r in refs])
         rows.append(obj)
-    preds = _run(model, tok, prompts, images, blind, 24, batch_size)
+    preds = complete(model, tok, prompts, images, blind, 24, batch_size)
     styled = [(p, r) for p, r in zip(preds, rows) if "style" in r]
     answered = [(p, r) for p, r in zip(preds, rows) if "answer" in r]
     out = {"n": len(preds)}
