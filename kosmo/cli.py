@@ -83,7 +83,7 @@ def cmd_eval(args):
         shots = parse_shots(args.shots)
         results = {str(p): fewshot(model, tok, p, shots, limit=args.limit, blind=not args.no_blind) for p in args.data}
         if args.plot:
-            plot_curves({Path(p).stem: r for p, r in results.items()}, args.plot)
+            plot_curves([(Path(p).stem, r) for p, r in results.items()], args.plot)
         metrics = next(iter(results.values())) if len(results) == 1 else results
     elif args.kind in ("zeroshot", "retrieval"):
         from kosmo.eval import clip as E

@@ -224,16 +224,16 @@ def _label_logprobs(model, rows, batch_size: int) -> list[float]:
     return out
 
 
-def plot_curves(results: dict[str, dict], png: str | Path):
-    """One panel per task; a line per result (e.g. per architecture), its blind baseline dashed."""
+def plot_curves(results: list[tuple[str, dict]], png: str | Path):
+    """One panel per task; a line per (label, result), e.g. per architecture, its blind baseline dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = list(dict.fromkeys(r["task"] for r in results.values()))
+    tasks = list(dict.fromkeys(r["task"] for _, r in results))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         chance = None
-        for label, r in results.items():
+        for label, r in results:
             if r["task"] != task:
                 continue
             ks = [k for k, v in r["curve"].items() if v is not None]
@@ -246,7 +246,7 @@ def plot_curves(results: dict[str, dict], png: str | Path):
             ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
         ax.set_title(task)
         ax.set_xlabel("shots")
-        ax.set_ylabel(next(r["metric"] for r in results.values() if r["task"] == task))
+        ax.set_ylabel(next(r["metric"] for _, r in results if r["task"] == task))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
