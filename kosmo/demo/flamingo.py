@@ -20,9 +20,9 @@ ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
 
 # The same steps, batch and learning rate for both arms. The default fits 5 minutes on 2 CPU cores.
 BUDGETS = {
-    "default": dict(arch_steps=300, arch_batch=16, arch_lr=1e-3, train_shots=(2, 3, 4, 6, 8), episodes_per_image=2,
+    "default": dict(arch_steps=300, arch_batch=16, arch_lr=1e-3, train_shots=(2, 3, 4, 6, 8), train_episodes=4000,
                     eval_shots=(0, 2, 4, 8), latents=8, cross_every=1),
-    "quick": dict(arch_steps=10, arch_batch=8, arch_lr=1e-3, train_shots=(1, 2, 4), episodes_per_image=1,
+    "quick": dict(arch_steps=10, arch_batch=8, arch_lr=1e-3, train_shots=(1, 2, 4), train_episodes=200,
                   eval_shots=(0, 2, 4), latents=4, cross_every=2),
 }
 
@@ -54,7 +54,7 @@ def write_episode_data(world: World, d: Path, b: dict) -> dict[str, Path]:
         return [image(s.scene) if s.scene else {"text": s.text} for s in segments]
 
     with paths["episodes"].open("w") as f:
-        for i in range(b["n"] * b["episodes_per_image"]):
+        for i in range(b["train_episodes"]):
             ep = world.episode(i, "train", shots=b["train_shots"][i % len(b["train_shots"])])
             doc = content(ep)
             doc[-1] = {"text": EPISODE_EXAMPLE.format(label=ep.query[1])}
