@@ -18,7 +18,7 @@ VISION = VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=2, n_heads=2
 
 def tiny_lm(vocab=300) -> LM:
     torch.manual_seed(0)
-    return LM(LMConfig(vocab_size=vocab, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128))
+    return LM(LMConfig(vocab_size=vocab, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256))
 
 
 def flamingo(lm: LM, attend="latest", gates=0.0, cross_every=1) -> Flamingo:
@@ -124,6 +124,8 @@ def test_eval_commands_run_on_a_flamingo_run(runs, tmp_path):
     assert "cider" in caption and "cider" in caption["blind"]
     bad = kosmo("eval", "fewshot", "--model", root / "fl", "--data", data["val_vqa"], "--shots", "two", check=False)
     assert bad.returncode == 2 and "--shots: expected numbers of examples like 0,2,4,8, got 'two'" in bad.stderr
+    long = kosmo("eval", "fewshot", "--model", root / "fl", "--data", data["val_vqa"], "--shots", "19", check=False)
+    assert long.returncode == 2 and "exceeds the context of 256 tokens" in long.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize("attend", ["latest", "previous"])

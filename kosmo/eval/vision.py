@@ -46,7 +46,10 @@ def complete(model, tok, prompts: list[list[int]], image_paths: list[list[str]],
             images, ok, skipped = load_images(paths, size, image_mode)
             if skipped:
                 raise KosmoError(skipped[0][1])
-        results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), stop_ids, images=images)
+        try:
+            results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), stop_ids, images=images)
+        except ValueError as e:  # a prompt longer than the context
+            raise KosmoError(str(e)) from None
         out += [r.text.strip() for r in results]
     return out
 
