@@ -161,7 +161,9 @@ def _episodes(model, tok, path, records, k, limit, blind, seed, batch_size):
         candidates = [tok.encode(f"{query_text} {label}") for label in obj["labels"]]
         shared = _common_prefix(candidates)
         rows += [(p.ids + c, p.images, len(p.ids) + shared) for c in candidates]
-        answers.append(obj["labels"].index(obj["answer"]) if obj["answer"] in obj["labels"] else -1)
+        if obj["answer"] not in obj["labels"]:
+            raise KosmoError(f"{where}: 'answer' {obj['answer']!r} is not one of the 'labels'")
+        answers.append(obj["labels"].index(obj["answer"]))
         n_labels.append(len(candidates))
         if len(answers) == limit:
             break
