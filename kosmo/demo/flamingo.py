@@ -1,11 +1,12 @@
 """The architectures section of `kosmo demo`: KOSMOS-1 and Flamingo side by side, on equal terms.
 
-Both start from the vision section's CLIP encoder (runs/clip) and text LM (runs/lm), trained here by
-its recipe when this section runs without it, and train on the same files for the same number of steps: captions, interleaved documents, VQA as interleaved
-"Question: … Answer: …" documents and few-shot episodes. KOSMOS (runs/kosmos) trains its connector and
-the whole LM on image tokens spliced into the sequence; Flamingo (runs/flamingo) keeps the LM frozen
-and trains a Perceiver resampler and gated cross-attention. Both are then measured the same way,
-each figure beside its blind baseline, and the few-shot curves are drawn on one plot.
+Both start from the vision section's CLIP encoder (runs/clip) and text LM (runs/lm), which this
+section trains by the vision recipe when it runs alone. Both then train on the same files for the
+same number of steps: captions, interleaved documents, VQA as interleaved "Question: … Answer: …"
+documents and few-shot episodes. KOSMOS (runs/kosmos) trains its connector and the whole LM on image
+tokens spliced into the sequence; Flamingo (runs/flamingo) keeps the LM frozen and trains a Perceiver
+resampler and gated cross-attention. Both are then measured the same way, each figure beside its
+blind baseline, and the few-shot curves are drawn on one plot (OUT/fewshot.png).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kosmo.demo import log, vision
 
 ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
 
-# The same steps, batch and learning rate for both arms. The default fits 5 minutes on 2 CPU cores.
+# The same steps, batch and learning rate for both arms; docs/architectures.md gives the default's timings.
 BUDGETS = {
     "default": dict(arch_steps=300, arch_batch=16, arch_lr=1e-3, train_shots=(2, 3, 4, 6, 8), train_episodes=4000,
                     eval_shots=(0, 2, 4, 8), latents=8, cross_every=1),
