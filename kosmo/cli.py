@@ -78,6 +78,13 @@ def cmd_eval(args):
     if args.kind == "ppl":
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
+    elif args.kind == "fewshot":
+        from kosmo.eval.fewshot import fewshot, parse_shots, plot_curves
+        shots = parse_shots(args.shots)
+        results = {str(p): fewshot(model, tok, p, shots, limit=args.limit, blind=not args.no_blind) for p in args.data}
+        if args.plot:
+            plot_curves([(Path(p).stem, r) for p, r in results.items()], args.plot)
+        metrics = next(iter(results.values())) if len(results) == 1 else results
     elif args.kind in ("zeroshot", "retrieval"):
         from kosmo.eval import clip as E
         fn = E.zeroshot if args.kind == "zeroshot" else E.retrieval
@@ -180,13 +187,15 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
-    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "zeroshot", "retrieval"])
+    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "fewshot", "zeroshot", "retrieval"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", required=True)
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
     e.add_argument("--limit", type=int, help="evaluate the first N lines only")
     e.add_argument("--system", help="vqa: a system prompt before each question")
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
+    e.add_argument("--shots", default="0,2,4,8", help="fewshot: numbers of in-context examples")
+    e.add_argument("--plot", help="fewshot: write the curve to this PNG")
     e.add_argument("--no-blind", action="store_true", help="skip the image-removed baseline")
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)

@@ -64,9 +64,10 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
                  use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None,
                  images: torch.Tensor | None = None):
-    """The decode loop, for an `LM` or a multimodal model with `.lm` and `.embed_inputs(ids, images)`.
+    """The decode loop, for an `LM` or a multimodal model with `.lm` and `forward(ids, images, ...)`.
 
-    `images` fill the prompts' image slots in order. Returns per-row new token lists (stop token
+    `images` go with the prompts' image markers in order; a model with `new_cache` makes its own
+    cache (one that may remember them). Returns per-row new token lists (stop token
     excluded), finish reasons and, if asked, the (B, V) logits of every step. `should_stop(row,
     tokens)` ends a row early.
     """
@@ -82,14 +83,13 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, EN
                          f"the context of {lm.cfg.max_seq_len} tokens")
     pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
     padded = not bool(key_mask.all())  # without padding the plain causal path needs no mask at all
-    cache = KVCache(lm.cfg, B, total, dtype=cache_dtype or next(lm.parameters()).dtype,
-                    device=device) if use_cache else None
+    new_cache = getattr(model, "new_cache", lambda *a, **kw: KVCache(lm.cfg, *a, **kw))
+    cache = new_cache(B, total, dtype=cache_dtype or next(lm.parameters()).dtype, device=device) if use_cache else None
 
     def run(ids, pos, cache, with_images: bool):
-        if with_images and images is not None:
-            return lm(embeds=model.embed_inputs(ids, images), pos=pos, key_mask=key_mask if padded else None,
-                      cache=cache, last_only=True)[:, -1]
-        return lm(ids, pos=pos, key_mask=key_mask if padded else None, cache=cache, last_only=True)[:, -1]
+        media = {"images": images} if with_images and images is not None else {}
+        return model(ids, pos=pos, key_mask=key_mask if padded else None, cache=cache, last_only=True,
+                     **media)[:, -1]
 
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)

@@ -21,3 +21,13 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 1000
     assert all((tmp_path / g["image"]).is_file() for g in v["gallery"])
     assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
+    # the architectures section: both arms trained from the same runs, measured the same way
+    arms = report["flamingo"]["arms"]
+    k, f = arms["kosmos"], arms["flamingo"]
+    assert f["params_trainable"] < f["params_total"] and k["tokens_per_image"] > f["tokens_per_image"] == 0
+    for arm in (k, f):
+        episodes = arm["fewshot"]["episodes"]
+        assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2", "4"} and episodes["chance"] == 50.0
+        assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
+    assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
+    assert (tmp_path / "fewshot.png").stat().st_size > 1000

@@ -110,10 +110,10 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
     return gallery
 
 
-def run(demo, b: dict) -> dict:
+def pretrain(demo, b: dict) -> dict:
+    """The image encoder (runs/clip) and the text LM (runs/lm) that both ways of giving an LM eyes start from."""
     from kosmo.eval.clip import retrieval, zeroshot
     from kosmo.eval.ppl import perplexity
-    from kosmo.eval.vision import evaluate
     from kosmo.generate import Sampling, generate
     from kosmo.model.load import load_run
     from kosmo.tokenizer import BOS
@@ -138,7 +138,15 @@ def run(demo, b: dict) -> dict:
         "ppl_val": perplexity(lm, tok, [data["val_text"]], seq_len=128)["ppl"],
         "ppl_heldout": perplexity(lm, tok, [data["heldout_text"]], seq_len=128)["ppl"],
         "samples": [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, completions)]}
+    return report
 
+
+def run(demo, b: dict) -> dict:
+    from kosmo.eval.vision import evaluate
+    from kosmo.model.load import load_run
+
+    data, runs = demo.data, demo.runs
+    report = pretrain(demo, b)
     demo.train("mllm", "mllm", [data["captions"]],
                [f"train.max_steps={b['stage1_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=2e-3",
                 "train.warmup_steps=10", "freeze=connector", f"vision={runs / 'clip'}", f"connector={b['connector']}"],

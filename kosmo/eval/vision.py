@@ -13,21 +13,26 @@ from kosmo.data.jsonl import read_jsonl
 from kosmo.errors import KosmoError
 from kosmo.eval.metrics import caption_scores, vqa_accuracy
 from kosmo.generate import Sampling, generate
-from kosmo.tokenizer import BOS, IMAGE, IMAGE_END, IMAGE_PAD
+from kosmo.tokenizer import BOS, END_OF_TURN, EOS, IMAGE, IMAGE_END, IMAGE_PAD
+
+
+def sees_images(model) -> bool:
+    """Whether a model takes images: a KOSMOS or a Flamingo model, not a text-only LM."""
+    return hasattr(model, "vision")
 
 
 def _tokens_per_image(model) -> int:
-    return model.cfg.tokens_per_image if hasattr(model, "embed_inputs") else 0
+    return model.cfg.tokens_per_image if sees_images(model) else 0
 
 
 def _strip_images(ids: list[int]) -> list[int]:
     return [t for t in ids if t not in (IMAGE, IMAGE_PAD, IMAGE_END)]
 
 
-def _run(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
-         batch_size: int, image_mode: str = "crop") -> list[str]:
+def complete(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
+             batch_size: int, image_mode: str = "crop", stop_ids=(EOS, END_OF_TURN)) -> list[str]:
     """Greedy completions; images are loaded per batch (an unreadable one is a hard error here)."""
-    size = model.cfg.vision.image_size if hasattr(model, "embed_inputs") else 0
+    size = model.cfg.vision.image_size if sees_images(model) else 0
     out = []
     for start in range(0, len(prompts), batch_size):
         ids = prompts[start:start + batch_size]
@@ -41,7 +46,10 @@ def _run(model, tok, prompts: list[list[int]], image_paths: list[list[str]], bli
             images, ok, skipped = load_images(paths, size, image_mode)
             if skipped:
                 raise KosmoError(skipped[0][1])
-        results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), images=images)
+        try:
+            results = generate(model, tok, ids, Sampling(max_new_tokens=max_new_tokens), stop_ids, images=images)
+        except ValueError as e:  # a prompt longer than the context
+            raise KosmoError(str(e)) from None
         out += [r.text.strip() for r in results]
     return out
 
@@ -69,7 +77,7 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
         images.append([_image(path, r, where) for r in refs])
         answers.append(obj["answers"])
         qtypes.append(obj.get("qtype", "all"))
-    preds = _run(model, tok, prompts, images, blind, 8, batch_size)
+    preds = complete(model, tok, prompts, images, blind, 8, batch_size)
     scores = [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
     by_type: dict[str, list[float]] = {}
     for q, s in zip(qtypes, scores):
@@ -91,7 +99,7 @@ def eval_caption(model, tok, path, blind=False, batch_size=32, limit=None) -> di
         prompts.append([BOS] + chat.image_block(k))
         images.append([_image(path, obj["image"], where)])
         refs[str(i)] = caps
-    preds = _run(model, tok, prompts, images, blind, 32, batch_size)
+    preds = complete(model, tok, prompts, images, blind, 32, batch_size)
     scores = caption_scores({str(i): p for i, p in enumerate(preds)}, refs)
     return {**scores, "n": len(preds), "samples": [{"prediction": p, "reference": refs[str(i)][0]}
                                                    for i, p in enumerate(preds[:4])]}
@@ -116,7 +124,7 @@ def eval_chat(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
         prompts.append(ids)
         images.append([_image(path, r, where) for r in refs])
         rows.append(obj)
-    preds = _run(model, tok, prompts, images, blind, 24, batch_size)
+    preds = complete(model, tok, prompts, images, blind, 24, batch_size)
     styled = [(p, r) for p, r in zip(preds, rows) if "style" in r]
     answered = [(p, r) for p, r in zip(preds, rows) if "answer" in r]
     out = {"n": len(preds)}
@@ -135,7 +143,7 @@ EVALS = {"vqa": eval_vqa, "caption": eval_caption, "chat": eval_chat}
 def evaluate(kind: str, model, tok, path, with_blind: bool = True, **kw) -> dict:
     """The metrics of `kind`, and under "blind" the same metrics without the images."""
     result = EVALS[kind](model, tok, path, **kw)
-    if with_blind and hasattr(model, "embed_inputs"):
+    if with_blind and sees_images(model):
         blind = EVALS[kind](model, tok, path, blind=True, **kw)
         result["blind"] = {k: v for k, v in blind.items() if k not in ("samples", "n")}
     return result

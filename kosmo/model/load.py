@@ -14,8 +14,10 @@ from kosmo.tokenizer import Tokenizer
 
 def _archs() -> dict:
     from kosmo.model.clip import CLIP, CLIPConfig
+    from kosmo.model.flamingo import Flamingo, FlamingoConfig
     from kosmo.model.mllm import MLLM, MLLMConfig
-    return {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig)}
+    return {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig),
+            "flamingo": (Flamingo, FlamingoConfig)}
 
 
 def arch_of(model: torch.nn.Module) -> str:

@@ -17,8 +17,8 @@ from kosmo.train.trainer import Trainer
 
 
 def stages() -> dict:
-    from kosmo.train import clip, lm, mllm, sft
-    return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft}
+    from kosmo.train import clip, flamingo, lm, mllm, sft
+    return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft, "flamingo": flamingo}
 
 
 def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, config_file=None,
