@@ -2,7 +2,7 @@
 architectures section on the shapes world's training episodes alone, then measures the few-shot curve.
 
     kosmo demo --sections flamingo --out out
-    python benchmarks/fewshot_budget.py --demo out --init kosmos --steps 600
+    python benchmarks/fewshot_budget.py --demo out --init kosmos --steps 300
 
 Prints one JSON line: the run, the extra steps, their wall-clock time and the episode curve.
 """
@@ -25,7 +25,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="output folder of `kosmo demo --sections flamingo`")
     p.add_argument("--init", default="kosmos", help="run to continue: kosmos or flamingo")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--shots", default="0,2,4,8")
     p.add_argument("--limit", type=int, default=200)
     args = p.parse_args()

@@ -66,10 +66,10 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, EN
                  images: torch.Tensor | None = None):
     """The decode loop, for an `LM` or a multimodal model with `.lm` and `forward(ids, images, ...)`.
 
-    `images` go with the prompts' image markers in order; a model with `new_cache` makes its own
-    cache (one that may remember them). Returns per-row new token lists (stop token
-    excluded), finish reasons and, if asked, the (B, V) logits of every step. `should_stop(row,
-    tokens)` ends a row early.
+    `images` go with the prompts' image markers in order; a model with `new_cache` makes a cache of
+    its own (Flamingo's remembers the images). Returns per-row new token lists (stop token excluded),
+    finish reasons and, if asked, the (B, V) logits of every step. `should_stop(row, tokens)` ends a
+    row early.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt is empty")
