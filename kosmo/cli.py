@@ -75,7 +75,11 @@ def cmd_eval(args):
     if is_clip != (args.kind in ("zeroshot", "retrieval")):
         raise KosmoError(f"{args.model}: eval {args.kind} needs "
                          f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
-    if args.kind == "ppl":
+    if args.kind == "align":
+        from kosmo.eval.align import evaluate_align
+        reference = load_run(args.reference, pick_device(args.device))[0] if args.reference else None
+        metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
+    elif args.kind == "ppl":
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
     elif args.kind in ("zeroshot", "retrieval"):
@@ -162,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
-    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "zeroshot", "retrieval"])
+    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "zeroshot", "retrieval", "align"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", required=True)
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
@@ -170,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--system", help="vqa: a system prompt before each question")
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
     e.add_argument("--no-blind", action="store_true", help="skip the image-removed baseline")
+    e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)
 
