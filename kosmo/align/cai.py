@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from kosmo.align import data as A
 from kosmo.align.reward import RewardModel, make_loss, split
 from kosmo.align.reward import StageConfig as RewardStageConfig
+from kosmo.config import read_yaml
 from kosmo.data import chat
 from kosmo.data.multimodal import Example, MultimodalDataset
 from kosmo.errors import KosmoError
@@ -54,17 +54,14 @@ def load_constitution(path: str | Path) -> Constitution:
     path = Path(path)
     if not path.is_file():
         raise KosmoError(f"{path}: constitution file not found")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise KosmoError(f"{path}: invalid YAML ({e})") from None
+    doc = read_yaml(path)
 
     def strings(obj, keys, where):
         for key in keys:
             if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key].strip():
                 raise KosmoError(f"{path}: {where} needs a non-empty string '{key}'")
 
-    principles = doc.get("principles") if isinstance(doc, dict) else None
+    principles = doc.get("principles")
     if not isinstance(principles, list) or not principles:
         raise KosmoError(f"{path}: 'principles' must be a non-empty list")
     for i, p in enumerate(principles):
