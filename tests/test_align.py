@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import kosmo
+from kosmo import checkpoint
 from kosmo.align import cai, data as A, dpo, ppo, reward
 from kosmo.config import build as build_config
 from kosmo.data.world import write_world
@@ -98,7 +99,10 @@ def world(tmp_path_factory):
     cfg = MLLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=2, n_heads=2, mlp_dim=64),
                      lm=LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
                                  max_seq_len=512))
-    save_run(d / "sft", MLLM(cfg), tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
+    sft = MLLM(cfg)
+    save_run(d / "sft", sft, tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
+    rm = reward.RewardModel.from_model(sft)  # an untrained reward model is enough to drive PPO's machinery
+    save_run(d / "rm", rm, tok, {"stage": "test", "arch": "reward", "model": rm.cfg.to_dict()})
     with (d / "prefs.jsonl").open("w") as f:  # a user's preference file, in the documented format
         for line in paths["align"].read_text().splitlines():
             r = json.loads(line)
@@ -141,20 +145,13 @@ def test_dpo_first_loss_is_ln2_and_one_step_moves_every_weight(world, tmp_path):
 
 def test_one_ppo_step_moves_every_trainable_weight_and_publishes_the_policy(world, tmp_path):
     d, tok = world
-    rm_cfg = build_config(reward.StageConfig, {"train": FAST})
-    rm, loss_fn, train, _ = reward.build(rm_cfg, [d / "prefs.jsonl"], tok, load_sft(d))
-    from kosmo import checkpoint
-    checkpoint.save_tensors(d / "rm" / "model.safetensors", checkpoint.model_tensors(rm))
-    tok.save(d / "rm")
-    checkpoint.write_json(d / "rm" / "config.json", {"arch": "reward", "model": rm.cfg.to_dict()})
     cfg = build_config(ppo.StageConfig, {"train": FAST, "reward": str(d / "rm"), "max_new_tokens": 6,
                                          "epochs": 1, "minibatches": 1})
     model, objective, prompts, _ = ppo.build(cfg, [d / "align.jsonl"], tok, load_sft(d))
     assert_one_step_moves_every_trainable_weight(model, objective, prompts, tmp_path, trainer_cls=ppo.Trainer)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "kl", "entropy", "clipfrac", "approx_kl", "value_loss"} <= rows[0].keys()
-    from kosmo.checkpoint import load_tensors
-    assert set(load_tensors(tmp_path / "model.safetensors")) == set(checkpoint.model_tensors(model.policy))
+    assert set(checkpoint.load_tensors(tmp_path / "model.safetensors")) == set(checkpoint.model_tensors(model.policy))
 
 
 def test_first_ppo_update_has_ratio_one(world):
@@ -214,16 +211,19 @@ def test_cli_reward_and_dpo_on_a_user_preference_file(world, tmp_path):
     assert proc.returncode == 2 and f"{bad}:1: a preference line needs" in proc.stderr
 
 
-def test_cli_ppo_and_cai_on_the_world_then_eval_align(world, tmp_path):
+def test_cli_ppo_on_the_world_then_eval_align(world, tmp_path):
     d, _ = world
-    kosmo("train", "reward", "--init", d / "sft", "--data", d / "prefs.jsonl", "--out", tmp_path / "rm", *CLI)
     kosmo("train", "ppo", "--init", d / "sft", "--data", d / "align.jsonl", "--out", tmp_path / "ppo", *CLI,
-          f"reward={tmp_path / 'rm'}", "max_new_tokens=6", "kl_target=1.0")
+          f"reward={d / 'rm'}", "max_new_tokens=6", "kl_target=1.0", "epochs=1", "minibatches=2")
     result = last_json(kosmo("eval", "align", "--model", tmp_path / "ppo", "--reference", d / "sft",
                              "--data", d / "val_align.jsonl", "--limit", 6))
     assert result["n"] == 6 and 0 <= result["win_rate"] <= 100 and "forbidden_compliance" in result
+
+
+def test_cli_constitutional_ai_stages_on_the_world(world, tmp_path):
+    d, _ = world
     kosmo("train", "cai-sl", "--init", d / "sft", "--data", d / "val_align.jsonl", "--out", tmp_path / "sl", *CLI,
-          "max_new_tokens=6", "shots=1")
+          "max_new_tokens=6", "shots=0")
     out = last_json(kosmo("train", "cai-rl", "--init", tmp_path / "sl", "--data", d / "val_align.jsonl",
                           "--out", tmp_path / "pm", *CLI, "label.max_new_tokens=6"))
     assert "val_pair_accuracy" in out

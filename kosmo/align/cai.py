@@ -138,6 +138,8 @@ def critique_and_revise(model, tok, con: Constitution, prompts: list[A.Prompt], 
         chats = [c + [{"role": "assistant", "content": cr}, {"role": "user", "content": pr.revision}]
                  for c, cr, pr in zip(chats, critiques, drawn)]
         revisions = _ask(model, tok, k, max_len, prompts, chats, bank, greedy, cfg.batch_size)
+        # an empty revision changed nothing worth keeping: the answer it was to revise stands
+        revisions = [rv or a for rv, a in zip(revisions, answers)]
         for log, pr, cr, rv in zip(logs, drawn, critiques, revisions):
             log["rounds"].append({"critique_request": pr.critique, "critique": cr, "revision": rv})
         answers = revisions
@@ -215,12 +217,15 @@ def ai_feedback(policy, feedback, tok, con: Constitution, prompts: list[A.Prompt
         a, b = tok.decode(ta).strip(), tok.decode(tb).strip()
         if a == b:
             continue  # nothing to choose between
-        q = A.make_prompt(choice_messages(p.messages, a, b, rng.choice(con.labelling)), tok, k, max_len - 4,
-                          p.record, "cai-rl")
+        ids, _, _ = chat.render(choice_messages(p.messages, a, b, rng.choice(con.labelling)), tok, k,
+                                add_generation_prompt=True)
+        if len(ids) + 4 > max_len:
+            continue  # the question does not fit the feedback model's context
         kept.append((p, a, b))
-        questions.append(q)
+        questions.append(A.Prompt(ids, p.images, p.messages, p.record))
     if not kept:
-        raise KosmoError("every prompt's two sampled replies were equal; raise label.temperature")
+        raise KosmoError("no prompt gave two different replies whose comparison fits seq_len; "
+                         "raise label.temperature or seq_len")
     p_a = soft_labels(option_logprobs(feedback, tok, questions, "(A)", bank),
                       option_logprobs(feedback, tok, questions, "(B)", bank)).tolist()
     # the preferred reply goes first, so that pair accuracy reads as agreement with the feedback model

@@ -72,7 +72,7 @@ def run(demo, b: dict) -> dict:
     prompts = demo.data_dir / "align_prompts.jsonl"
     prompts.write_text("".join(line for line, _ in zip(data["align"].open(), range(b["align_n"]))))
     common = ["seq_len=256", "train.warmup_steps=5"]
-    demo.train("sft", "align-sft", [demos, data["vqa_all"], data["chat"]],
+    demo.train("sft", "align-sft", [demos, data["vqa"], data["chat"]],
                [f"train.max_steps={b['warmup_steps']}", f"train.batch_size={b['warmup_batch']}", "train.lr=1e-3",
                 "freeze=connector+lm", *common], init="sft")
     rm = demo.train("reward", "reward", [prompts], [f"train.max_steps={b['rm_steps']}", "train.batch_size=16",
