@@ -227,3 +227,9 @@ def test_cli_constitutional_ai_stages_on_the_world(world, tmp_path):
     out = last_json(kosmo("train", "cai-rl", "--init", tmp_path / "sl", "--data", d / "val_align.jsonl",
                           "--out", tmp_path / "pm", *CLI, "label.max_new_tokens=6"))
     assert "val_pair_accuracy" in out
+
+
+def test_a_sampled_reply_is_cut_before_markup():
+    from kosmo.tokenizer import IMAGE_PAD
+    assert A._cut_at_markup([20, IMAGE_PAD, 30], True) == ([20], False)  # an image slot would need an image
+    assert A._cut_at_markup([20, 30], True) == ([20, 30], True)

@@ -21,7 +21,10 @@ from kosmo.data.jsonl import read_jsonl
 from kosmo.data.multimodal import ImageBank
 from kosmo.errors import KosmoError
 from kosmo.generate import Sampling, generate_ids
-from kosmo.tokenizer import END_OF_TURN, PAD
+from kosmo.tokenizer import BOS, END_OF_TURN, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD, ROLE_IDS
+
+
+MARKUP = frozenset({PAD, BOS, EOS, IMAGE, IMAGE_PAD, IMAGE_END, *ROLE_IDS.values()})
 
 
 @dataclass
@@ -203,8 +206,15 @@ def sample(model, prompts: list[Prompt], bank: ImageBank, s: Sampling,
         images = bank.get(paths).to(device) if paths else None
         s_chunk = Sampling(**{**s.__dict__, "seed": None if s.seed is None else s.seed + start})
         tokens, reasons = generate_ids(model, [p.ids for p in chunk], s_chunk, stop_ids=(END_OF_TURN,), images=images)
-        out += [(t, r == "stop") for t, r in zip(tokens, reasons)]
+        out += [_cut_at_markup(t, r == "stop") for t, r in zip(tokens, reasons)]
     return out
+
+
+def _cut_at_markup(tokens: list[int], ended: bool) -> tuple[list[int], bool]:
+    """A reply may not hold image or turn markup (an image slot without an image would break the next
+    forward pass): it is cut before the first such token and counts as unfinished."""
+    cut = next((i for i, t in enumerate(tokens) if t in MARKUP), None)
+    return (tokens, ended) if cut is None else (tokens[:cut], False)
 
 
 @dataclass
