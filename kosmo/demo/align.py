@@ -20,11 +20,11 @@ from pathlib import Path
 from kosmo.demo import log
 
 BUDGETS = {
-    "default": dict(align_n=1200, warmup_steps=300, warmup_batch=32, leak_share=0.6, rm_steps=150,
-                    ppo_steps=40, ppo_batch=32, dpo_steps=150, cai_rl_steps=100, cai_ppo_steps=30,
+    "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.6, rm_steps=150,
+                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, dpo_steps=150, cai_rl_steps=100, cai_ppo_steps=30,
                     kl_budget=8.0, align_eval_n=200),
-    "quick": dict(align_n=120, warmup_steps=20, warmup_batch=16, leak_share=0.6, rm_steps=5,
-                  ppo_steps=3, ppo_batch=8, dpo_steps=5, cai_rl_steps=3, cai_ppo_steps=0,
+    "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.6, rm_steps=5,
+                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, dpo_steps=5, cai_rl_steps=3, cai_ppo_steps=0,
                   kl_budget=8.0, align_eval_n=20),
 }
 
@@ -69,8 +69,10 @@ def run(demo, b: dict) -> dict:
 
     data, runs, report = demo.data, demo.runs, {"stages": {}}
     demos = write_demonstrations(data["align"], demo.data_dir / "align_sft.jsonl", b["align_n"], b["leak_share"])
-    prompts = demo.data_dir / "align_prompts.jsonl"
-    prompts.write_text("".join(line for line, _ in zip(data["align"].open(), range(b["align_n"]))))
+    lines = data["align"].read_text().splitlines(keepends=True)
+    prompts, cai_prompts = demo.data_dir / "align_prompts.jsonl", demo.data_dir / "cai_prompts.jsonl"
+    prompts.write_text("".join(lines[:b["align_n"]]))
+    cai_prompts.write_text("".join(lines[:b["cai_n"]]))  # critique and revision prompts are long: fewer of them
     common = ["seq_len=256", "train.warmup_steps=5"]
     demo.train("sft", "align-sft", [demos, data["vqa"], data["chat"]],
                [f"train.max_steps={b['warmup_steps']}", f"train.batch_size={b['warmup_batch']}", "train.lr=1e-3",
@@ -78,15 +80,15 @@ def run(demo, b: dict) -> dict:
     rm = demo.train("reward", "reward", [prompts], [f"train.max_steps={b['rm_steps']}", "train.batch_size=16",
                                                     "train.lr=3e-4", "center=0.01", *common], init="align-sft")
     report["stages"]["reward"] = {k: rm[k] for k in ("train_pairs", "val_pairs", "val_pair_accuracy") if k in rm}
-    ppo_args = [f"train.batch_size={b['ppo_batch']}", "train.lr=2e-5", "kl_coef=0.05", "max_new_tokens=24", *common]
+    ppo_args = [f"train.batch_size={b['ppo_batch']}", f"train.lr={b['ppo_lr']}", "kl_coef=0.05", "max_new_tokens=24", *common]
     demo.train("ppo", "ppo", [prompts], [f"train.max_steps={b['ppo_steps']}", f"reward={runs / 'reward'}",
                                          *ppo_args], init="align-sft")
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
                                          "train.lr=1e-4", "beta=0.1", *common], init="align-sft")
-    demo.train("cai-sl", "cai-sl", [prompts], [f"train.max_steps={b['warmup_steps']}", "train.batch_size=16",
+    demo.train("cai-sl", "cai-sl", [cai_prompts], [f"train.max_steps={b['warmup_steps']}", "train.batch_size=16",
                                                "train.lr=3e-4", "seq_len=512", "train.warmup_steps=5"],
                init="align-sft")
-    pm = demo.train("cai-rl", "cai-pm", [prompts], [f"train.max_steps={b['cai_rl_steps']}", "train.batch_size=16",
+    pm = demo.train("cai-rl", "cai-pm", [cai_prompts], [f"train.max_steps={b['cai_rl_steps']}", "train.batch_size=16",
                                                     "train.lr=3e-4", "center=0.01", *common], init="cai-sl")
     report["stages"]["cai_preference_model"] = {k: pm[k] for k in ("train_pairs", "val_pair_accuracy") if k in pm}
     cai_final = "cai-sl"
