@@ -86,7 +86,7 @@ def run(demo, b: dict) -> dict:
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
                                          "train.lr=1e-4", "beta=0.1", *common], init="align-sft")
     demo.train("cai-sl", "cai-sl", [cai_prompts], [f"train.max_steps={b['warmup_steps']}", "train.batch_size=16",
-                                               "train.lr=3e-4", "seq_len=512", "train.warmup_steps=5"],
+                                                   "train.lr=3e-4", "seq_len=512", "shots=1", "train.warmup_steps=5"],
                init="align-sft")
     pm = demo.train("cai-rl", "cai-pm", [cai_prompts], [f"train.max_steps={b['cai_rl_steps']}", "train.batch_size=16",
                                                     "train.lr=3e-4", "center=0.01", *common], init="cai-sl")
