@@ -84,7 +84,7 @@ def run(demo, b: dict) -> dict:
     demo.train("ppo", "ppo", [prompts], [f"train.max_steps={b['ppo_steps']}", f"reward={runs / 'reward'}",
                                          *ppo_args], init="align-sft")
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
-                                         "train.lr=1e-4", "beta=0.1", *common], init="align-sft")
+                                         "train.lr=5e-5", "beta=0.5", *common], init="align-sft")
     demo.train("cai-sl", "cai-sl", [cai_prompts], [f"train.max_steps={b['warmup_steps']}", "train.batch_size=16",
                                                    "train.lr=3e-4", "seq_len=512", "shots=1", "train.warmup_steps=5"],
                init="align-sft")
