@@ -33,7 +33,7 @@ from kosmo.train.lm import lm_loss
 from kosmo.train.mllm import mllm_loss
 from kosmo.train.trainer import TrainConfig
 
-DEFAULT_CONSTITUTION = Path(__file__).resolve().parents[2] / "configs" / "constitution.yaml"
+DEFAULT_CONSTITUTION = Path(__file__).resolve().parents[2] / "configs" / "constitution" / "default.yaml"
 EXAMPLE_FIELDS = ("request", "response", "critique", "revision")
 
 
