@@ -60,10 +60,10 @@ def make_loss(cfg: StageConfig):
         pi_chosen, pi_rejected = A.sequence_logprobs(model, batch).chunk(2)
         ref_chosen, ref_rejected = batch["ref"].unbind(-1)
         loss = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, batch["prob"])
-        implicit_chosen, implicit_rejected = cfg.beta * (pi_chosen - ref_chosen), cfg.beta * (pi_rejected - ref_rejected)
-        return loss.sum(), {"accuracy": (implicit_chosen > implicit_rejected).float().mean().item(),
-                            "reward_chosen": implicit_chosen.mean().item(),
-                            "reward_rejected": implicit_rejected.mean().item()}
+        # DPO's implicit rewards: beta * log(pi / ref) of each reply
+        chosen, rejected = cfg.beta * (pi_chosen - ref_chosen), cfg.beta * (pi_rejected - ref_rejected)
+        return loss.sum(), {"accuracy": (chosen > rejected).float().mean().item(),
+                            "reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item()}
     return loss_fn
 
 

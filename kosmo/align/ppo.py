@@ -148,7 +148,8 @@ class PPO:
     """Rollouts and the PPO loss: what the trainer's loss function is for the other stages."""
 
     def __init__(self, cfg: StageConfig, reference: nn.Module, reward_model: RewardModel, bank, max_len: int):
-        self.cfg, self.reference, self.reward_model, self.bank, self.max_len = cfg, reference, reward_model, bank, max_len
+        self.cfg, self.reference, self.reward_model = cfg, reference, reward_model
+        self.bank, self.max_len = bank, max_len
 
     @torch.no_grad()
     def rollout(self, model: ActorCritic, prompts: list[A.Prompt], seed: int) -> tuple[Experience, dict]:

@@ -80,7 +80,8 @@ def run(demo, b: dict) -> dict:
     rm = demo.train("reward", "reward", [prompts], [f"train.max_steps={b['rm_steps']}", "train.batch_size=16",
                                                     "train.lr=3e-4", "center=0.01", *common], init="align-sft")
     report["stages"]["reward"] = {k: rm[k] for k in ("train_pairs", "val_pairs", "val_pair_accuracy") if k in rm}
-    ppo_args = [f"train.batch_size={b['ppo_batch']}", f"train.lr={b['ppo_lr']}", "kl_coef=0.2", "max_new_tokens=24", *common]
+    ppo_args = [f"train.batch_size={b['ppo_batch']}", f"train.lr={b['ppo_lr']}", "kl_coef=0.2", "max_new_tokens=24",
+                *common]
     demo.train("ppo", "ppo", [prompts], [f"train.max_steps={b['ppo_steps']}", f"reward={runs / 'reward'}",
                                          *ppo_args], init="align-sft")
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
