@@ -71,6 +71,8 @@ def cmd_eval(args):
     from kosmo.model.load import load_run
     from kosmo.train.distributed import pick_device
     model, tok, config = load_run(args.model, pick_device(args.device))
+    if config.get("arch") == "reward":
+        raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
     is_clip = config.get("arch") == "clip"
     if is_clip != (args.kind in ("zeroshot", "retrieval")):
         raise KosmoError(f"{args.model}: eval {args.kind} needs "

@@ -219,6 +219,8 @@ def test_cli_ppo_on_the_world_then_eval_align(world, tmp_path):
     result = last_json(kosmo("eval", "align", "--model", tmp_path / "ppo", "--reference", d / "sft",
                              "--data", d / "val_align.jsonl", "--limit", 6))
     assert result["n"] == 6 and 0 <= result["win_rate"] <= 100 and "forbidden_compliance" in result
+    proc = kosmo("eval", "align", "--model", d / "rm", "--data", d / "val_align.jsonl", check=False)
+    assert proc.returncode == 2 and "a reward model scores replies" in proc.stderr
 
 
 def test_cli_constitutional_ai_stages_on_the_world(world, tmp_path):
