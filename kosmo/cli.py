@@ -71,11 +71,17 @@ def cmd_eval(args):
     from kosmo.model.load import load_run
     from kosmo.train.distributed import pick_device
     model, tok, config = load_run(args.model, pick_device(args.device))
+    if config.get("arch") == "reward":
+        raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
     is_clip = config.get("arch") == "clip"
     if is_clip != (args.kind in ("zeroshot", "retrieval")):
         raise KosmoError(f"{args.model}: eval {args.kind} needs "
                          f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
-    if args.kind == "ppl":
+    if args.kind == "align":
+        from kosmo.eval.align import evaluate_align
+        reference = load_run(args.reference, pick_device(args.device))[0] if args.reference else None
+        metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
+    elif args.kind == "ppl":
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
     elif args.kind == "fewshot":
@@ -187,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
-    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "fewshot", "zeroshot", "retrieval"])
+    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "fewshot", "zeroshot", "retrieval", "align"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", required=True)
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
@@ -197,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", default="0,2,4,8", help="fewshot: numbers of in-context examples")
     e.add_argument("--plot", help="fewshot: write the curve to this PNG")
     e.add_argument("--no-blind", action="store_true", help="skip the image-removed baseline")
+    e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)
 

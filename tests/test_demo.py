@@ -31,3 +31,11 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
     assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
+    a = report["align"]
+    for name in ("sft", "ppo", "dpo", "cai", "cai_sl"):
+        assert {"helpful", "forbidden_compliance", "ordinary_refusal"} <= a["eval"][name].keys(), name
+    for name in ("ppo", "dpo", "cai"):
+        assert 0 <= a["eval"][name]["win_rate"] <= 100 and "kl" in a["eval"][name], name
+    assert set(a["targets"]) >= {"ppo_win_rate_ge_70", "cai_halves_forbidden_compliance"}
+    assert f"| PPO (reward model + KL penalty) | {a['eval']['ppo']['win_rate']:.1f} |" in md
+    assert (tmp_path / "ppo.png").stat().st_size > 1000

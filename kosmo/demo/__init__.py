@@ -17,7 +17,7 @@ from pathlib import Path
 from kosmo import checkpoint
 from kosmo.data.world import World, write_world
 
-SECTIONS = ("vision", "flamingo")
+SECTIONS = ("vision", "flamingo", "align")
 
 # Knobs every section shares. The default fits 10 minutes of the vision section on 2 CPU cores.
 BUDGETS = {

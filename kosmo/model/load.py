@@ -13,11 +13,12 @@ from kosmo.tokenizer import Tokenizer
 
 
 def _archs() -> dict:
+    from kosmo.align.reward import RewardConfig, RewardModel
     from kosmo.model.clip import CLIP, CLIPConfig
     from kosmo.model.flamingo import Flamingo, FlamingoConfig
     from kosmo.model.mllm import MLLM, MLLMConfig
     return {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig),
-            "flamingo": (Flamingo, FlamingoConfig)}
+            "flamingo": (Flamingo, FlamingoConfig), "reward": (RewardModel, RewardConfig)}
 
 
 def arch_of(model: torch.nn.Module) -> str:

@@ -17,8 +17,14 @@ from kosmo.train.trainer import Trainer
 
 
 def stages() -> dict:
+    from types import SimpleNamespace
+
+    from kosmo.align import cai, dpo, ppo, reward
     from kosmo.train import clip, flamingo, lm, mllm, sft
-    return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft, "flamingo": flamingo}
+    return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft, "flamingo": flamingo,
+            "reward": reward, "ppo": ppo, "dpo": dpo,
+            "cai-sl": SimpleNamespace(StageConfig=cai.SLConfig, build=cai.build_sl),
+            "cai-rl": SimpleNamespace(StageConfig=cai.RLConfig, build=cai.build_rl, report=reward.report)}
 
 
 def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, config_file=None,
@@ -47,10 +53,12 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
         tok = Tokenizer.load(out / "tokenizer.json")
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of what a seed reproduces
     model, loss_fn, train_set, eval_set = stage.build(cfg, data, tok, init_model)
-    run_config = {"stage": stage_name, "arch": arch_of(model), "model": model.cfg.to_dict(),
+    published = getattr(model, "policy", model)  # PPO trains a policy with its critic; the run is the policy
+    run_config = {"stage": stage_name, "arch": arch_of(published), "model": published.cfg.to_dict(),
                   "config": dataclasses.asdict(cfg), "data": [str(p) for p in data],
                   "init": str(init) if init else None}
-    trainer = Trainer(cfg.train, model, loss_fn, train_set, out, run_config, eval_set=eval_set, env=env)
+    trainer = getattr(stage, "Trainer", Trainer)(cfg.train, model, loss_fn, train_set, out, run_config,
+                                                 eval_set=eval_set, env=env)
     if env.main:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -59,6 +67,9 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
               f"world size {env.world}, device {env.device}", file=sys.stderr)
         tok.save(out)
     try:
-        return trainer.fit()
+        last = trainer.fit()
+        if hasattr(stage, "report") and env.main:  # figures a stage measures once, after training
+            last.update(stage.report(D.unwrap(trainer.model), train_set, eval_set))
+        return last
     finally:
         D.teardown()
