@@ -22,7 +22,7 @@ VARIANTS = {
     "vision_lr0.1": {"sft_freeze": "all", "vision_lr_scale": 0.1},
     "no_clip": {"clip_steps": 1},
     "resampler": {"connector": "resampler"},
-    "sft2x": {"sft_steps": 1600},
+    "sft2x": {"sft_steps": 4800},
 }
 DESCRIPTIONS = {
     "default": "the demo's recipe: 36 px pictures, 12 px patches (9 tokens), CLIP frozen; connector, then + LM",
@@ -31,7 +31,7 @@ DESCRIPTIONS = {
     "vision_lr0.1": "encoder also trained in SFT, at 0.1x the learning rate",
     "no_clip": "no contrastive pretraining (1 CLIP step: an untrained encoder)",
     "resampler": "a resampler connector (8 visual tokens)",
-    "sft2x": "twice the SFT steps (1600)",
+    "sft2x": "twice the SFT steps (4,800)",
 }
 
 

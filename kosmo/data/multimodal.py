@@ -162,7 +162,8 @@ class MultimodalDataset:
 
     def _mix(self, mix: dict[str, float], seed: int) -> list[int]:
         """Example indices for one epoch: each kind gets a share of the epoch proportional to its
-        weight (kinds without a weight keep their natural share), drawn without replacement first."""
+        weight (a kind without one weighs 1), drawn without replacement first. No weights at all:
+        every example once."""
         by_kind: dict[str, list[int]] = {}
         for i, e in enumerate(self.examples):
             by_kind.setdefault(e.kind, []).append(i)

@@ -20,10 +20,12 @@ SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 # 9 visual tokens per image, none of them cutting through an object.
 # `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
-    "default": dict(patch_size=12, vision_dim=128, clip_steps=400, lm_steps=300, stage1_steps=300, sft_steps=2400,
-                    sft_batch=32, vqa_images=2000, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
-    "quick": dict(patch_size=12, vision_dim=64, clip_steps=20, lm_steps=30, stage1_steps=10, sft_steps=20,
-                  sft_batch=16, vqa_images=200, sft_freeze="connector+lm", vision_lr_scale=1.0, connector="mlp"),
+    "default": dict(patch_size=12, vision_dim=128, clip_steps=400, lm_steps=300, stage1_steps=300,
+                    sft_steps=2400, sft_batch=32, sft_lr=1e-3, vqa_images=2000, sft_freeze="connector+lm",
+                    vision_lr_scale=1.0, connector="mlp"),
+    "quick": dict(patch_size=12, vision_dim=64, clip_steps=20, lm_steps=30, stage1_steps=10,
+                  sft_steps=20, sft_batch=16, sft_lr=1e-3, vqa_images=200, sft_freeze="connector+lm",
+                  vision_lr_scale=1.0, connector="mlp"),
 }
 
 
@@ -153,7 +155,7 @@ def run(demo, b: dict) -> dict:
                init="lm")
     demo.train("sft", "sft", [data["vqa_all"], data["chat"], data["captions"]],
                [f"train.max_steps={b['sft_steps']}", f"train.batch_size={b['sft_batch']}", "seq_len=128",
-                "train.lr=1e-3", "train.warmup_steps=20", f"freeze={b['sft_freeze']}",
+                f"train.lr={b['sft_lr']}", "train.warmup_steps=20", f"freeze={b['sft_freeze']}",
                 f"train.lr_scale.vision={b['vision_lr_scale']}"],
                init="mllm")
 
