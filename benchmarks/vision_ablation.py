@@ -23,6 +23,7 @@ VARIANTS = {
     "no_clip": {"clip_steps": 1},
     "resampler": {"connector": "resampler"},
     "sft2x": {"sft_steps": 4800},
+    "sft_lr2e-3": {"sft_lr": 2e-3, "lm_steps": 200, "sft_steps": 2500},
 }
 DESCRIPTIONS = {
     "default": "the demo's recipe: 36 px pictures, 12 px patches (9 tokens), CLIP frozen; connector, then + LM",
@@ -32,6 +33,7 @@ DESCRIPTIONS = {
     "no_clip": "no contrastive pretraining (1 CLIP step: an untrained encoder)",
     "resampler": "a resampler connector (8 visual tokens)",
     "sft2x": "twice the SFT steps (4,800)",
+    "sft_lr2e-3": "SFT at twice the learning rate, 2,500 steps, with 200 LM steps (the time traded)",
 }
 
 
