@@ -86,10 +86,14 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, EN
     new_cache = getattr(model, "new_cache", lambda *a, **kw: KVCache(lm.cfg, *a, **kw))
     cache = new_cache(B, total, dtype=cache_dtype or next(lm.parameters()).dtype, device=device) if use_cache else None
 
+    # Past the prompt a KOSMOS model is its LM: a generated token is text, even an <|image_pad|>
+    # sampled by mistake, which has no image to fill it (the serving engine decodes the same way).
+    decoder = lm if hasattr(model, "embed_inputs") else model
+
     def run(ids, pos, cache, with_images: bool):
         media = {"images": images} if with_images and images is not None else {}
-        return model(ids, pos=pos, key_mask=key_mask if padded else None, cache=cache, last_only=True,
-                     **media)[:, -1]
+        return (model if media else decoder)(ids, pos=pos, key_mask=key_mask if padded else None, cache=cache,
+                                             last_only=True, **media)[:, -1]
 
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)
