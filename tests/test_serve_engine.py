@@ -69,6 +69,41 @@ def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, ma
         assert "".join(e.text for e in evs) == Letters().decode(ref[0])
 
 
+@pytest.mark.parametrize("attend", ["latest", "previous"])
+def test_a_flamingo_model_decodes_like_generate_ids_alone_and_beside_others(attend):
+    from kosmo.model.flamingo import Flamingo, FlamingoConfig
+    from kosmo.model.vision import VisionConfig
+    from kosmo.tokenizer import IMAGE, IMAGE_END
+    torch.manual_seed(0)
+    lm = LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.1))
+    cfg = FlamingoConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=2, mlp_dim=64),
+                         lm=lm.cfg, latents=4, resampler_heads=2, xattn_heads=4, attend=attend)
+    model = Flamingo(cfg, lm=lm).eval()
+    for block in model.xattn.values():  # open gates, so the pictures change the answers
+        torch.nn.init.constant_(block.attn_gate, 1.0)
+        torch.nn.init.constant_(block.ffw_gate, 1.0)
+    prompts = [[1, IMAGE, IMAGE_END, 40, 41, IMAGE, IMAGE_END, 42], [1, 50, 51], [1, 60, IMAGE, IMAGE_END, 61]]
+    images = [torch.randn(2, 3, 16, 16), None, torch.randn(1, 3, 16, 16)]
+    engine = Engine(model, Letters(), "flamingo", max_batch=2).start()
+    try:
+        events = queue.Queue()
+        for i, (p, im) in enumerate(zip(prompts, images)):
+            engine.submit(Request(p, Params(max_tokens=12, temperature=0), lambda e, i=i: events.put((i, e)), im))
+        out, done = [[] for _ in prompts], 0
+        while done < len(prompts):
+            i, e = events.get(timeout=30)
+            out[i].append(e)
+            done += e.finish is not None
+    finally:
+        engine.stop()
+    for p, im, evs in zip(prompts, images, out):
+        ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=12), images=im)
+        assert [e.token for e in evs][:len(ref[0])] == ref[0]
+    alone, _ = generate_ids(model, [prompts[0]], Sampling(max_new_tokens=12), images=images[0])
+    other, _ = generate_ids(model, [prompts[0]], Sampling(max_new_tokens=12), images=torch.randn(2, 3, 16, 16))
+    assert alone != other  # the pictures matter, so the parity above covers the cross-attention
+
+
 def test_a_cancelled_request_frees_its_slot_and_hears_no_more(model):
     engine = Engine(model, Letters(), "lm", max_batch=1).start()
     events = queue.Queue()

@@ -249,7 +249,7 @@ async def load_images(messages: list[dict], refs: list[str], engine: Engine, med
                       limits: Limits) -> torch.Tensor | None:
     if not refs:
         return None
-    if not engine.adapter.tokens_per_image:
+    if not engine.adapter.image_size:
         raise APIError(400, "this model is text-only; it does not take images", code="images_not_supported",
                        param="messages")
     if len(refs) > limits.max_images:

@@ -34,7 +34,7 @@ class Conversation:
         self.attached: list[str] = []  # paths waiting for the next message
 
     def attach(self, path: str):
-        if not self.engine.adapter.tokens_per_image:
+        if not self.engine.adapter.image_size:
             raise KosmoError("this model is text-only; it does not take images")
         self.pictures[path] = load_image(path, self.engine.adapter.image_size, self.engine.image_mode)
         self.attached.append(path)

@@ -12,9 +12,9 @@ same tokens whether it runs alone or beside fifteen others. Two things make that
 - attention runs row by row over exactly that row's keys, since a batched, masked attention sums
   in an order that depends on the batch and on the longest row.
 
-The model side is an `Adapter` with `prefill(slot, ids, images)` and `decode(tokens, active)`, so
-an architecture that keeps other per-request state (a Flamingo's image features) plugs in with an
-adapter of its own, registered in `ADAPTERS` under its arch name.
+The model side is an `Adapter` with `prefill(slot, ids, images)` and `decode(tokens, active)`, one
+per architecture in `ADAPTERS`: the plain decoder serves `lm` and `mllm` runs, and `flamingo` runs
+add each slot's visual tokens, which the gated cross-attention reads at every step.
 """
 
 from __future__ import annotations
@@ -169,18 +169,25 @@ class DecoderAdapter:
         pos = torch.tensor([self.lengths[s] if s in active else 0 for s in range(len(self.lengths))],
                            device=self.device)[:, None]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            return self._forward(self.lm.embed(tokens[:, None]), pos, active, decode=True)[:, -1].float()
+            return self._forward(self.embed_tokens(tokens[:, None]), pos, active, decode=True)[:, -1].float()
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed(tokens)
 
     def _forward(self, x, pos, rows: list[int], decode: bool):
         """The LM over `x` (B, T, dim) at positions `pos` (B, T): a decode step over every slot, of which
         `rows` are active, or a prompt (B == 1) for slot `rows[0]`."""
         rope, _ = self.lm.context(x, pos)  # attention below reads each slot's own keys only: no mask
         for layer, block in enumerate(self.lm.blocks):
+            x = self._before_block(layer, x, rows, decode)
             x = x + self._attention(block.attn, block.attn_norm(x), *rope, layer, rows, decode)
             x = x + block.mlp(block.mlp_norm(x))
         for r in rows:
             self.lengths[r] += x.shape[1]
         return self.lm.head(x, last_only=True)
+
+    def _before_block(self, layer: int, x, rows: list[int], decode: bool):
+        return x
 
     def _attention(self, attn, x, cos, sin, layer: int, rows: list[int], decode: bool):
         B, T, _ = x.shape
@@ -210,7 +217,55 @@ class DecoderAdapter:
         return attn.proj(y.transpose(1, 2).reshape(B, T, hq * d))
 
 
-ADAPTERS: dict[str, type[Adapter]] = {"lm": DecoderAdapter, "mllm": DecoderAdapter}
+class FlamingoAdapter(DecoderAdapter):
+    """A Flamingo model: the frozen LM's slot cache, plus each slot's visual tokens, which its gated
+    cross-attention blocks read at every step. Images are marked by `<image></image>` in the prompt.
+
+    A decode step's cross-attention runs row by row, so, like the self-attention, a row's numbers
+    never depend on the other slots.
+    """
+
+    def __init__(self, model, max_batch: int, device: torch.device):
+        super().__init__(model, max_batch, device)
+        self.image_size = model.cfg.vision.image_size
+        self.media: list[tuple | None] = [None] * max_batch  # per slot: (visual tokens, image index of each)
+        self.prompt_media = None  # (media, visible, sees_media) of the prompt being prefilled
+
+    @torch.no_grad()
+    def prefill(self, slot: int, ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
+        idx = torch.tensor([ids], device=self.device)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            cache = self.model.new_cache(1, 1, device=self.device)  # holds the media only; keys live in the slots
+            self.prompt_media = self.model.media_for(idx, None if images is None else images.to(self.device), cache)
+            self.media[slot] = None if cache.media is None else (cache.media, cache.media_image)
+            pos = torch.arange(len(ids), device=self.device)[None]
+            self.lengths[slot] = 0
+            x = self.model.embed(idx)
+            return self._forward(x, pos, [slot], decode=False)[0, -1].float()
+
+    def _before_block(self, layer: int, x, rows: list[int], decode: bool):
+        block = self.model.xattn[str(layer)] if str(layer) in self.model.xattn else None
+        if block is None:
+            return x
+        if not decode:
+            return x if self.prompt_media is None else block(x, *self.prompt_media)
+        out = x.clone()
+        for r in rows:
+            if self.media[r] is None:
+                continue
+            media, image = self.media[r]
+            # a generated token belongs to the slot's last image (an <image> it writes opens no new one)
+            latest = image.max()
+            visible = image == latest if self.model.cfg.attend == "latest" else image >= 0
+            out[r:r + 1] = block(x[r:r + 1], media, visible[:, None, None, :],
+                                 torch.ones(1, 1, dtype=torch.bool, device=x.device))
+        return out
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(tokens)
+
+
+ADAPTERS: dict[str, type[Adapter]] = {"lm": DecoderAdapter, "mllm": DecoderAdapter, "flamingo": FlamingoAdapter}
 
 
 @dataclass
