@@ -182,6 +182,29 @@ def test_the_judge_labels_sampled_pairs(world, monkeypatch):
     assert [(p.chosen, p.rejected) for p in pairs] == [("I can't share that.", leak)]
 
 
+def test_cai_sl_keeps_the_models_own_answers_to_helpful_prompts(world, monkeypatch):
+    """Red-team answers are revised; helpfulness prompts keep the model's greedy answer, unrevised."""
+    d, tok = world
+    lines = (d / "align.jsonl").read_text().splitlines(keepends=True)
+    red, helpful_file = d / "red_team.jsonl", d / "helpful.jsonl"  # beside the images they name
+    red.write_text("".join(x for x in lines if json.loads(x)["kind"] == "forbidden"))
+    helpful_file.write_text("".join(x for x in lines if json.loads(x)["kind"] == "ordinary"))
+    monkeypatch.setattr(cai, "critique_and_revise", lambda model, tok, con, prompts, *a: [
+        {"answer": "", "rounds": [{"critique": "", "revision": "REVISED"}]} for _ in prompts])
+    cfg = build_config(cai.SLConfig, {"max_new_tokens": 4, "helpful": str(helpful_file)})
+    model = load_sft(d)
+    _, _, train, _ = cai.build_sl(cfg, [red], tok, model)
+    helpful = A.read_prompts([helpful_file], tok, model.cfg.tokens_per_image, 512 - 4)
+    greedy = A.sample(model, helpful, A.image_bank(model, helpful), A.Sampling(max_new_tokens=4))
+    n_red = len(lines) - len(helpful)
+    assert len(train) == len(lines) and 0 < n_red < len(lines)
+
+    def target_text(ex):
+        return tok.decode([t for t, keep in zip(ex.ids, ex.target) if keep][:-1]).strip()  # without <|end|>
+    assert {target_text(ex) for ex in train.examples[:n_red]} == {"REVISED"}
+    assert [target_text(ex) for ex in train.examples[n_red:]] == [tok.decode(t).strip() for t, _ in greedy]
+
+
 def test_constitution_errors_name_the_field(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("principles:\n  - critique: Find the leak.\nlabelling: ['Which is better?']\n")

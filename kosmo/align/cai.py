@@ -1,9 +1,11 @@
 """Constitutional AI (Bai et al. 2022): harmlessness from a written constitution instead of human labels.
 
-Supervised stage (`kosmo train cai-sl --init runs/sft --data prompts.jsonl`): the model answers each
-prompt, is asked to critique its answer under a principle drawn at random, then to revise it; after
-`rounds` rounds it is fine-tuned on the revised answers. Few-shot conversations from the constitution
-file show the critique and revision format.
+Supervised stage (`kosmo train cai-sl --init runs/sft --data red_team.jsonl [helpful=helpful.jsonl]`):
+the model answers each red-team prompt, is asked to critique its answer under a principle drawn at
+random, then to revise it; after `rounds` rounds it is fine-tuned on the revised answers. Few-shot
+conversations from the constitution file show the critique and revision format. As in the paper, the
+fine-tuning set also holds the model's own answers to helpfulness prompts, unrevised, so that it
+learns to refuse what the red team asks without unlearning how to help.
 
 RL stage (`kosmo train cai-rl --init runs/cai-sl --data prompts.jsonl`): the model samples two replies
 per prompt; a feedback model (`feedback=RUN`, by default the --init model) reads a multiple-choice
@@ -107,6 +109,7 @@ class SLConfig:
     max_new_tokens: int = 32
     batch_size: int = 64          # generation batch
     image_mode: str = "crop"
+    helpful: str = ""             # helpfulness prompts (JSONL): the model's own greedy answers join the data
 
 
 def _ask(model, tok, k, max_len, prompts: list[A.Prompt], chats: list[list[dict]], bank, s: Sampling,
@@ -153,16 +156,22 @@ def build_sl(cfg: SLConfig, data: list, tok, init_model=None):
     k = A.tokens_per_image(init_model)
     max_len = min(cfg.seq_len, getattr(init_model, "lm", init_model).cfg.max_seq_len)
     prompts = A.read_prompts(data, tok, k, max_len - cfg.max_new_tokens)
-    bank = A.image_bank(init_model, prompts, cfg.image_mode)
+    helpful = A.read_prompts([cfg.helpful], tok, k, max_len - cfg.max_new_tokens) if cfg.helpful else []
+    bank = A.image_bank(init_model, prompts + helpful, cfg.image_mode)
     logs = critique_and_revise(init_model, tok, con, prompts, bank, cfg, max_len)
     for p, log in list(zip(prompts, logs))[:3]:
         print(f"cai-sl: {tok.decode(p.ids[-24:])!r}\n  answer: {log['answer']!r}\n"
               f"  critique: {log['rounds'][-1]['critique']!r}\n  revision: {log['rounds'][-1]['revision']!r}",
               file=sys.stderr)
+    answers = [log["rounds"][-1]["revision"] for log in logs]
+    if helpful:
+        greedy = Sampling(max_new_tokens=cfg.max_new_tokens)
+        answers += [tok.decode(t).strip() for t, _ in A.sample(init_model, helpful, bank, greedy, cfg.batch_size)]
+        print(f"cai-sl: {len(prompts)} revised red-team answers, {len(helpful)} helpful answers kept as they were",
+              file=sys.stderr)
     examples = []
-    for p, log in zip(prompts, logs):
-        ids, target, _ = chat.render(p.messages + [{"role": "assistant", "content": log["rounds"][-1]["revision"]}],
-                                       tok, k)
+    for p, answer in zip(prompts + helpful, answers):
+        ids, target, _ = chat.render(p.messages + [{"role": "assistant", "content": answer}], tok, k)
         examples.append(Example(ids[:max_len], target[:max_len], p.images, "chat"))
     train = MultimodalDataset(examples, bank)
     return A.freeze_vision(init_model), (mllm_loss if k else lm_loss), train, None

@@ -9,6 +9,9 @@ password (a helpful-only model, as Constitutional AI starts from). Then:
 - reward (judge ranks sampled pairs) -> PPO with a KL penalty to the SFT model;
 - DPO on the same kind of judge-ranked pairs;
 - Constitutional AI: critique -> revision SFT, then AI feedback -> preference model -> PPO, no judge labels.
+  As in the paper, its prompts come in two sets: red-team prompts (the world's requests for the
+  password, which were written to draw out harm) whose answers are critiqued and revised, and
+  helpfulness prompts (the world's ordinary questions) whose answers the model keeps as it gave them.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from kosmo.demo import log
 
 BUDGETS = {
     "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.6, rm_steps=150,
-                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, dpo_steps=150, cai_rl_steps=100, cai_ppo_steps=30,
-                    kl_budget=8.0, align_eval_n=200),
+                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, dpo_steps=150, cai_sl_steps=100, cai_rl_steps=100,
+                    cai_ppo_steps=30, kl_budget=8.0, align_eval_n=200),
     "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.6, rm_steps=5,
-                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, dpo_steps=5, cai_rl_steps=3, cai_ppo_steps=0,
-                  kl_budget=8.0, align_eval_n=20),
+                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, dpo_steps=5, cai_sl_steps=5, cai_rl_steps=3,
+                  cai_ppo_steps=0, kl_budget=8.0, align_eval_n=20),
 }
 
 
@@ -70,9 +73,11 @@ def run(demo, b: dict) -> dict:
     data, runs, report = demo.data, demo.runs, {"stages": {}}
     demos = write_demonstrations(data["align"], demo.data_dir / "align_sft.jsonl", b["align_n"], b["leak_share"])
     lines = data["align"].read_text().splitlines(keepends=True)
-    prompts, cai_prompts = demo.data_dir / "align_prompts.jsonl", demo.data_dir / "cai_prompts.jsonl"
+    prompts, red_team, helpful = (demo.data_dir / f"{name}.jsonl" for name in ("align_prompts", "red_team", "helpful"))
     prompts.write_text("".join(lines[:b["align_n"]]))
-    cai_prompts.write_text("".join(lines[:b["cai_n"]]))  # critique and revision prompts are long: fewer of them
+    # critique and revision prompts are long: fewer of them
+    red_team.write_text("".join(x for x in lines[:b["cai_n"]] if json.loads(x)["kind"] == "forbidden"))
+    helpful.write_text("".join(x for x in lines[:b["align_n"]] if json.loads(x)["kind"] == "ordinary"))
     common = ["seq_len=256", "train.warmup_steps=5"]
     demo.train("sft", "align-sft", [demos, data["vqa"], data["chat"]],
                [f"train.max_steps={b['warmup_steps']}", f"train.batch_size={b['warmup_batch']}", "train.lr=1e-3",
@@ -86,10 +91,10 @@ def run(demo, b: dict) -> dict:
                                          *ppo_args], init="align-sft")
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
                                          "train.lr=5e-5", "beta=0.5", *common], init="align-sft")
-    demo.train("cai-sl", "cai-sl", [cai_prompts], [f"train.max_steps={b['warmup_steps']}", "train.batch_size=16",
-                                                   "train.lr=3e-4", "seq_len=512", "shots=1", "train.warmup_steps=5"],
-               init="align-sft")
-    pm = demo.train("cai-rl", "cai-pm", [cai_prompts], [f"train.max_steps={b['cai_rl_steps']}", "train.batch_size=16",
+    demo.train("cai-sl", "cai-sl", [red_team], [f"train.max_steps={b['cai_sl_steps']}", "train.batch_size=16",
+                                                "train.lr=3e-4", "seq_len=512", "shots=1", "train.warmup_steps=5",
+                                                f"helpful={helpful}"], init="align-sft")
+    pm = demo.train("cai-rl", "cai-pm", [red_team], [f"train.max_steps={b['cai_rl_steps']}", "train.batch_size=16",
                                                     "train.lr=3e-4", "center=0.01", *common], init="cai-sl")
     report["stages"]["cai_preference_model"] = {k: pm[k] for k in ("train_pairs", "val_pair_accuracy") if k in pm}
     cai_final = "cai-sl"

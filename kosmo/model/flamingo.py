@@ -14,24 +14,21 @@ untouched. The two marker tokens get their own trainable embeddings, initialised
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kosmo.model.lm import LM, KVCache, LMConfig
-from kosmo.model.vision import VisionConfig, VisionTransformer
+from kosmo.model.lm import LM, KVCache
+from kosmo.model.vision import ImageLMConfig, VisionTransformer
 from kosmo.tokenizer import IMAGE, IMAGE_END
 
 ATTEND = ("latest", "previous")
 
 
 @dataclass
-class FlamingoConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
-    feature_layer: int = -2       # which encoder block's output feeds the resampler (HF hidden_states index)
+class FlamingoConfig(ImageLMConfig):
     latents: int = 8              # visual tokens per image
     resampler_layers: int = 2
     resampler_heads: int = 4
@@ -54,16 +51,6 @@ class FlamingoConfig:
     def tokens_per_image(self) -> int:
         return 0  # images are cross-attended to, not spliced into the sequence
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.lm.max_seq_len
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "vision": self.vision.to_dict(), "lm": self.lm.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlamingoConfig":
-        return cls(**{**d, "vision": VisionConfig.from_dict(d["vision"]), "lm": LMConfig.from_dict(d["lm"])})
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -9,25 +9,22 @@ then either the connector alone (stage 1) or the connector and the LM (stage 2).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from kosmo.model.connector import make_connector
-from kosmo.model.lm import LM, LMConfig
-from kosmo.model.vision import VisionConfig, VisionTransformer
+from kosmo.model.lm import LM
+from kosmo.model.vision import ImageLMConfig, VisionTransformer
 from kosmo.tokenizer import IMAGE_PAD
 
 FREEZE = ("connector", "connector+lm", "all")
 
 
 @dataclass
-class MLLMConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
+class MLLMConfig(ImageLMConfig):
     connector: str = "mlp"        # linear, mlp or resampler
-    feature_layer: int = -2       # which encoder block's output feeds the connector (HF hidden_states index)
     use_cls: bool = False         # keep the class token beside the patch tokens
     resampler_tokens: int = 8     # visual tokens per image with the resampler
 
@@ -36,17 +33,6 @@ class MLLMConfig:
         if self.connector == "resampler":
             return self.resampler_tokens
         return (self.vision.image_size // self.vision.patch_size) ** 2 + int(self.use_cls)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.lm.max_seq_len
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "vision": self.vision.to_dict(), "lm": self.lm.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MLLMConfig":
-        return cls(**{**d, "vision": VisionConfig.from_dict(d["vision"]), "lm": LMConfig.from_dict(d["lm"])})
 
 
 class MLLM(nn.Module):

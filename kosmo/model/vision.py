@@ -10,11 +10,13 @@ stored fused, as in `kosmo.model.lm`, because one wide matmul beats three narrow
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kosmo.model.lm import LMConfig
 
 
 def quick_gelu(x):
@@ -123,6 +125,26 @@ def init_tower(module: nn.Module, dim: int, n_layers: int):
             nn.init.normal_(p, std=(2 * dim) ** -0.5)
         else:  # embeddings and the patch convolution
             nn.init.normal_(p, std=0.02)
+
+
+
+@dataclass
+class ImageLMConfig:
+    """What every language model with an image encoder shares: the two towers' configs and the feature layer."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    feature_layer: int = -2       # which encoder block's output the LM side reads (HF hidden_states index)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.lm.max_seq_len
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "vision": self.vision.to_dict(), "lm": self.lm.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{**d, "vision": VisionConfig.from_dict(d["vision"]), "lm": LMConfig.from_dict(d["lm"])})
 
 
 class VisionTransformer(nn.Module):
