@@ -23,11 +23,11 @@ from pathlib import Path
 from kosmo.demo import log
 
 BUDGETS = {
-    "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.6, rm_steps=150,
-                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, dpo_steps=150, cai_sl_steps=100, cai_rl_steps=100,
-                    cai_ppo_steps=30, kl_budget=8.0, align_eval_n=200),
-    "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.6, rm_steps=5,
-                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, dpo_steps=5, cai_sl_steps=5, cai_rl_steps=3,
+    "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.8, rm_steps=150,
+                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, dpo_steps=150, dpo_beta=2.0, cai_sl_steps=100,
+                    cai_rl_steps=100, cai_ppo_steps=10, kl_budget=8.0, align_eval_n=200),
+    "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.8, rm_steps=5,
+                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, dpo_steps=5, dpo_beta=2.0, cai_sl_steps=5, cai_rl_steps=3,
                   cai_ppo_steps=0, kl_budget=8.0, align_eval_n=20),
 }
 
@@ -90,7 +90,7 @@ def run(demo, b: dict) -> dict:
     demo.train("ppo", "ppo", [prompts], [f"train.max_steps={b['ppo_steps']}", f"reward={runs / 'reward'}",
                                          *ppo_args], init="align-sft")
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
-                                         "train.lr=5e-5", "beta=0.5", *common], init="align-sft")
+                                         "train.lr=5e-5", f"beta={b['dpo_beta']}", *common], init="align-sft")
     demo.train("cai-sl", "cai-sl", [red_team], [f"train.max_steps={b['cai_sl_steps']}", "train.batch_size=16",
                                                 "train.lr=3e-4", "seq_len=512", "shots=1", "train.warmup_steps=5",
                                                 f"helpful={helpful}"], init="align-sft")
