@@ -24,6 +24,7 @@ VARIANTS = {
     "resampler": {"connector": "resampler"},
     "sft2x": {"sft_steps": 4800},
     "sft_lr2e-3": {"sft_lr": 2e-3, "lm_steps": 200, "sft_steps": 2500},
+    "vqa8k": {"vqa_images": 8000},
 }
 DESCRIPTIONS = {
     "default": "the demo's recipe: 36 px pictures, 12 px patches (9 tokens), CLIP frozen; connector, then + LM",
@@ -34,6 +35,7 @@ DESCRIPTIONS = {
     "resampler": "a resampler connector (8 visual tokens)",
     "sft2x": "twice the SFT steps (4,800)",
     "sft_lr2e-3": "SFT at twice the learning rate, 2,500 steps, with 200 LM steps (the time traded)",
+    "vqa8k": "VQA on 8,000 training pictures (48,000 questions) instead of 2,000",
 }
 
 
