@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kosmo.model.lm import LM, KVCache
+from kosmo.model.lm import LM, KVCache, LMConfig
 from kosmo.model.vision import ImageLMConfig, VisionTransformer
 from kosmo.tokenizer import IMAGE, IMAGE_END
 

@@ -127,7 +127,6 @@ def init_tower(module: nn.Module, dim: int, n_layers: int):
             nn.init.normal_(p, std=0.02)
 
 
-
 @dataclass
 class ImageLMConfig:
     """What every language model with an image encoder shares: the two towers' configs and the feature layer."""
