@@ -21,7 +21,7 @@ SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 # `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
     "default": dict(patch_size=12, vision_dim=128, clip_steps=400, lm_steps=300, stage1_steps=300,
-                    sft_steps=2400, sft_batch=32, sft_lr=1e-3, vqa_images=2000, sft_freeze="connector+lm",
+                    sft_steps=2400, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
                     vision_lr_scale=1.0, connector="mlp"),
     "quick": dict(patch_size=12, vision_dim=64, clip_steps=20, lm_steps=30, stage1_steps=10,
                   sft_steps=20, sft_batch=16, sft_lr=1e-3, vqa_images=200, sft_freeze="connector+lm",
