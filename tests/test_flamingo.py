@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import kosmo
+from conftest import assert_cached_decoding_equals_uncached, kosmo
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.flamingo import Flamingo, FlamingoConfig, PerceiverResampler
 from kosmo.model.lm import LM, KVCache, LMConfig
@@ -157,12 +157,7 @@ def test_cached_decoding_equals_uncached_and_keeps_looking_at_the_last_image():
     model = flamingo(tiny_lm(), gates=0.5)
     prompts = [[BOS, IMAGE, IMAGE_END, 20, IMAGE, IMAGE_END, 21], [BOS, 22, 23, 24, IMAGE, IMAGE_END, 25]]
     images = torch.randn(3, 3, 16, 16)
-    a, _, la = generate_ids(model, prompts, Sampling(max_new_tokens=6), stop_ids=(), images=images, return_logits=True)
-    b, _, lb = generate_ids(model, prompts, Sampling(max_new_tokens=6), stop_ids=(), images=images,
-                            use_cache=False, return_logits=True)
-    assert a == b
-    for x, y in zip(la, lb):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    la = assert_cached_decoding_equals_uncached(model, prompts, images)
     # the generated tokens see the row's last image: another last image changes what follows
     other = images.clone()
     other[1] = torch.randn(3, 16, 16)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from conftest import assert_cached_decoding_equals_uncached
 from kosmo.data import chat
 from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples, truncate, Example
-from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LMConfig
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.model.vision import VisionConfig
@@ -126,12 +126,7 @@ def test_generation_with_images_cached_equals_uncached(connector):
     model = tiny_mllm(connector).eval()
     prompts = [[BOS, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 20], [BOS, 21, 22, IMAGE, *[IMAGE_PAD] * K, IMAGE_END, 23, 24]]
     images = torch.randn(2, 3, 16, 16)
-    a, _, la = generate_ids(model, prompts, Sampling(max_new_tokens=6), stop_ids=(), images=images, return_logits=True)
-    b, _, lb = generate_ids(model, prompts, Sampling(max_new_tokens=6), stop_ids=(), images=images,
-                            use_cache=False, return_logits=True)
-    assert a == b
-    for x, y in zip(la, lb):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    assert_cached_decoding_equals_uncached(model, prompts, images)
 
 
 def test_a_bad_image_in_the_training_stream_is_skipped_and_counted(tok, tmp_path):
