@@ -1,0 +1,125 @@
+"""Where in-context learning of the shapes world's episodes stalls: two probes on the demo's LM.
+
+    kosmo demo --sections vision --out out        # any demo output with runs/lm and data/tokenizer.json
+    .venv/bin/python benchmarks/incontext_probes.py --demo out --work /tmp/probes
+
+1. copy: the LM trains on rows of random tokens whose second half repeats the first, and reports the
+   share of second-half tokens it predicts, every 100 steps. Predicting them needs an induction
+   circuit (Olsson et al. 2022: find the earlier occurrence of the current token, copy what followed),
+   the mechanism that naming a picture from its examples also needs.
+2. text episodes: the world's episodes with every picture written as words ("A small red circle.
+   This is a dax."), so that no vision is involved; `kosmo train lm` on them, then the 4-shot
+   accuracy on 200 held-out episodes (scored by ranking the two labels), from `runs/lm` and from the
+   LM after the copy probe.
+
+Prints one JSON line per measurement. Takes about 20 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kosmo import checkpoint
+from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, World
+from kosmo.model.load import load_run
+from kosmo.tokenizer import SPECIAL_TOKENS
+from kosmo.train.run import run_stage
+from kosmo.train.trainer import autocast
+
+
+def copy_probe(run: Path, out: Path, steps: int, half: int = 48, batch: int = 32, lr: float = 1e-3):
+    """Trains `run`'s LM on repeated random tokens and saves it as a run in `out`; yields the copy
+    accuracy on a fresh batch every 100 steps."""
+    torch.manual_seed(0)
+    model, tok, _ = load_run(run)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps + 1):
+        first = torch.randint(len(SPECIAL_TOKENS), tok.vocab_size, (batch, half))
+        ids = torch.cat([first, first], 1)
+        with autocast(torch.device("cpu"), "bf16"):
+            logits = model(ids[:, :-1]).float()
+        if step % 100 == 0 or step == steps:
+            copied = (logits[:, half:].argmax(-1) == ids[:, half + 1:]).float().mean().item()
+            yield {"probe": "copy", "step": step, "second_half_accuracy": round(100 * copied, 1),
+                   "seconds": round(time.time() - t0, 1)}
+        if step == steps:
+            break
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    shutil.copytree(run, out, dirs_exist_ok=True)
+    checkpoint.save_tensors(out / "model.safetensors", checkpoint.model_tensors(model))
+
+
+def describe(scene) -> str:
+    o = scene.objects[0]
+    return f"A {o.size} {o.colour} {o.shape}."
+
+
+def write_text_episodes(world: World, train: Path, val: Path, n: int, val_n: int = 200):
+    """Training rows with 4, 6 or 8 examples and the query's label; held-out 4-shot prompts."""
+    with train.open("w") as f:
+        for i in range(n):
+            ep = world.episode(i, "train", shots=(4, 6, 8)[i % 3])
+            examples = [f"{describe(s)} {EPISODE_EXAMPLE.format(label=label)}" for s, label in [*ep.support, ep.query]]
+            f.write(json.dumps({"text": " ".join(examples)}) + "\n")
+    with val.open("w") as f:
+        for i in range(val_n):
+            ep = world.episode(i, "val", shots=4)
+            prompt = " ".join(f"{describe(s)} {EPISODE_EXAMPLE.format(label=label)}" for s, label in ep.support)
+            f.write(json.dumps({"prompt": f"{prompt} {describe(ep.query[0])} {EPISODE_QUERY}", "answer": ep.query[1],
+                                "labels": ep.labels}) + "\n")
+
+
+@torch.no_grad()
+def text_episode_accuracy(run: Path, val: Path) -> float:
+    model, tok, _ = load_run(run)
+    model.eval()
+    right = 0
+    rows = [json.loads(line) for line in val.read_text().splitlines()]
+    for r in rows:
+        n_prompt = len(tok.encode(r["prompt"]))
+        scores = []
+        for label in r["labels"]:
+            ids = torch.tensor([tok.encode(f"{r['prompt']} {label}.")])
+            logp = model(ids[:, :-1]).float().log_softmax(-1)[0].gather(-1, ids[0, 1:, None])[:, 0]
+            scores.append(logp[n_prompt - 1:].sum().item())
+        right += r["labels"][scores.index(max(scores))] == r["answer"]
+    return round(100 * right / len(rows), 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", required=True, help="a `kosmo demo` output folder with runs/lm")
+    p.add_argument("--work", required=True, help="folder for the probes' data and runs")
+    p.add_argument("--copy-steps", type=int, default=1000)
+    p.add_argument("--episode-steps", type=int, default=600)
+    p.add_argument("--episodes", type=int, default=16000)
+    args = p.parse_args()
+    demo, work = Path(args.demo), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps):
+        print(json.dumps(row), flush=True)
+    train, val = work / "text_episodes.jsonl", work / "val_text_episodes.jsonl"
+    write_text_episodes(World(image_size=36), train, val, args.episodes)
+    for start in (demo / "runs" / "lm", work / "lm_copy"):
+        out = work / f"{start.name}_episodes"
+        run_stage("lm", [train], out, init=start, tokenizer=demo / "data" / "tokenizer.json",
+                  overrides=[f"train.max_steps={args.episode_steps}", "train.batch_size=16", "train.lr=1e-3",
+                             "seq_len=192", "train.warmup_steps=20", "train.eval_every=0", "train.progress=false",
+                             "train.tensorboard=false"])
+        print(json.dumps({"probe": "text_episodes", "start": str(start), "steps": args.episode_steps,
+                          "accuracy_4shot": text_episode_accuracy(out, val), "chance": 50.0}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
