@@ -10,7 +10,7 @@
 2. text episodes: the world's episodes with every picture written as words ("A small red circle.
    This is a dax."), so that no vision is involved; `kosmo train lm` on them, then the 4-shot
    accuracy on 200 held-out episodes (scored by ranking the two labels), from `runs/lm` and from the
-   LM after the copy probe.
+   LM after the copy probe, beside the ceiling of an ideal reasoner on the same episodes.
 
 Prints one JSON line per measurement. Takes about 20 minutes on 2 CPU cores.
 """
@@ -80,6 +80,30 @@ def write_text_episodes(world: World, train: Path, val: Path, n: int, val_n: int
                                 "labels": ep.labels}) + "\n")
 
 
+def ideal_accuracy(world: World, shots: int, n: int = 1000) -> float:
+    """The ceiling: every attribute whose values the support maps one-to-one onto its labels is a
+    hypothesis; each votes for the label it gives the query (a value the support never showed goes
+    to the label the support never used), and ties are split."""
+    right = 0.0
+    for i in range(n):
+        ep = world.episode(i, "val", shots=shots)
+        votes = dict.fromkeys(ep.labels, 0)
+        for attribute in ("shape", "colour", "size"):
+            names: dict[str, str] = {}
+            for scene, label in ep.support:
+                names.setdefault(getattr(scene.objects[0], attribute), label)
+            consistent = all(names[getattr(s.objects[0], attribute)] == label for s, label in ep.support)
+            if not consistent or len(set(names.values())) < len(names):
+                continue
+            value = getattr(ep.query[0].objects[0], attribute)
+            unused = [label for label in ep.labels if label not in names.values()]
+            for label in ([names[value]] if value in names else unused):
+                votes[label] += 1
+        best = [label for label, v in votes.items() if v == max(votes.values())]
+        right += (ep.query[1] in best) / len(best)
+    return round(100 * right / n, 1)
+
+
 @torch.no_grad()
 def text_episode_accuracy(run: Path, val: Path) -> float:
     model, tok, _ = load_run(run)
@@ -109,8 +133,10 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps):
         print(json.dumps(row), flush=True)
+    world = World(image_size=36)
+    print(json.dumps({"probe": "ideal", "accuracy": {k: ideal_accuracy(world, k) for k in (1, 2, 4, 8)}}))
     train, val = work / "text_episodes.jsonl", work / "val_text_episodes.jsonl"
-    write_text_episodes(World(image_size=36), train, val, args.episodes)
+    write_text_episodes(world, train, val, args.episodes)
     for start in (demo / "runs" / "lm", work / "lm_copy"):
         out = work / f"{start.name}_episodes"
         run_stage("lm", [train], out, init=start, tokenizer=demo / "data" / "tokenizer.json",
