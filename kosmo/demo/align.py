@@ -24,11 +24,11 @@ from kosmo.demo import log
 
 BUDGETS = {
     "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.8, rm_steps=150,
-                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, dpo_steps=150, dpo_beta=2.0, cai_sl_steps=50,
-                    cai_rl_steps=100, cai_ppo_steps=10, kl_budget=8.0, align_eval_n=200),
+                    ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, ppo_epochs=2, ppo_minibatches=2, dpo_steps=150,
+                    dpo_beta=2.0, cai_sl_steps=50, cai_rl_steps=100, cai_ppo_steps=10, kl_budget=8.0, align_eval_n=200),
     "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.8, rm_steps=5,
-                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, dpo_steps=5, dpo_beta=2.0, cai_sl_steps=5, cai_rl_steps=3,
-                  cai_ppo_steps=0, kl_budget=8.0, align_eval_n=20),
+                  ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, ppo_epochs=2, ppo_minibatches=2, dpo_steps=5, dpo_beta=2.0,
+                  cai_sl_steps=5, cai_rl_steps=3, cai_ppo_steps=0, kl_budget=8.0, align_eval_n=20),
 }
 
 
@@ -88,7 +88,7 @@ def run(demo, b: dict) -> dict:
     # Four updates per rollout (2 epochs x 2 minibatches): at 4 x 4 the policy overshot in a single
     # iteration (approximate KL 9 at step 7) and never recovered; see docs/align.md.
     ppo_args = [f"train.batch_size={b['ppo_batch']}", f"train.lr={b['ppo_lr']}", "kl_coef=0.2", "max_new_tokens=24",
-                "epochs=2", "minibatches=2", *common]
+                f"epochs={b['ppo_epochs']}", f"minibatches={b['ppo_minibatches']}", *common]
     demo.train("ppo", "ppo", [prompts], [f"train.max_steps={b['ppo_steps']}", f"reward={runs / 'reward'}",
                                          *ppo_args], init="align-sft")
     demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
