@@ -36,7 +36,8 @@ from kosmo.train.trainer import autocast
 
 def copy_probe(run: Path, out: Path, steps: int, half: int = 48, batch: int = 32, lr: float = 1e-3):
     """Trains `run`'s LM on repeated random tokens and saves it as a run in `out`; yields the copy
-    accuracy on a fresh batch every 100 steps."""
+    accuracy on a fresh batch every 100 steps. A plain loop, not the shared trainer: the rows are
+    token ids drawn afresh every step, with no text or dataset behind them."""
     torch.manual_seed(0)
     model, tok, _ = load_run(run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -56,7 +57,9 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 48, batch: int = 32
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    shutil.copytree(run, out, dirs_exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(run / name, out / name)
     checkpoint.save_tensors(out / "model.safetensors", checkpoint.model_tensors(model))
 
 
