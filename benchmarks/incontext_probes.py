@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from kosmo import checkpoint
 from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, World
+from kosmo.eval.fewshot import common_prefix, label_logprobs
 from kosmo.model.load import load_run
-from kosmo.tokenizer import SPECIAL_TOKENS
+from kosmo.tokenizer import BOS, SPECIAL_TOKENS
 from kosmo.train.run import run_stage
 from kosmo.train.trainer import autocast
 
@@ -109,17 +110,15 @@ def ideal_accuracy(world: World, shots: int, n: int = 1000) -> float:
 
 @torch.no_grad()
 def text_episode_accuracy(run: Path, val: Path) -> float:
+    """Ranks each prompt's labels by likelihood, as `kosmo eval fewshot` ranks an episode's."""
     model, tok, _ = load_run(run)
     model.eval()
-    right = 0
     rows = [json.loads(line) for line in val.read_text().splitlines()]
+    right = 0
     for r in rows:
-        n_prompt = len(tok.encode(r["prompt"]))
-        scores = []
-        for label in r["labels"]:
-            ids = torch.tensor([tok.encode(f"{r['prompt']} {label}.")])
-            logp = model(ids[:, :-1]).float().log_softmax(-1)[0].gather(-1, ids[0, 1:, None])[:, 0]
-            scores.append(logp[n_prompt - 1:].sum().item())
+        candidates = [[BOS, *tok.encode(f"{r['prompt']} {label}")] for label in r["labels"]]
+        first = common_prefix(candidates)
+        scores = label_logprobs(model, [(c, [], first) for c in candidates], batch_size=len(candidates))
         right += r["labels"][scores.index(max(scores))] == r["answer"]
     return round(100 * right / len(rows), 1)
 
@@ -133,6 +132,9 @@ def main():
     p.add_argument("--episodes", type=int, default=16000)
     args = p.parse_args()
     demo, work = Path(args.demo), Path(args.work)
+    for needed in (demo / "runs" / "lm", demo / "data" / "tokenizer.json"):
+        if not needed.exists():
+            p.error(f"{needed} not found: --demo must be the output folder of `kosmo demo`")
     work.mkdir(parents=True, exist_ok=True)
     for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps):
         print(json.dumps(row), flush=True)

@@ -159,7 +159,7 @@ def _episodes(model, tok, path, records, k, limit, blind, seed, batch_size):
             p.image(image, where).text(text)
         p.image(query_image, where)
         candidates = [tok.encode(f"{query_text} {label}") for label in obj["labels"]]
-        shared = _common_prefix(candidates)
+        shared = common_prefix(candidates)
         rows += [(p.ids + c, p.images, len(p.ids) + shared) for c in candidates]
         if obj["answer"] not in obj["labels"]:
             raise KosmoError(f"{where}: 'answer' {obj['answer']!r} is not one of the 'labels'")
@@ -169,7 +169,7 @@ def _episodes(model, tok, path, records, k, limit, blind, seed, batch_size):
             break
     if not answers:
         return None, 0
-    scores = _label_logprobs(model, rows, batch_size)
+    scores = label_logprobs(model, rows, batch_size)
     correct, start = 0, 0
     for answer, n in zip(answers, n_labels):
         correct += int(max(range(n), key=lambda j: scores[start + j]) == answer)
@@ -195,14 +195,15 @@ def _round_robin(support: list[tuple[str, str]], labels: list[str], k: int) -> l
     return [support[i] for i in sorted(order[:k])]
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all `seqs` share: where ranked candidates start to differ."""
     n = 0
     while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
         n += 1
     return n
 
 
-def _label_logprobs(model, rows, batch_size: int) -> list[float]:
+def label_logprobs(model, rows, batch_size: int) -> list[float]:
     """Sum of log-probabilities of each row's tokens from its scored index on, in right-padded batches."""
     device = next(model.parameters()).device
     out = []
