@@ -1,7 +1,8 @@
-"""Where in-context learning of the shapes world's episodes stalls: two probes on the demo's LM.
+"""Where in-context learning of the shapes world's episodes stalls: three probes.
 
     kosmo demo --sections vision --out out        # any demo output with runs/lm and data/tokenizer.json
     .venv/bin/python benchmarks/incontext_probes.py --demo out --work /tmp/probes
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/incontext_probes.py --probes symbols
 
 1. copy: the LM trains on rows of random tokens whose second half repeats the first, and reports the
    share of second-half tokens it predicts, every 100 steps. Predicting them needs an induction
@@ -11,8 +12,13 @@
    This is a dax."), so that no vision is involved; `kosmo train lm` on them, then the 4-shot
    accuracy on 200 held-out episodes (scored by ranking the two labels), from `runs/lm` and from the
    LM after the copy probe, beside the ceiling of an ideal reasoner on the same episodes.
+3. symbols (`--probes symbols`, no demo needed): the episodes at their barest, four symbols an
+   example (size, colour, shape, label), learnt by a fresh 2-layer model; the 4-shot accuracy on 300
+   held-out episodes every 250 steps. With `--symbol-attribute shape` the rule is a plain induction
+   (find the earlier example with the query's shape, copy its label).
 
-Prints one JSON line per measurement. Takes about 20 minutes on 2 CPU cores.
+Prints one JSON line per measurement. The first two take about 20 minutes on 2 CPU cores; symbols
+about 45 minutes per 20,000 steps on one thread (55 with `--symbol-attribute shape`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from kosmo import checkpoint
-from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, World
+from kosmo.data.world import COLOURS, EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS, SHAPES, SIZES, World
 from kosmo.eval.fewshot import common_prefix, label_logprobs
+from kosmo.model.lm import LM, LMConfig
 from kosmo.model.load import load_run
 from kosmo.tokenizer import BOS, SPECIAL_TOKENS
 from kosmo.train.run import run_stage
@@ -62,6 +69,71 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 48, batch: int = 32
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(run / name, out / name)
     checkpoint.save_tensors(out / "model.safetensors", checkpoint.model_tensors(model))
+
+
+SYMBOLS = ("<s>", ".", *SIZES, *COLOURS, *SHAPES, *NONCE_WORDS)
+
+
+def symbols_probe(world: World, steps: int, attribute: str, batch: int = 32, shots=(8, 12, 16),
+                  lr: float = 1e-3, every: int = 250):
+    """Trains a fresh 2-layer model on episodes written as symbols, loss on every label already named
+    in its row (the only ones the context can predict); yields the held-out 4-shot accuracy."""
+    torch.manual_seed(0)
+    ix = {w: i for i, w in enumerate(SYMBOLS)}
+    model = LM(LMConfig(vocab_size=len(SYMBOLS), dim=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256))
+
+    def draw(i: int, split: str, k: int):
+        while True:  # the next episode about `attribute` from index i on
+            ep = world.episode(i, split, shots=k)
+            if attribute == "any" or ep.attribute == attribute:
+                return ep, i
+            i += 1
+
+    def encode(ep, with_answer: bool = True):
+        ids, target = [ix["<s>"]], [False]
+        for k, (scene, label) in enumerate([*ep.support, ep.query]):
+            o = scene.objects[0]
+            ids += [ix[o.size], ix[o.colour], ix[o.shape]]
+            target += [False] * 3
+            if k == len(ep.support) and not with_answer:
+                break
+            ids += [ix[label], ix["."]]
+            target += [any(label == seen for _, seen in ep.support[:k]), False]
+        return ids, target
+
+    val, j = [], 0
+    while len(val) < 300:
+        ep, j = draw(j, "val", 4)
+        val.append(ep)
+        j += 1
+    prompts = torch.tensor([encode(ep, with_answer=False)[0] for ep in val])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    t0, i = time.time(), 0
+    for step in range(1, steps + 1):
+        rows = []
+        for _ in range(batch):
+            ep, i = draw(i, "train", shots[step % len(shots)])
+            rows.append(encode(ep))
+            i += 1
+        ids, target = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1, step / 50)
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].masked_fill(~target[:, 1:], -100).flatten(),
+                               ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % every == 0:
+            model.eval()
+            with torch.no_grad():
+                last = model(prompts)[:, -1]
+            model.train()
+            right = sum(max(ep.labels, key=lambda label: last[n, ix[label]].item()) == ep.query[1]
+                        for n, ep in enumerate(val))
+            yield {"probe": "symbols", "attribute": attribute, "step": step, "loss": round(loss.item(), 3),
+                   "accuracy_4shot": round(100 * right / len(val), 1), "seconds": round(time.time() - t0)}
 
 
 def describe(scene) -> str:
@@ -125,20 +197,39 @@ def text_episode_accuracy(run: Path, val: Path) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", required=True, help="a `kosmo demo` output folder with runs/lm")
-    p.add_argument("--work", required=True, help="folder for the probes' data and runs")
+    p.add_argument("--probes", default="copy,text", help="comma-separated: copy, text (after copy), symbols")
+    p.add_argument("--demo", help="a `kosmo demo` output folder with runs/lm (for copy and text)")
+    p.add_argument("--work", help="folder for the copy and text probes' data and runs")
     p.add_argument("--copy-steps", type=int, default=1000)
     p.add_argument("--episode-steps", type=int, default=600)
     p.add_argument("--episodes", type=int, default=16000)
+    p.add_argument("--symbol-steps", type=int, default=20000)
+    p.add_argument("--symbol-attribute", default="any", choices=("any", "shape", "colour", "size"))
     args = p.parse_args()
-    demo, work = Path(args.demo), Path(args.work)
+    probes = args.probes.split(",")
+    if unknown := set(probes) - {"copy", "text", "symbols"}:
+        p.error(f"--probes: unknown probe {sorted(unknown)[0]!r} (expected copy, text or symbols)")
+    if "text" in probes and "copy" not in probes:
+        p.error("--probes: text starts from the copy probe's LM, so it needs copy too")
+    world = World(image_size=36)
+    if "copy" in probes:
+        if not args.demo or not args.work:
+            p.error("--probes copy and text need --demo and --work")
+        copy_and_text_probes(Path(args.demo), Path(args.work), world, args, "text" in probes, p.error)
+    if "symbols" in probes:
+        for row in symbols_probe(world, args.symbol_steps, args.symbol_attribute):
+            print(json.dumps(row), flush=True)
+
+
+def copy_and_text_probes(demo: Path, work: Path, world: World, args, text: bool, error):
     for needed in (demo / "runs" / "lm", demo / "data" / "tokenizer.json"):
         if not needed.exists():
-            p.error(f"{needed} not found: --demo must be the output folder of `kosmo demo`")
+            error(f"{needed} not found: --demo must be the output folder of `kosmo demo`")
     work.mkdir(parents=True, exist_ok=True)
     for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps):
         print(json.dumps(row), flush=True)
-    world = World(image_size=36)
+    if not text:
+        return
     print(json.dumps({"probe": "ideal", "accuracy": {k: ideal_accuracy(world, k) for k in (1, 2, 4, 8)}}))
     train, val = work / "text_episodes.jsonl", work / "val_text_episodes.jsonl"
     write_text_episodes(world, train, val, args.episodes)
