@@ -77,7 +77,8 @@ SYMBOLS = ("<s>", ".", *SIZES, *COLOURS, *SHAPES, *NONCE_WORDS)
 def symbols_probe(world: World, steps: int, attribute: str, batch: int = 32, shots=(8, 12, 16),
                   lr: float = 1e-3, every: int = 250):
     """Trains a fresh 2-layer model on episodes written as symbols, loss on every label already named
-    in its row (the only ones the context can predict); yields the held-out 4-shot accuracy."""
+    in its row (the only ones the context can predict); yields the held-out 4-shot accuracy. A plain
+    loop, as in the copy probe: the symbols have no tokenizer or JSONL behind them."""
     torch.manual_seed(0)
     ix = {w: i for i, w in enumerate(SYMBOLS)}
     model = LM(LMConfig(vocab_size=len(SYMBOLS), dim=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256))
@@ -206,6 +207,8 @@ def main():
     p.add_argument("--symbol-steps", type=int, default=20000)
     p.add_argument("--symbol-attribute", default="any", choices=("any", "shape", "colour", "size"))
     args = p.parse_args()
+    if min(args.copy_steps, args.episode_steps, args.episodes, args.symbol_steps) < 1:
+        p.error("--copy-steps, --episode-steps, --episodes and --symbol-steps must be at least 1")
     probes = args.probes.split(",")
     if unknown := set(probes) - {"copy", "text", "symbols"}:
         p.error(f"--probes: unknown probe {sorted(unknown)[0]!r} (expected copy, text or symbols)")
