@@ -2,12 +2,13 @@
 
     kosmo demo --sections vision --out out        # any demo output with runs/lm and data/tokenizer.json
     .venv/bin/python benchmarks/incontext_probes.py --demo out --work /tmp/probes
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/incontext_probes.py --probes symbols
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/incontext_probes.py --probes symbols [--symbol-copy-mix 0.5]
 
-1. copy: the LM trains on rows of random tokens whose second half repeats the first, and reports the
-   share of second-half tokens it predicts, every 100 steps. Predicting them needs an induction
-   circuit (Olsson et al. 2022: find the earlier occurrence of the current token, copy what followed),
-   the mechanism that naming a picture from its examples also needs.
+1. copy: the LM trains on rows of random tokens whose second half repeats the first (a half of 12 to
+   60 tokens, drawn afresh every batch), and reports the share of second-half tokens it predicts,
+   every 100 steps. Predicting them needs an induction circuit (Olsson et al. 2022: find the earlier
+   occurrence of the current token, copy what followed), the mechanism that naming a picture from its
+   examples also needs.
 2. text episodes: the world's episodes with every picture written as words ("A small red circle.
    This is a dax."), so that no vision is involved; `kosmo train lm` on them, then the 4-shot
    accuracy on 200 held-out episodes (scored by ranking the two labels), from `runs/lm` and from the
@@ -15,7 +16,8 @@
 3. symbols (`--probes symbols`, no demo needed): the episodes at their barest, four symbols an
    example (size, colour, shape, label), learnt by a fresh 2-layer model; the 4-shot accuracy on 300
    held-out episodes every 250 steps. With `--symbol-attribute shape` the rule is a plain induction
-   (find the earlier example with the query's shape, copy its label).
+   (find the earlier example with the query's shape, copy its label); with `--symbol-copy-mix 0.5`
+   half of every batch is copy rows of random symbols, as in probe 1.
 
 Prints one JSON line per measurement. The first two take about 20 minutes on 2 CPU cores; symbols
 about 45 minutes per 20,000 steps on one thread (55 with `--symbol-attribute shape`).
@@ -42,22 +44,32 @@ from kosmo.train.run import run_stage
 from kosmo.train.trainer import autocast
 
 
-def copy_probe(run: Path, out: Path, steps: int, half: int = 48, batch: int = 32, lr: float = 1e-3):
+def copy_rows(batch: int, low: int, high: int, vocab: tuple[int, int], gen: torch.Generator):
+    """A batch of random tokens whose second half repeats the first. The half's length is drawn
+    afresh (low..high) for every batch: at one fixed length a model copies by looking back that
+    many positions, which no real text rewards, instead of finding the earlier copy by content."""
+    half = int(torch.randint(low, high + 1, (1,), generator=gen))
+    first = torch.randint(*vocab, (batch, half), generator=gen)
+    return torch.cat([first, first], 1), half
+
+
+def copy_probe(run: Path, out: Path, steps: int, half: int = 0, batch: int = 32, lr: float = 1e-3):
     """Trains `run`'s LM on repeated random tokens and saves it as a run in `out`; yields the copy
-    accuracy on a fresh batch every 100 steps. A plain loop, not the shared trainer: the rows are
-    token ids drawn afresh every step, with no text or dataset behind them."""
+    accuracy on the step's batch every 100 steps, then on fresh rows at several lengths. `half` > 0
+    fixes the half's length instead of drawing it from 12..60. A plain loop, not the shared trainer:
+    the rows are token ids drawn afresh every step, with no text or dataset behind them."""
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     model, tok, _ = load_run(run)
+    vocab = (len(SPECIAL_TOKENS), tok.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
     for step in range(steps + 1):
-        first = torch.randint(len(SPECIAL_TOKENS), tok.vocab_size, (batch, half))
-        ids = torch.cat([first, first], 1)
+        ids, n = copy_rows(batch, half or 12, half or 60, vocab, gen)
         with autocast(torch.device("cpu"), "bf16"):
             logits = model(ids[:, :-1]).float()
         if step % 100 == 0 or step == steps:
-            copied = (logits[:, half:].argmax(-1) == ids[:, half + 1:]).float().mean().item()
-            yield {"probe": "copy", "step": step, "second_half_accuracy": round(100 * copied, 1),
+            yield {"probe": "copy", "step": step, "half": n, "second_half_accuracy": copied(logits, ids, n),
                    "seconds": round(time.time() - t0, 1)}
         if step == steps:
             break
@@ -65,21 +77,36 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 48, batch: int = 32
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        by_length = {}
+        for n in (20, 36, 48, 60):
+            ids, _ = copy_rows(batch, n, n, vocab, gen)
+            by_length[n] = copied(model(ids[:, :-1]).float(), ids, n)
+    yield {"probe": "copy", "step": steps, "second_half_accuracy_by_length": by_length}
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(run / name, out / name)
     checkpoint.save_tensors(out / "model.safetensors", checkpoint.model_tensors(model))
 
 
+def copied(logits: torch.Tensor, ids: torch.Tensor, half: int) -> float:
+    """The share (%) of the repeated half, past its first token, that the logits predict."""
+    return round(100 * (logits[:, half:].argmax(-1) == ids[:, half + 1:]).float().mean().item(), 1)
+
+
 SYMBOLS = ("<s>", ".", *SIZES, *COLOURS, *SHAPES, *NONCE_WORDS)
 
 
-def symbols_probe(world: World, steps: int, attribute: str, batch: int = 32, shots=(8, 12, 16),
-                  lr: float = 1e-3, every: int = 250):
+def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.0, batch: int = 32,
+                  shots=(8, 12, 16), lr: float = 1e-3, every: int = 250):
     """Trains a fresh 2-layer model on episodes written as symbols, loss on every label already named
-    in its row (the only ones the context can predict); yields the held-out 4-shot accuracy. A plain
-    loop, as in the copy probe: the symbols have no tokenizer or JSONL behind them."""
+    in its row (the only ones the context can predict); yields the held-out 4-shot accuracy. With
+    `copy_mix`, that share of every batch is copy rows of random symbols instead, loss on their
+    repeated half. A plain loop, as in the copy probe: the symbols have no tokenizer or JSONL behind them."""
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    n_copy = round(batch * copy_mix)
     ix = {w: i for i, w in enumerate(SYMBOLS)}
     model = LM(LMConfig(vocab_size=len(SYMBOLS), dim=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256))
 
@@ -112,11 +139,13 @@ def symbols_probe(world: World, steps: int, attribute: str, batch: int = 32, sho
     t0, i = time.time(), 0
     for step in range(1, steps + 1):
         rows = []
-        for _ in range(batch):
+        for _ in range(batch - n_copy):
             ep, i = draw(i, "train", shots[step % len(shots)])
             rows.append(encode(ep))
             i += 1
         ids, target = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+        if n_copy:
+            ids, target = with_copy_rows(ids, target, n_copy, gen)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1, step / 50)
         logits = model(ids[:, :-1])
@@ -135,6 +164,18 @@ def symbols_probe(world: World, steps: int, attribute: str, batch: int = 32, sho
                         for n, ep in enumerate(val))
             yield {"probe": "symbols", "attribute": attribute, "step": step, "loss": round(loss.item(), 3),
                    "accuracy_4shot": round(100 * right / len(val), 1), "seconds": round(time.time() - t0)}
+
+
+def with_copy_rows(ids: torch.Tensor, target: torch.Tensor, n: int, gen: torch.Generator):
+    """Appends n rows of the same length: "<s>", random symbols repeated once, "." to the end; the
+    targets are the repeated half past its first symbol (which nothing before it predicts)."""
+    length = ids.shape[1]
+    copies, half = copy_rows(n, 8, (length - 1) // 2, (2, len(SYMBOLS)), gen)
+    rows = torch.ones(n, length, dtype=torch.long)  # "."
+    rows[:, 0], rows[:, 1:1 + 2 * half] = 0, copies  # "<s>"
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    mask[:, 2 + half:1 + 2 * half] = True
+    return torch.cat([ids, rows]), torch.cat([target, mask])
 
 
 def describe(scene) -> str:
@@ -202,13 +243,21 @@ def main():
     p.add_argument("--demo", help="a `kosmo demo` output folder with runs/lm (for copy and text)")
     p.add_argument("--work", help="folder for the copy and text probes' data and runs")
     p.add_argument("--copy-steps", type=int, default=1000)
+    p.add_argument("--copy-half", type=int, default=0,
+                   help="fix the copy rows' half length (default 0: drawn from 12..60 for every batch)")
     p.add_argument("--episode-steps", type=int, default=600)
     p.add_argument("--episodes", type=int, default=16000)
     p.add_argument("--symbol-steps", type=int, default=20000)
     p.add_argument("--symbol-attribute", default="any", choices=("any", "shape", "colour", "size"))
+    p.add_argument("--symbol-copy-mix", type=float, default=0.0,
+                   help="share of each symbols batch that is copy rows (0 to 1)")
     args = p.parse_args()
     if min(args.copy_steps, args.episode_steps, args.episodes, args.symbol_steps) < 1:
         p.error("--copy-steps, --episode-steps, --episodes and --symbol-steps must be at least 1")
+    if args.copy_half < 0:
+        p.error(f"--copy-half must be 0 (drawn per batch) or a length, got {args.copy_half}")
+    if not 0 <= args.symbol_copy_mix < 1:
+        p.error(f"--symbol-copy-mix must be at least 0 and below 1, got {args.symbol_copy_mix}")
     probes = args.probes.split(",")
     if unknown := set(probes) - {"copy", "text", "symbols"}:
         p.error(f"--probes: unknown probe {sorted(unknown)[0]!r} (expected copy, text or symbols)")
@@ -220,7 +269,7 @@ def main():
             p.error("--probes copy and text need --demo and --work")
         copy_and_text_probes(Path(args.demo), Path(args.work), world, args, "text" in probes, p.error)
     if "symbols" in probes:
-        for row in symbols_probe(world, args.symbol_steps, args.symbol_attribute):
+        for row in symbols_probe(world, args.symbol_steps, args.symbol_attribute, args.symbol_copy_mix):
             print(json.dumps(row), flush=True)
 
 
@@ -229,7 +278,7 @@ def copy_and_text_probes(demo: Path, work: Path, world: World, args, text: bool,
         if not needed.exists():
             error(f"{needed} not found: --demo must be the output folder of `kosmo demo`")
     work.mkdir(parents=True, exist_ok=True)
-    for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps):
+    for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps, args.copy_half):
         print(json.dumps(row), flush=True)
     if not text:
         return

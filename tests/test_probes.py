@@ -1,0 +1,48 @@
+"""The in-context probes' copy rows: what docs/architectures.md's figures rest on."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("incontext_probes", ROOT / "benchmarks" / "incontext_probes.py")
+probes = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probes)
+
+
+def test_copy_rows_repeat_their_first_half_at_a_length_drawn_per_batch():
+    gen = torch.Generator().manual_seed(0)
+    lengths = set()
+    for _ in range(20):
+        ids, half = probes.copy_rows(4, 12, 60, (5, 100), gen)
+        assert ids.shape == (4, 2 * half) and 12 <= half <= 60
+        assert torch.equal(ids[:, :half], ids[:, half:]) and ids.min() >= 5 and ids.max() < 100
+        lengths.add(half)
+    assert len(lengths) > 10  # no one offset to learn instead of copying by content
+    ids, half = probes.copy_rows(2, 48, 48, (5, 100), gen)
+    assert half == 48
+
+
+def test_symbol_copy_rows_target_only_what_the_first_half_predicts():
+    episodes, targets = torch.zeros(3, 30, dtype=torch.long), torch.zeros(3, 30, dtype=torch.bool)
+    ids, target = probes.with_copy_rows(episodes, targets, 2, torch.Generator().manual_seed(1))
+    assert ids.shape == (5, 30) and target.shape == (5, 30)
+    assert torch.equal(ids[:3], episodes) and not target[:3].any()
+    for row, mask in zip(ids[3:], target[3:]):
+        assert row[0] == 0  # "<s>"
+        half = int(mask.sum()) + 1  # every repeated token but the first
+        assert torch.equal(row[1:1 + half], row[1 + half:1 + 2 * half])
+        assert mask.nonzero().flatten().tolist() == list(range(2 + half, 1 + 2 * half))
+        assert (row[1 + 2 * half:] == 1).all()  # "." to the end, untargeted
+
+
+def test_probe_arguments_out_of_range_get_a_one_line_error():
+    for args, message in ((["--symbol-copy-mix", "1"], "--symbol-copy-mix must be at least 0 and below 1"),
+                          (["--copy-half", "-1"], "--copy-half must be 0"),
+                          (["--symbol-steps", "0"], "must be at least 1")):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "incontext_probes.py"), "--probes", "symbols",
+                            *args], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
