@@ -19,7 +19,7 @@
    (find the earlier example with the query's shape, copy its label); with `--symbol-copy-mix 0.5`
    half of every batch is copy rows of random symbols, as in probe 1.
 
-Prints one JSON line per measurement. The first two take about 20 minutes on 2 CPU cores; symbols
+Prints one JSON line per measurement. The first two take about 30 minutes on one thread; symbols
 about 45 minutes per 20,000 steps on one thread (55 with `--symbol-attribute shape`).
 """
 
