@@ -58,7 +58,6 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 0, batch: int = 32,
     accuracy on the step's batch every 100 steps, then on fresh rows at several lengths. `half` > 0
     fixes the half's length instead of drawing it from 12..60. A plain loop, not the shared trainer:
     the rows are token ids drawn afresh every step, with no text or dataset behind them."""
-    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model, tok, _ = load_run(run)
     vocab = (len(SPECIAL_TOKENS), tok.vocab_size)
@@ -244,7 +243,7 @@ def main():
     p.add_argument("--work", help="folder for the copy and text probes' data and runs")
     p.add_argument("--copy-steps", type=int, default=1000)
     p.add_argument("--copy-half", type=int, default=0,
-                   help="fix the copy rows' half length (default 0: drawn from 12..60 for every batch)")
+                   help="fix the copy rows' half length, 2..128 (default 0: drawn from 12..60 for every batch)")
     p.add_argument("--episode-steps", type=int, default=600)
     p.add_argument("--episodes", type=int, default=16000)
     p.add_argument("--symbol-steps", type=int, default=20000)
@@ -254,8 +253,8 @@ def main():
     args = p.parse_args()
     if min(args.copy_steps, args.episode_steps, args.episodes, args.symbol_steps) < 1:
         p.error("--copy-steps, --episode-steps, --episodes and --symbol-steps must be at least 1")
-    if args.copy_half < 0:
-        p.error(f"--copy-half must be 0 (drawn per batch) or a length, got {args.copy_half}")
+    if args.copy_half and not 2 <= args.copy_half <= 128:
+        p.error(f"--copy-half must be 0 (drawn per batch) or a length from 2 to 128, got {args.copy_half}")
     if not 0 <= args.symbol_copy_mix < 1:
         p.error(f"--symbol-copy-mix must be at least 0 and below 1, got {args.symbol_copy_mix}")
     probes = args.probes.split(",")

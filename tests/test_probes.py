@@ -42,6 +42,7 @@ def test_symbol_copy_rows_target_only_what_the_first_half_predicts():
 def test_probe_arguments_out_of_range_get_a_one_line_error():
     for args, message in ((["--symbol-copy-mix", "1"], "--symbol-copy-mix must be at least 0 and below 1"),
                           (["--copy-half", "-1"], "--copy-half must be 0"),
+                          (["--copy-half", "1"], "or a length from 2 to 128, got 1"),
                           (["--symbol-steps", "0"], "must be at least 1")):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "incontext_probes.py"), "--probes", "symbols",
                             *args], capture_output=True, text=True)
