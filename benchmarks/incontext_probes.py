@@ -17,7 +17,8 @@
    example (size, colour, shape, label), learnt by a fresh 2-layer model; the 4-shot accuracy on 300
    held-out episodes every 250 steps. With `--symbol-attribute shape` the rule is a plain induction
    (find the earlier example with the query's shape, copy its label); with `--symbol-copy-mix 0.5`
-   half of every batch is copy rows of random symbols, as in probe 1.
+   half of every batch is copy rows of random symbols, as in probe 1; with `--symbol-format world`
+   the world's "This is a" stands between each description and its label, as in the image episodes.
 
 Prints one JSON line per measurement. The first two take about 30 minutes on one thread; symbols
 about 45 minutes per 20,000 steps on one thread (55 with `--symbol-attribute shape`).
@@ -97,17 +98,20 @@ def copied(logits: torch.Tensor, ids: torch.Tensor, half: int) -> float:
 SYMBOLS = ("<s>", ".", *SIZES, *COLOURS, *SHAPES, *NONCE_WORDS)
 
 
-def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.0, batch: int = 32,
-                  shots=(8, 12, 16), lr: float = 1e-3, every: int = 250):
+def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.0, world_format: bool = False,
+                  batch: int = 32, shots=(8, 12, 16), lr: float = 1e-3, every: int = 250):
     """Trains a fresh 2-layer model on episodes written as symbols, loss on every label already named
     in its row (the only ones the context can predict); yields the held-out 4-shot accuracy. With
     `copy_mix`, that share of every batch is copy rows of random symbols instead, loss on their
-    repeated half. A plain loop, as in the copy probe: the symbols have no tokenizer or JSONL behind them."""
+    repeated half. `world_format` puts the world's "This is a" between each description and its label,
+    as the image episodes have it. A plain loop, as in the copy probe: the symbols have no tokenizer or
+    JSONL behind them."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     n_copy = round(batch * copy_mix)
-    ix = {w: i for i, w in enumerate(SYMBOLS)}
-    model = LM(LMConfig(vocab_size=len(SYMBOLS), dim=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256))
+    lead_in = EPISODE_QUERY.lower().split() if world_format else []
+    ix = {w: i for i, w in enumerate([*SYMBOLS, *lead_in])}
+    model = LM(LMConfig(vocab_size=len(ix), dim=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256))
 
     def draw(i: int, split: str, k: int):
         while True:  # the next episode about `attribute` from index i on
@@ -117,16 +121,8 @@ def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.
             i += 1
 
     def encode(ep, with_answer: bool = True):
-        ids, target = [ix["<s>"]], [False]
-        for k, (scene, label) in enumerate([*ep.support, ep.query]):
-            o = scene.objects[0]
-            ids += [ix[o.size], ix[o.colour], ix[o.shape]]
-            target += [False] * 3
-            if k == len(ep.support) and not with_answer:
-                break
-            ids += [ix[label], ix["."]]
-            target += [any(label == seen for _, seen in ep.support[:k]), False]
-        return ids, target
+        words, target = episode_symbols(ep, lead_in, with_answer)
+        return [ix[w] for w in words], target
 
     val, j = [], 0
     while len(val) < 300:
@@ -163,6 +159,21 @@ def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.
                         for n, ep in enumerate(val))
             yield {"probe": "symbols", "attribute": attribute, "step": step, "loss": round(loss.item(), 3),
                    "accuracy_4shot": round(100 * right / len(val), 1), "seconds": round(time.time() - t0)}
+
+
+def episode_symbols(ep, lead_in: list[str], with_answer: bool = True) -> tuple[list[str], list[bool]]:
+    """An episode as symbols: "<s>", then size, colour, shape, `lead_in`, label, "." per example (the
+    query's label only `with_answer`); the targets are the labels already named earlier in the row."""
+    words, target = ["<s>"], [False]
+    for k, (scene, label) in enumerate([*ep.support, ep.query]):
+        o = scene.objects[0]
+        words += [o.size, o.colour, o.shape, *lead_in]
+        target += [False] * (3 + len(lead_in))
+        if k == len(ep.support) and not with_answer:
+            break
+        words += [label, "."]
+        target += [any(label == seen for _, seen in ep.support[:k]), False]
+    return words, target
 
 
 def with_copy_rows(ids: torch.Tensor, target: torch.Tensor, n: int, gen: torch.Generator):
@@ -250,6 +261,8 @@ def main():
     p.add_argument("--symbol-attribute", default="any", choices=("any", "shape", "colour", "size"))
     p.add_argument("--symbol-copy-mix", type=float, default=0.0,
                    help="share of each symbols batch that is copy rows (0 to 1)")
+    p.add_argument("--symbol-format", default="bare", choices=("bare", "world"),
+                   help='world: "This is a" between each description and its label, as in the image episodes')
     args = p.parse_args()
     if min(args.copy_steps, args.episode_steps, args.episodes, args.symbol_steps) < 1:
         p.error("--copy-steps, --episode-steps, --episodes and --symbol-steps must be at least 1")
@@ -268,7 +281,8 @@ def main():
             p.error("--probes copy and text need --demo and --work")
         copy_and_text_probes(Path(args.demo), Path(args.work), world, args, "text" in probes, p.error)
     if "symbols" in probes:
-        for row in symbols_probe(world, args.symbol_steps, args.symbol_attribute, args.symbol_copy_mix):
+        for row in symbols_probe(world, args.symbol_steps, args.symbol_attribute, args.symbol_copy_mix,
+                                 args.symbol_format == "world"):
             print(json.dumps(row), flush=True)
 
 

@@ -47,3 +47,23 @@ def test_probe_arguments_out_of_range_get_a_one_line_error():
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "incontext_probes.py"), "--probes", "symbols",
                             *args], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
+
+
+
+def test_symbol_episodes_in_the_world_format_put_the_lead_in_before_each_label():
+    from kosmo.data.world import EPISODE_QUERY, World
+    ep = World(image_size=36).episode(3, "val", shots=4)
+    lead_in = EPISODE_QUERY.lower().split()
+    bare, bare_target = probes.episode_symbols(ep, [])
+    words, target = probes.episode_symbols(ep, lead_in)
+    assert len(words) == len(bare) + 5 * len(lead_in) and len(target) == len(words)
+    for k, (scene, label) in enumerate([*ep.support, ep.query]):
+        at = 1 + k * (5 + len(lead_in))
+        o = scene.objects[0]
+        assert words[at:at + 5 + len(lead_in)] == [o.size, o.colour, o.shape, *lead_in, label, "."]
+        assert bare[1 + 5 * k:1 + 5 * (k + 1)] == [o.size, o.colour, o.shape, label, "."]
+    # only labels the row already named are targets, in both formats
+    named = [w for w, t in zip(words, target) if t]
+    assert named == [w for w, t in zip(bare, bare_target) if t] and all(w in ep.labels for w in named)
+    prompt, _ = probes.episode_symbols(ep, lead_in, with_answer=False)
+    assert prompt == words[:-2] and prompt[-1] == lead_in[-1]  # the query stops where its label would come
