@@ -17,8 +17,8 @@
    example (size, colour, shape, label), learnt by a fresh 2-layer model; the 4-shot accuracy on 300
    held-out episodes every 250 steps. With `--symbol-attribute shape` the rule is a plain induction
    (find the earlier example with the query's shape, copy its label); with `--symbol-copy-mix 0.5`
-   half of every batch is copy rows of random symbols, as in probe 1; with `--symbol-format world`
-   the world's "This is a" stands between each description and its label, as in the image episodes.
+   half of every batch is copy rows of random symbols, as in probe 1; `--symbol-format marker` puts
+   one constant symbol between each description and its label, `world` the world's "This is a".
 
 Prints one JSON line per measurement. The first two take about 30 minutes on one thread; symbols
 about 45 minutes per 20,000 steps on one thread (55 with `--symbol-attribute shape`).
@@ -96,20 +96,22 @@ def copied(logits: torch.Tensor, ids: torch.Tensor, half: int) -> float:
 
 
 SYMBOLS = ("<s>", ".", *SIZES, *COLOURS, *SHAPES, *NONCE_WORDS)
+# --symbol-format: what stands between an example's description and its label. "marker" is one
+# constant symbol, as KOSMOS's image-end marker stands between a picture and its text; "world" is
+# the world's "This is a", as in the image episodes.
+LEAD_INS = {"bare": (), "marker": ("|",), "world": tuple(EPISODE_QUERY.lower().split())}
 
 
-def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.0, world_format: bool = False,
+def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.0, lead_in: tuple[str, ...] = (),
                   batch: int = 32, shots=(8, 12, 16), lr: float = 1e-3, every: int = 250):
     """Trains a fresh 2-layer model on episodes written as symbols, loss on every label already named
     in its row (the only ones the context can predict); yields the held-out 4-shot accuracy. With
     `copy_mix`, that share of every batch is copy rows of random symbols instead, loss on their
-    repeated half. `world_format` puts the world's "This is a" between each description and its label,
-    as the image episodes have it. A plain loop, as in the copy probe: the symbols have no tokenizer or
-    JSONL behind them."""
+    repeated half. `lead_in` symbols stand between each description and its label (one of
+    LEAD_INS). A plain loop, as in the copy probe: the symbols have no tokenizer or JSONL behind them."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     n_copy = round(batch * copy_mix)
-    lead_in = EPISODE_QUERY.lower().split() if world_format else []
     ix = {w: i for i, w in enumerate([*SYMBOLS, *lead_in])}
     model = LM(LMConfig(vocab_size=len(ix), dim=128, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256))
 
@@ -161,7 +163,7 @@ def symbols_probe(world: World, steps: int, attribute: str, copy_mix: float = 0.
                    "accuracy_4shot": round(100 * right / len(val), 1), "seconds": round(time.time() - t0)}
 
 
-def episode_symbols(ep, lead_in: list[str], with_answer: bool = True) -> tuple[list[str], list[bool]]:
+def episode_symbols(ep, lead_in: tuple[str, ...], with_answer: bool = True) -> tuple[list[str], list[bool]]:
     """An episode as symbols: "<s>", then size, colour, shape, `lead_in`, label, "." per example (the
     query's label only `with_answer`); the targets are the labels already named earlier in the row."""
     words, target = ["<s>"], [False]
@@ -261,8 +263,9 @@ def main():
     p.add_argument("--symbol-attribute", default="any", choices=("any", "shape", "colour", "size"))
     p.add_argument("--symbol-copy-mix", type=float, default=0.0,
                    help="share of each symbols batch that is copy rows (0 to 1)")
-    p.add_argument("--symbol-format", default="bare", choices=("bare", "world"),
-                   help='world: "This is a" between each description and its label, as in the image episodes')
+    p.add_argument("--symbol-format", default="bare", choices=tuple(LEAD_INS),
+                   help='between each description and its label: nothing (bare), one constant symbol (marker) '
+                        'or "This is a" (world)')
     args = p.parse_args()
     if min(args.copy_steps, args.episode_steps, args.episodes, args.symbol_steps) < 1:
         p.error("--copy-steps, --episode-steps, --episodes and --symbol-steps must be at least 1")
@@ -282,7 +285,7 @@ def main():
         copy_and_text_probes(Path(args.demo), Path(args.work), world, args, "text" in probes, p.error)
     if "symbols" in probes:
         for row in symbols_probe(world, args.symbol_steps, args.symbol_attribute, args.symbol_copy_mix,
-                                 args.symbol_format == "world"):
+                                 LEAD_INS[args.symbol_format]):
             print(json.dumps(row), flush=True)
 
 

@@ -51,10 +51,11 @@ def test_probe_arguments_out_of_range_get_a_one_line_error():
 
 
 def test_symbol_episodes_in_the_world_format_put_the_lead_in_before_each_label():
-    from kosmo.data.world import EPISODE_QUERY, World
+    from kosmo.data.world import World
     ep = World(image_size=36).episode(3, "val", shots=4)
-    lead_in = EPISODE_QUERY.lower().split()
-    bare, bare_target = probes.episode_symbols(ep, [])
+    lead_in = probes.LEAD_INS["world"]
+    assert lead_in == ("this", "is", "a") and probes.LEAD_INS["marker"] == ("|",) and not probes.LEAD_INS["bare"]
+    bare, bare_target = probes.episode_symbols(ep, ())
     words, target = probes.episode_symbols(ep, lead_in)
     assert len(words) == len(bare) + 5 * len(lead_in) and len(target) == len(words)
     for k, (scene, label) in enumerate([*ep.support, ep.query]):
