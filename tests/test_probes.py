@@ -1,4 +1,4 @@
-"""The in-context probes' copy rows: what docs/architectures.md's figures rest on."""
+"""The in-context probes' copy rows and symbol episodes: what docs/architectures.md's figures rest on."""
 
 import importlib.util
 import subprocess
@@ -49,8 +49,7 @@ def test_probe_arguments_out_of_range_get_a_one_line_error():
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
 
 
-
-def test_symbol_episodes_in_the_world_format_put_the_lead_in_before_each_label():
+def test_symbol_episodes_put_each_formats_lead_in_before_each_label():
     from kosmo.data.world import World
     ep = World(image_size=36).episode(3, "val", shots=4)
     lead_in = probes.LEAD_INS["world"]
