@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS, World
 from kosmo.demo import BUDGETS
+from kosmo.demo.flamingo import image_part
 from kosmo.eval.fewshot import fewshot
 from kosmo.model.load import load_run
 from kosmo.train.run import run_stage
@@ -37,31 +38,27 @@ def write_recall(world: World, data: Path, n_train: int = 4000, n_val: int = 200
     name every picture twice; held-out ones end at a repeated picture, with its word as the answer."""
     train, val = data / "recall.jsonl", data / "val_recall.jsonl"
 
-    def image(scene) -> dict:
-        rel = f"images/{scene.id}.png"
-        if not (data / rel).is_file():
-            world.render(scene).save(data / rel)
-        return {"image": rel}
-
-    def document(i: int, split: str) -> tuple[list[dict], list[str], list]:
+    def document(i: int, split: str) -> tuple[list[tuple], list[tuple]]:
+        """The pictures with their words, then the same pairs shuffled."""
         rng = random.Random(f"recall-{split}-{i}")
-        scenes = [world.scene(pictures * i + j, split) for j in range(pictures)]
-        labels = rng.sample(NONCE_WORDS, pictures)
-        named = [part for scene, label in zip(scenes, labels)
-                 for part in (image(scene), {"text": EPISODE_EXAMPLE.format(label=label)})]
-        return named, labels, [(scenes[j], labels[j]) for j in rng.sample(range(pictures), pictures)]
+        named = list(zip([world.scene(pictures * i + j, split) for j in range(pictures)],
+                         rng.sample(NONCE_WORDS, pictures)))
+        return named, rng.sample(named, pictures)
+
+    def parts(pairs: list[tuple]) -> list[dict]:
+        return [part for scene, label in pairs
+                for part in (image_part(world, data, scene), {"text": EPISODE_EXAMPLE.format(label=label)})]
 
     with train.open("w") as f:
         for i in range(n_train):
-            named, _, again = document(i, "train")
-            f.write(json.dumps({"content": named + [part for scene, label in again for part in (
-                image(scene), {"text": EPISODE_EXAMPLE.format(label=label)})]}) + "\n")
+            named, again = document(i, "train")
+            f.write(json.dumps({"content": parts(named + again)}) + "\n")
     with val.open("w") as f:
         for i in range(n_val):
-            named, labels, again = document(i, "val")
+            named, again = document(i, "val")
             scene, label = again[0]
-            f.write(json.dumps({"content": named + [image(scene), {"text": EPISODE_QUERY}], "answer": label,
-                                "labels": labels}) + "\n")
+            f.write(json.dumps({"content": parts(named) + [image_part(world, data, scene), {"text": EPISODE_QUERY}],
+                                "answer": label, "labels": [word for _, word in named]}) + "\n")
     return train, val
 
 
@@ -74,9 +71,16 @@ def main():
     p.add_argument("--shots", default="0,2,4,8", help="for episodes; recall is measured at 0 and 4")
     p.add_argument("--limit", type=int, default=200)
     args = p.parse_args()
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     demo = Path(args.demo)
     init = demo / "runs" / args.init
+    for needed in (init / "config.json", demo / "data" / "images"):
+        if not needed.exists():
+            p.error(f"{needed} not found: --demo must be the output folder of `kosmo demo --sections flamingo`")
     stage = json.loads((init / "config.json").read_text())["stage"]
+    if stage not in STAGES:
+        p.error(f"{init} is a {stage} run; --init must name a kosmos (mllm) or flamingo run")
     if args.task == "recall":
         train, val = write_recall(World(image_size=BUDGETS["default"]["image_size"]), demo / "data")
         shots = [0, 4]

@@ -92,3 +92,15 @@ def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_pa
         assert len(content) == 10 and content[-1] == {"text": "This is a"}
         assert named[content[8]["image"]] == f"This is a {doc['answer']}."  # the query repeats a picture
         assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())
+
+
+def test_budget_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
+    (tmp_path / "runs" / "lm").mkdir(parents=True)
+    (tmp_path / "runs" / "lm" / "config.json").write_text('{"stage": "lm"}')
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for args, message in ((["--steps", "0"], "--steps must be at least 1, got 0"),
+                          (["--init", "kosmos"], "config.json not found: --demo must be the output folder"),
+                          (["--init", "lm"], "is a lm run; --init must name a kosmos (mllm) or flamingo run")):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fewshot_budget.py"), "--demo", str(tmp_path),
+                            *args], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]

@@ -44,15 +44,9 @@ def write_episode_data(world: World, d: Path, b: dict) -> dict[str, Path]:
     paths = {"episodes": d / "episodes.jsonl", "val_episodes": d / "val_episodes.jsonl",
              "vqa_docs": d / "vqa_docs.jsonl"}
 
-    def image(scene) -> dict:
-        rel = f"images/{scene.id}.png"
-        if not (d / rel).is_file():
-            world.render(scene).save(d / rel)
-        return {"image": rel}
-
     def content(ep) -> list[dict]:
         segments, _ = ep.document()
-        return [image(s.scene) if s.scene else {"text": s.text} for s in segments]
+        return [image_part(world, d, s.scene) if s.scene else {"text": s.text} for s in segments]
 
     with paths["episodes"].open("w") as f:
         for i in range(b["train_episodes"]):
@@ -71,6 +65,14 @@ def write_episode_data(world: World, d: Path, b: dict) -> dict[str, Path]:
             f.write(json.dumps({"content": [{"image": item["image"]}, {
                 "text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}) + "\n")
     return paths
+
+
+def image_part(world: World, d: Path, scene) -> dict:
+    """A document's image part for `scene`, rendered into d/images once."""
+    rel = f"images/{scene.id}.png"
+    if not (d / rel).is_file():
+        world.render(scene).save(d / rel)
+    return {"image": rel}
 
 
 def trained_tokens_per_s(run: Path) -> float:
