@@ -79,3 +79,10 @@ def test_import_refuses_unsupported_and_broken_checkpoints(tmp_path):
         import_hf(tmp_path / "bias")
     with pytest.raises(KosmoError, match="config.json: file not found"):
         import_hf(tmp_path / "missing")
+
+
+def test_export_refuses_smeared_keys(tmp_path):
+    model = LM(LMConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, smear_keys=True))
+    with pytest.raises(KosmoError, match="smear_keys=true has no counterpart"):
+        export_hf(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

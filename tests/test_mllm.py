@@ -163,10 +163,12 @@ def test_packed_batches_give_the_same_loss_and_gradients_as_one_example_per_row(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_a_packed_document_sees_only_itself_and_its_positions_restart():
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_a_packed_document_sees_only_itself_and_its_positions_restart(smear_keys):
     from kosmo.model.lm import LM, segment_positions
     torch.manual_seed(0)
-    lm = LM(LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    lm = LM(LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64,
+                     smear_keys=smear_keys)).eval()
     a, b = torch.randint(10, 300, (1, 7)), torch.randint(10, 300, (1, 5))
     row = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1)
     segments = torch.tensor([[1] * 7 + [2] * 5 + [0] * 3])

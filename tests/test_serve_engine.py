@@ -31,11 +31,11 @@ class Letters:
         return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "smeared_keys"])
+def model(request):
     torch.manual_seed(0)
     return LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                       init_std=0.1)).eval()
+                       init_std=0.1, smear_keys=request.param)).eval()
 
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51], [1, 60, 61, 62, 63, 64], [1, 7, 8], [1, 30, 31]]

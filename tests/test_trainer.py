@@ -180,8 +180,11 @@ def test_metrics_reach_tensorboard(tmp_path):
 
 
 def test_lr_scale_gives_a_parameter_group_its_own_learning_rate(tmp_path):
-    trainer, _ = fit(tmp_path, lr=1e-2, lr_scale={"blocks.0.": 0.0}, max_steps=3)
+    """A key is a name prefix or a glob: here all of block 0, and every block's attention output."""
+    trainer, _ = fit(tmp_path, lr=1e-2, lr_scale={"blocks.0.": 0.0, "*.attn.proj.weight": 0.0}, max_steps=3)
     before = tiny_lm().state_dict()
     after = trainer.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
+    frozen = [k for k in before if k.startswith("blocks.0.") or k.endswith(".attn.proj.weight")]
+    assert "blocks.1.attn.proj.weight" in frozen
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert not torch.equal(before["blocks.1.mlp.down.weight"], after["blocks.1.mlp.down.weight"])

@@ -105,6 +105,8 @@ def export_hf(model: LM, out: str | Path, tokenizer=None, dtype=torch.float32) -
     """Writes config.json, model.safetensors and (given a tokenizer) tokenizer files for transformers."""
     out = Path(out)
     cfg = model.cfg
+    if cfg.smear_keys:
+        raise KosmoError("model.smear_keys=true has no counterpart in transformers' Llama; it cannot be exported")
     sd = model.state_dict()
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     split = {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}

@@ -30,6 +30,7 @@ class LMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    smear_keys: bool = False  # each key blends in its predecessor's: an induction head fits in one layer
 
     def __post_init__(self):
         if self.hidden_dim == 0:
@@ -118,6 +119,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        # smeared keys need each layer's key of the last position, before it was blended and rotated
+        self.last_k = torch.zeros(shape[:3] + (1, shape[4]), dtype=dtype, device=device) if cfg.smear_keys else None
 
     def write(self, layer: int, k, v):
         end = self.length + k.shape[2]
@@ -134,6 +137,18 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Smeared keys (Olsson et al. 2022): a key mixes in the key of the token before it, by a learnt
+        # weight per kv head. A query can then find "the token after an earlier copy of me" in one layer,
+        # where plain attention needs a previous-token head below an induction head, a circuit that small
+        # models form only after a long plateau.
+        self.smear = nn.Parameter(torch.zeros(cfg.n_kv_heads)) if cfg.smear_keys else None
+
+    def smeared(self, k, before, follows):
+        """k (B, H, T, d) unrotated keys; before (B, H, 1, d) the key of the position before k's first;
+        follows (B|1, 1, T, 1): whether each position's predecessor is visible to it (same document, not padding)."""
+        previous = torch.cat([before.to(k.dtype), k[:, :, :-1]], dim=2) * follows
+        a = torch.sigmoid(self.smear).view(1, -1, 1, 1).to(k.dtype)
+        return a * k + (1 - a) * previous
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
@@ -142,6 +157,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.smear is not None:
+            start = cache.length if cache is not None else 0
+            before = cache.last_k[layer] if cache is not None else k.new_zeros(B, self.n_kv_heads, 1, self.head_dim)
+            k, last = self.smeared(k, before, predecessor_visible(mask, T, start, x.device)), k[:, :, -1:]
+            if cache is not None:
+                cache.last_k[layer] = last
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
@@ -265,6 +286,15 @@ def attention_mask(T: int, start: int, key_mask, device) -> torch.Tensor:
         mask = mask & key_mask[:, None, None, :S].bool()
         mask = mask | (k_pos == q_pos)[None, None]
     return mask
+
+
+def predecessor_visible(mask, T: int, start: int, device) -> torch.Tensor:
+    """(B|1, 1, T, 1) bool: whether each of T queries from position `start` on sees the position before
+    it, under `mask` (B|1, 1, T, start+T) or, when it is None, plain causal attention."""
+    prev = torch.arange(start - 1, start + T - 1, device=device)
+    if mask is None:
+        return (prev >= 0).view(1, 1, T, 1)
+    return (mask[:, :, torch.arange(T, device=device), prev.clamp(min=0)] & (prev >= 0)).unsqueeze(-1)
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,8 @@ class DecoderAdapter:
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # with smeared keys, each slot's unblended key of its last position, per layer
+        self.last_k = torch.zeros(shape[:3] + (1, shape[4]), dtype=dtype, device=device) if cfg.smear_keys else None
         self.lengths = [0] * max_batch
         self.device = device
 
@@ -194,7 +196,10 @@ class DecoderAdapter:
         hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
         q, k, v = attn.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
         q = apply_rope(q.view(B, T, hq, d).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, hkv, d).transpose(1, 2), cos, sin)
+        k = k.view(B, T, hkv, d).transpose(1, 2)
+        if attn.smear is not None:
+            k = self._smeared(attn, k, layer, rows, decode)
+        k = apply_rope(k, cos, sin)
         v = v.view(B, T, hkv, d).transpose(1, 2)
         if not decode:  # prefill: the prompt fills its slot from the start
             self.k[layer, rows[0], :, :T] = k[0]
@@ -215,6 +220,18 @@ class DecoderAdapter:
             keys, values = self.k[layer, r:r + 1, :, :n].to(q.dtype), self.v[layer, r:r + 1, :, :n].to(q.dtype)
             y[r] = F.scaled_dot_product_attention(q[r].view(1, hkv, hq // hkv, d), keys, values).view(hq, 1, d)
         return attn.proj(y.transpose(1, 2).reshape(B, T, hq * d))
+
+
+    def _smeared(self, attn, k, layer: int, rows: list[int], decode: bool):
+        """The LM's smeared keys: a prompt starts its slot afresh, a decode step continues each slot's last key."""
+        T = k.shape[2]
+        before = self.last_k[layer] if decode else k.new_zeros(1, attn.n_kv_heads, 1, attn.head_dim)
+        follows = torch.ones(1, 1, T, 1, dtype=torch.bool, device=k.device)
+        follows[:, :, 0] = decode
+        out = attn.smeared(k, before, follows)
+        slots = torch.tensor(rows, device=k.device) if decode else rows[0]
+        self.last_k[layer, slots] = (k[slots] if decode else k[0])[..., -1:, :].to(self.last_k.dtype)
+        return out
 
 
 class FlamingoAdapter(DecoderAdapter):

@@ -10,6 +10,7 @@ and weights are saved together and published by one atomic rename of `state/late
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import shutil
@@ -40,7 +41,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 disables clipping
-    lr_scale: dict = field(default_factory=dict)  # parameter-name prefix -> lr multiplier, e.g. {vision: 0.1}
+    lr_scale: dict = field(default_factory=dict)  # name prefix or glob -> lr multiplier, e.g. {vision: 0.1, "*_gate": 30}
     precision: str = "bf16"      # bf16 (autocast, fp32 master weights) or fp32
     device: str = "auto"         # auto, cpu, cuda, cuda:1 ...
     parallel: str = "ddp"        # under torchrun: ddp or fsdp
@@ -128,7 +129,8 @@ class Trainer:
         groups: dict[tuple[float, bool], list] = {}
         for name, p in D.unwrap(self.model).named_parameters():
             if p.requires_grad:
-                scale = next((float(v) for k, v in self.cfg.lr_scale.items() if name.startswith(k)), 1.0)
+                scale = next((float(v) for k, v in self.cfg.lr_scale.items()
+                              if name.startswith(k) or fnmatch.fnmatchcase(name, k)), 1.0)
                 groups.setdefault((scale, p.ndim >= 2), []).append(p)
         param_groups = [{"params": ps, "lr_scale": scale, "weight_decay": self.cfg.weight_decay if decay else 0.0}
                         for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
