@@ -18,48 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
-from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS, World
+from kosmo.data.world import World
 from kosmo.demo import BUDGETS
-from kosmo.demo.flamingo import image_part
+from kosmo.demo.flamingo import write_recall
 from kosmo.eval.fewshot import fewshot
 from kosmo.model.load import load_run
 from kosmo.train.run import run_stage
 
 STAGES = {"mllm": "mllm", "flamingo": "flamingo"}  # run config "stage" -> the stage that continues it
-
-
-def write_recall(world: World, data: Path, n_train: int = 4000, n_val: int = 200,
-                 pictures: int = 4) -> tuple[Path, Path]:
-    """Picture-recall documents beside the demo's data, sharing its images folder: training documents
-    name every picture twice; held-out ones end at a repeated picture, with its word as the answer."""
-    train, val = data / "recall.jsonl", data / "val_recall.jsonl"
-
-    def document(i: int, split: str) -> tuple[list[tuple], list[tuple]]:
-        """The pictures with their words, then the same pairs shuffled."""
-        rng = random.Random(f"recall-{split}-{i}")
-        named = list(zip([world.scene(pictures * i + j, split) for j in range(pictures)],
-                         rng.sample(NONCE_WORDS, pictures)))
-        return named, rng.sample(named, pictures)
-
-    def parts(pairs: list[tuple]) -> list[dict]:
-        return [part for scene, label in pairs
-                for part in (image_part(world, data, scene), {"text": EPISODE_EXAMPLE.format(label=label)})]
-
-    with train.open("w") as f:
-        for i in range(n_train):
-            named, again = document(i, "train")
-            f.write(json.dumps({"content": parts(named + again)}) + "\n")
-    with val.open("w") as f:
-        for i in range(n_val):
-            named, again = document(i, "val")
-            scene, label = again[0]
-            f.write(json.dumps({"content": parts(named) + [image_part(world, data, scene), {"text": EPISODE_QUERY}],
-                                "answer": label, "labels": [word for _, word in named]}) + "\n")
-    return train, val
 
 
 def main():
