@@ -1,7 +1,7 @@
 """Where in-context learning of the shapes world's episodes stalls: three probes.
 
     kosmo demo --sections vision --out out        # any demo output with runs/lm and data/tokenizer.json
-    .venv/bin/python benchmarks/incontext_probes.py --demo out --work /tmp/probes
+    .venv/bin/python benchmarks/incontext_probes.py --demo out --work /tmp/probes [--lm lm-icl]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/incontext_probes.py --probes symbols [--symbol-copy-mix 0.5] [--symbol-format F]
 
 1. copy: the LM trains on rows of random tokens whose second half repeats the first (a half of 12 to
@@ -254,6 +254,7 @@ def main():
     p.add_argument("--probes", default="copy,text", help="comma-separated: copy, text (after copy), symbols")
     p.add_argument("--demo", help="a `kosmo demo` output folder with runs/lm (for copy and text)")
     p.add_argument("--work", help="folder for the copy and text probes' data and runs")
+    p.add_argument("--lm", default="lm", help="the LM run under DEMO/runs to probe, e.g. lm-icl (default lm)")
     p.add_argument("--copy-steps", type=int, default=1000)
     p.add_argument("--copy-half", type=int, default=0,
                    help="fix the copy rows' half length, 2..128 (default 0: drawn from 12..60 for every batch)")
@@ -290,18 +291,19 @@ def main():
 
 
 def copy_and_text_probes(demo: Path, work: Path, world: World, args, text: bool, error):
-    for needed in (demo / "runs" / "lm", demo / "data" / "tokenizer.json"):
+    lm = demo / "runs" / args.lm
+    for needed in (lm, demo / "data" / "tokenizer.json"):
         if not needed.exists():
             error(f"{needed} not found: --demo must be the output folder of `kosmo demo`")
     work.mkdir(parents=True, exist_ok=True)
-    for row in copy_probe(demo / "runs" / "lm", work / "lm_copy", args.copy_steps, args.copy_half):
+    for row in copy_probe(lm, work / "lm_copy", args.copy_steps, args.copy_half):
         print(json.dumps(row), flush=True)
     if not text:
         return
     print(json.dumps({"probe": "ideal", "accuracy": {k: ideal_accuracy(world, k) for k in (1, 2, 4, 8)}}))
     train, val = work / "text_episodes.jsonl", work / "val_text_episodes.jsonl"
     write_text_episodes(world, train, val, args.episodes)
-    for start in (demo / "runs" / "lm", work / "lm_copy"):
+    for start in (lm, work / "lm_copy"):
         out = work / f"{start.name}_episodes"
         run_stage("lm", [train], out, init=start, tokenizer=demo / "data" / "tokenizer.json",
                   overrides=[f"train.max_steps={args.episode_steps}", "train.batch_size=16", "train.lr=1e-3",

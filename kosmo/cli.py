@@ -253,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = []
     if argv[:1] == ["train"]:
-        # key=value overrides may stand anywhere; pull them out so `--data a b` cannot swallow them
-        is_override = [not a.startswith("-") and "=" in a and a.split("=", 1)[0].replace(".", "_").isidentifier()
-                       for a in argv]
+        # key=value overrides may stand anywhere; pull them out so `--data a b` cannot swallow them.
+        # A key is dotted names, where `*` may stand in a glob (train.lr_scale.*_gate=30).
+        is_override = [not a.startswith("-") and "=" in a
+                       and a.split("=", 1)[0].replace(".", "_").replace("*", "_").isidentifier() for a in argv]
         overrides = [a for a, o in zip(argv, is_override) if o]
         argv = [a for a, o in zip(argv, is_override) if not o]
     args = parser().parse_args(argv)

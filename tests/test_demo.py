@@ -32,7 +32,13 @@ def test_quick_demo_writes_the_report(tmp_path):
         episodes = arm["fewshot"]["episodes"]
         assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2", "4"} and episodes["chance"] == 50.0
         assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
+        assert set(arm["fewshot"]["recall"]["curve"]) == {"0", "4"} and arm["fewshot"]["recall"]["chance"] == 25.0
     assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
+    # both arms start from the section's LM with smeared keys, through a picture-recall phase
+    lm_icl = json.loads((tmp_path / "runs" / "lm-icl" / "config.json").read_text())
+    assert lm_icl["model"]["smear_keys"] and lm_icl["init"].endswith("lm-induction")
+    for arm in ("kosmos", "flamingo"):
+        assert json.loads((tmp_path / "runs" / arm / "config.json").read_text())["init"].endswith(f"{arm}-recall")
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
     a = report["align"]
     for name in ("sft", "ppo", "dpo", "cai", "cai_sl"):

@@ -45,7 +45,9 @@ def test_own_data_trains_and_evaluates_through_every_stage(folder, tmp_path):
     kosmo("train", "mllm", "--data", caps, "--out", tmp_path / "mllm", "--init", tmp_path / "lm", *TINY,
           f"vision={tmp_path / 'clip'}", "seq_len=64", "vision_last_block=true")
     kosmo("train", "sft", "--data", vqa, caps, "--out", tmp_path / "sft", "--init", tmp_path / "mllm", *TINY,
-          "seq_len=64", "train.lr_scale.vision=0.1", "freeze=all")
+          "seq_len=64", "train.lr_scale.vision=0.1", "train.lr_scale.*_norm*=0.5", "freeze=all")
+    lr_scale = json.loads((tmp_path / "sft" / "config.json").read_text())["config"]["train"]["lr_scale"]
+    assert lr_scale == {"vision": 0.1, "*_norm*": 0.5}  # a glob key is an override too, wherever it stands
     result = last_json(kosmo("eval", "vqa", "--model", tmp_path / "sft", "--data", vqa))
     assert result["n"] == 6 and 0 <= result["vqa_accuracy"] <= 100 and "vqa_accuracy" in result["blind"]
     result = last_json(kosmo("eval", "caption", "--model", tmp_path / "sft", "--data", caps))
