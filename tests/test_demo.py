@@ -4,9 +4,6 @@ import json
 
 from conftest import kosmo
 
-from kosmo.data.world import World
-from kosmo.demo.flamingo import write_recall
-
 
 def test_quick_demo_writes_the_report(tmp_path):
     kosmo("demo", "--out", tmp_path, "--quick")
@@ -32,13 +29,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         episodes = arm["fewshot"]["episodes"]
         assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2", "4"} and episodes["chance"] == 50.0
         assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
-        assert set(arm["fewshot"]["recall"]["curve"]) == {"0", "4"} and arm["fewshot"]["recall"]["chance"] == 25.0
     assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
-    # both arms start from the section's LM with smeared keys, through a picture-recall phase
-    lm_icl = json.loads((tmp_path / "runs" / "lm-icl" / "config.json").read_text())
-    assert lm_icl["model"]["smear_keys"] and lm_icl["init"].endswith("lm-induction")
-    for arm in ("kosmos", "flamingo"):
-        assert json.loads((tmp_path / "runs" / arm / "config.json").read_text())["init"].endswith(f"{arm}-recall")
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
     a = report["align"]
     for name in ("sft", "ppo", "dpo", "cai", "cai_sl"):
@@ -48,21 +39,3 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert set(a["targets"]) >= {"ppo_win_rate_ge_70", "cai_halves_forbidden_compliance"}
     assert f"| PPO (reward model + KL penalty) | {a['eval']['ppo']['win_rate']:.1f} |" in md
     assert (tmp_path / "ppo.png").stat().st_size > 1000
-
-
-def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_path):
-    (tmp_path / "images").mkdir()
-    train, val = write_recall(World(image_size=36), tmp_path, n_train=5, n_val=5)
-    for line in train.read_text().splitlines():
-        content = json.loads(line)["content"]
-        pairs = [(a["image"], b["text"]) for a, b in zip(content[::2], content[1::2])]
-        assert len(pairs) == 8 and len({text for _, text in pairs[:4]}) == 4  # four pictures, four words
-        assert sorted(pairs[4:]) == sorted(pairs[:4])  # all four again, shuffled
-        assert all((tmp_path / image).is_file() for image, _ in pairs)
-    for line in val.read_text().splitlines():
-        doc = json.loads(line)
-        content = doc["content"]
-        named = {a["image"]: b["text"] for a, b in zip(content[:8:2], content[1:8:2])}
-        assert len(content) == 10 and content[-1] == {"text": "This is a"}
-        assert named[content[8]["image"]] == f"This is a {doc['answer']}."  # the query repeats a picture
-        assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())

@@ -73,13 +73,35 @@ def test_symbol_episodes_put_each_formats_lead_in_before_each_label():
     assert prompt == words[:-2] and prompt[-1] == lead_in[-1]  # the query stops where its label would come
 
 
+def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_path):
+    import json
+
+    from kosmo.data.world import World
+    (tmp_path / "images").mkdir()
+    train, val = budget.write_recall(World(image_size=36), tmp_path, n_train=5, n_val=5)
+    for line in train.read_text().splitlines():
+        content = json.loads(line)["content"]
+        pairs = [(a["image"], b["text"]) for a, b in zip(content[::2], content[1::2])]
+        assert len(pairs) == 8 and len({text for _, text in pairs[:4]}) == 4  # four pictures, four words
+        assert sorted(pairs[4:]) == sorted(pairs[:4])  # all four again, shuffled
+        assert all((tmp_path / image).is_file() for image, _ in pairs)
+    for line in val.read_text().splitlines():
+        doc = json.loads(line)
+        content = doc["content"]
+        named = {a["image"]: b["text"] for a, b in zip(content[:8:2], content[1:8:2])}
+        assert len(content) == 10 and content[-1] == {"text": "This is a"}
+        assert named[content[8]["image"]] == f"This is a {doc['answer']}."  # the query repeats a picture
+        assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())
+
+
 def test_budget_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
     (tmp_path / "runs" / "lm").mkdir(parents=True)
     (tmp_path / "runs" / "lm" / "config.json").write_text('{"stage": "lm"}')
     (tmp_path / "data" / "images").mkdir(parents=True)
     for args, message in ((["--steps", "0"], "--steps must be at least 1, got 0"),
                           (["--init", "kosmos"], "config.json not found: --demo must be the output folder"),
-                          (["--init", "lm"], "is a lm run; --init must name a kosmos (mllm) or flamingo run")):
+                          (["--init", "lm"], "is a lm run; --init must name a kosmos (mllm) or flamingo run"),
+                          (["--data-only"], "--data-only writes the recall documents, so it needs --task recall")):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fewshot_budget.py"), "--demo", str(tmp_path),
                             *args], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]

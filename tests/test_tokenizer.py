@@ -51,19 +51,3 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(KosmoError, match="bad.json: not a valid tokenizer.json"):
         Tokenizer.load(tmp_path / "bad.json")
-
-
-def test_induction_documents_repeat_a_string_of_clean_tokens(tok, tmp_path):
-    import json
-
-    from kosmo.data.induction import clean_tokens, write_induction_documents
-    pool = set(clean_tokens(tok))
-    assert pool and all(i >= len(SPECIAL_TOKENS) and tok.encode(tok.decode([i])) == [i] for i in pool)
-    path = write_induction_documents(tok, tmp_path / "induction.jsonl", n=50, low=4, high=9)
-    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    assert len(texts) == 50 and len(set(texts)) == 50
-    for text in texts:
-        half = text[:len(text) // 2]
-        assert text == half + half and "\ufffd" not in text
-    with pytest.raises(ValueError, match="need 1 <= low <= high"):
-        write_induction_documents(tok, tmp_path / "x.jsonl", n=1, low=5, high=4)

@@ -1,16 +1,10 @@
 """The architectures section of `kosmo demo`: KOSMOS-1 and Flamingo side by side, on equal terms.
 
-Both start from the vision section's CLIP encoder (runs/clip), which this section trains by the
-vision recipe when it runs alone, and from one LM that this section pretrains (runs/lm-icl): the
-vision section's LM with smeared keys and induction documents in its text, so that it can already
-continue a pattern it has seen earlier in its context. Flamingo's premise is such a frozen LM; the
-vision section's LM, trained on the world's short sentences alone, never learns to copy.
-
-Both arms then train on the same files for the same steps, in two phases: picture-recall documents
-with captions (runs/ARM-recall), where naming a picture a second time rewards matching it with its
-copy; then captions, interleaved documents, VQA as "Question: … Answer: …" documents and few-shot
-episodes (runs/ARM). KOSMOS (runs/kosmos) trains its connector and the whole LM on image tokens
-spliced into the sequence; Flamingo (runs/flamingo) keeps the LM frozen and trains a Perceiver
+Both start from the vision section's CLIP encoder (runs/clip) and text LM (runs/lm), which this
+section trains by the vision recipe when it runs alone. Both then train on the same files for the
+same number of steps: captions, interleaved documents, VQA as interleaved "Question: … Answer: …"
+documents and few-shot episodes. KOSMOS (runs/kosmos) trains its connector and the whole LM on image
+tokens spliced into the sequence; Flamingo (runs/flamingo) keeps the LM frozen and trains a Perceiver
 resampler and gated cross-attention. Both are then measured the same way, each figure beside its
 blind baseline, and the few-shot curves are drawn on one plot (OUT/fewshot.png).
 """
@@ -18,36 +12,29 @@ blind baseline, and the few-shot curves are drawn on one plot (OUT/fewshot.png).
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
-from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS, World
+from kosmo.data.world import EPISODE_EXAMPLE, World
 from kosmo.demo import log, vision
 
 ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
 
 # The same steps, batch and learning rate for both arms; docs/architectures.md gives the default's timings.
-# gate_lr_scale: Flamingo's tanh gates are scalars that must travel O(1) from 0, while Adam moves a
-# parameter about one learning rate per step; at the base rate they stay nearly shut for the whole run.
 BUDGETS = {
-    "default": dict(induction_steps=800, icl_lm_steps=400, induction_docs=8000, recall_docs=4000, recall_steps=800,
-                    arch_steps=800, arch_batch=16, arch_lr=1e-3, train_shots=(2, 3, 4, 6, 8), train_episodes=4000,
-                    eval_shots=(0, 2, 4, 8), latents=8, cross_every=1, gate_lr_scale=30),
-    "quick": dict(induction_steps=10, icl_lm_steps=10, induction_docs=200, recall_docs=50, recall_steps=5,
-                  arch_steps=10, arch_batch=8, arch_lr=1e-3, train_shots=(1, 2, 4), train_episodes=200,
-                  eval_shots=(0, 2, 4), latents=4, cross_every=2, gate_lr_scale=30),
+    "default": dict(arch_steps=300, arch_batch=16, arch_lr=1e-3, train_shots=(2, 3, 4, 6, 8), train_episodes=4000,
+                    eval_shots=(0, 2, 4, 8), latents=8, cross_every=1),
+    "quick": dict(arch_steps=10, arch_batch=8, arch_lr=1e-3, train_shots=(1, 2, 4), train_episodes=200,
+                  eval_shots=(0, 2, 4), latents=4, cross_every=2),
 }
 
 
 def write_data(demo, b: dict) -> dict[str, Path]:
     paths = {} if "vision" in demo.report["sections"] else vision.write_data(demo, vision_budget(demo, b))
-    return {**paths, **demo.timed("architectures_data", lambda: {
-        **write_episode_data(demo.world, demo.data_dir, b),
-        **dict(zip(("recall", "val_recall"), write_recall(demo.world, demo.data_dir, b["recall_docs"], b["eval_n"])))})}
+    return {**paths, **demo.timed("architectures_data", lambda: write_episode_data(demo.world, demo.data_dir, b))}
 
 
 def vision_budget(demo, b: dict) -> dict:
-    """Run alone, this section trains the encoder itself, by the vision section's recipe."""
+    """Run alone, this section trains the encoder and the LM itself, by the vision section's recipe."""
     return {**vision.BUDGETS[demo.report["budget"]], **b}
 
 
@@ -88,36 +75,6 @@ def image_part(world: World, d: Path, scene) -> dict:
     return {"image": rel}
 
 
-def write_recall(world: World, data: Path, n_train: int = 4000, n_val: int = 200,
-                 pictures: int = 4) -> tuple[Path, Path]:
-    """Picture-recall documents beside the demo's data, sharing its images folder: training documents
-    name every picture twice; held-out ones end at a repeated picture, with its word as the answer."""
-    train, val = data / "recall.jsonl", data / "val_recall.jsonl"
-
-    def document(i: int, split: str) -> tuple[list[tuple], list[tuple]]:
-        """The pictures with their words, then the same pairs shuffled."""
-        rng = random.Random(f"recall-{split}-{i}")
-        named = list(zip([world.scene(pictures * i + j, split) for j in range(pictures)],
-                         rng.sample(NONCE_WORDS, pictures)))
-        return named, rng.sample(named, pictures)
-
-    def parts(pairs: list[tuple]) -> list[dict]:
-        return [part for scene, label in pairs
-                for part in (image_part(world, data, scene), {"text": EPISODE_EXAMPLE.format(label=label)})]
-
-    with train.open("w") as f:
-        for i in range(n_train):
-            named, again = document(i, "train")
-            f.write(json.dumps({"content": parts(named + again)}) + "\n")
-    with val.open("w") as f:
-        for i in range(n_val):
-            named, again = document(i, "val")
-            scene, label = again[0]
-            f.write(json.dumps({"content": parts(named) + [image_part(world, data, scene), {"text": EPISODE_QUERY}],
-                                "answer": label, "labels": [word for _, word in named]}) + "\n")
-    return train, val
-
-
 def trained_tokens_per_s(run: Path) -> float:
     """The median training throughput, past the first steps' warm-up."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -126,37 +83,20 @@ def trained_tokens_per_s(run: Path) -> float:
 
 
 def run(demo, b: dict) -> dict:
-    from kosmo.data.induction import write_induction_documents
     from kosmo.eval.fewshot import fewshot, plot_curves
     from kosmo.eval.vision import evaluate
     from kosmo.model.load import load_run
-    from kosmo.tokenizer import Tokenizer
 
     data, runs = demo.data, demo.runs
     report = {"arms": {}}
     if "vision" not in demo.report["sections"]:
-        report["pretrain"] = vision.pretrain(demo, vision_budget(demo, b), lm=False)
-    induction = write_induction_documents(Tokenizer.load(demo.data_dir / "tokenizer.json"),
-                                          demo.data_dir / "induction.jsonl", b["induction_docs"])
-    # Induction documents alone first: beside the world's text from the start, the copying circuit had
-    # not formed after 800 steps (docs/architectures.md); the text phase keeps them in the mix so it stays.
-    lm_args = ["train.batch_size=32", "seq_len=128", "train.lr=1e-3", "train.warmup_steps=15", "model.size=tiny",
-               "model.smear_keys=true"]
-    demo.train("lm", "lm-induction", [induction], [f"train.max_steps={b['induction_steps']}", *lm_args])
-    demo.train("lm", "lm-icl", [data["text"], data["interleaved"], induction],
-               [f"train.max_steps={b['icl_lm_steps']}", *lm_args], init="lm-induction")
-    phases = [("-recall", b["recall_steps"], [data["captions"], data["recall"]]),
-              ("", b["arch_steps"], [data["captions"], data["interleaved"], data["vqa_docs"], data["episodes"]])]
-    arms = {"kosmos": ("mllm", ["freeze=connector+lm", "connector=mlp"]),
-            "flamingo": ("flamingo", [f"latents={b['latents']}", f"cross_every={b['cross_every']}",
-                                      f"train.lr_scale.*_gate={b['gate_lr_scale']}"])}
-    for name, (stage, extra) in arms.items():
-        init = "lm-icl"
-        for suffix, steps, files in phases:
-            demo.train(stage, name + suffix, files,
-                       [f"train.max_steps={steps}", f"train.batch_size={b['arch_batch']}", f"train.lr={b['arch_lr']}",
-                        "seq_len=192", "train.warmup_steps=20", f"vision={runs / 'clip'}", *extra], init=init)
-            init = name + suffix
+        report["pretrain"] = vision.pretrain(demo, vision_budget(demo, b))
+    train_files = [data["captions"], data["interleaved"], data["vqa_docs"], data["episodes"]]
+    common = [f"train.max_steps={b['arch_steps']}", f"train.batch_size={b['arch_batch']}", f"train.lr={b['arch_lr']}",
+              "seq_len=192", "train.warmup_steps=20", f"vision={runs / 'clip'}"]
+    demo.train("mllm", "kosmos", train_files, common + ["freeze=connector+lm", "connector=mlp"], init="lm")
+    demo.train("flamingo", "flamingo", train_files,
+               common + [f"latents={b['latents']}", f"cross_every={b['cross_every']}"], init="lm")
 
     log("\n== architectures evaluation ==")
     n, shots = b["eval_n"], list(b["eval_shots"])
@@ -169,10 +109,10 @@ def run(demo, b: dict) -> dict:
             "tokens_per_image": model.cfg.tokens_per_image,
             "train_tok_per_s": trained_tokens_per_s(runs / name),
             "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
-            "fewshot": {task: fewshot(model, tok, data[key], task_shots, limit=n) for task, key, task_shots in
-                        (("episodes", "val_episodes", shots), ("vqa", "val_vqa", shots), ("recall", "val_recall", [0, 4]))},
+            "fewshot": {task: fewshot(model, tok, data[key], shots, limit=n)
+                        for task, key in (("episodes", "val_episodes"), ("vqa", "val_vqa"))},
         })
-    plot_curves([(name, r["fewshot"][task]) for name, r in report["arms"].items() for task in ("episodes", "vqa")],
+    plot_curves([(name, r["fewshot"][task]) for name, r in report["arms"].items() for task in r["fewshot"]],
                 demo.out / "fewshot.png")
     return report
 
@@ -198,9 +138,8 @@ def render(r: dict) -> list[str]:
         return lambda a: f"{a['fewshot'][task]['curve'][shots]} (blind {a['fewshot'][task]['blind'][shots]})"
     lines = [
         "## KOSMOS-1 vs Flamingo (same data, same steps)", "",
-        "Both from `runs/clip` and `runs/lm-icl`, trained on picture-recall documents and captions, then on "
-        "captions, interleaved documents, VQA documents and few-shot episodes. In brackets, the blind baseline: "
-        "the same prompts with the images removed.", "",
+        "Both from `runs/clip` and `runs/lm`, trained on captions, interleaved documents, VQA documents and "
+        "few-shot episodes. In brackets, the blind baseline: the same prompts with the images removed.", "",
         "| | KOSMOS-1 (`runs/kosmos`) | Flamingo (`runs/flamingo`) |", "|---|---:|---:|",
         row("parameters, trainable / total", lambda a: f"{a['params_trainable'] / 1e6:.2f}M / "
                                                        f"{a['params_total'] / 1e6:.2f}M"),
@@ -210,7 +149,6 @@ def render(r: dict) -> list[str]:
         row("caption CIDEr, val", lambda a: f"{a['caption_val']['cider']:.3f} "
                                             f"(blind {a['caption_val']['blind']['cider']:.3f})"),
         *[row(f"episodes, {s}-shot accuracy (%)", fewshot_cell("episodes", s)) for s in episodes["curve"]],
-        *[row(f"picture recall, {s}-shot accuracy (%)", fewshot_cell("recall", s)) for s in ("0", "4")],
         "", f"Episodes: {episodes['n']['0']} held-out documents with two nonce labels each (chance "
             f"{episodes['chance']}%), scored by ranking the labels. docs/architectures.md discusses the trade-off.",
         "", "![few-shot curves](fewshot.png)"]

@@ -112,8 +112,8 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
     return gallery
 
 
-def pretrain(demo, b: dict, lm: bool = True) -> dict:
-    """The image encoder (runs/clip) and, with `lm`, the text LM (runs/lm) that the vision model starts from."""
+def pretrain(demo, b: dict) -> dict:
+    """The image encoder (runs/clip) and the text LM (runs/lm) that both ways of giving an LM eyes start from."""
     from kosmo.eval.clip import retrieval, zeroshot
     from kosmo.eval.ppl import perplexity
     from kosmo.generate import Sampling, generate
@@ -129,8 +129,6 @@ def pretrain(demo, b: dict, lm: bool = True) -> dict:
     clip, tok, _ = load_run(runs / "clip")
     report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
                                 **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
-    if not lm:
-        return report
 
     demo.train("lm", "lm", [data["text"], data["interleaved"]],
                [f"train.max_steps={b['lm_steps']}", "train.batch_size=16", "seq_len=128", "train.lr=2e-3",
