@@ -69,13 +69,14 @@ def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, ma
         assert "".join(e.text for e in evs) == Letters().decode(ref[0])
 
 
-@pytest.mark.parametrize("attend", ["latest", "previous"])
-def test_a_flamingo_model_decodes_like_generate_ids_alone_and_beside_others(attend):
+@pytest.mark.parametrize("attend,smear_keys", [("latest", False), ("previous", False), ("latest", True)])
+def test_a_flamingo_model_decodes_like_generate_ids_alone_and_beside_others(attend, smear_keys):
     from kosmo.model.flamingo import Flamingo, FlamingoConfig
     from kosmo.model.vision import VisionConfig
     from kosmo.tokenizer import IMAGE, IMAGE_END
     torch.manual_seed(0)
-    lm = LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.1))
+    lm = LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.1,
+                     smear_keys=smear_keys))
     cfg = FlamingoConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=2, mlp_dim=64),
                          lm=lm.cfg, latents=4, resampler_heads=2, xattn_heads=4, attend=attend)
     model = Flamingo(cfg, lm=lm).eval()
