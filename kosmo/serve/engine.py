@@ -221,7 +221,6 @@ class DecoderAdapter:
             y[r] = F.scaled_dot_product_attention(q[r].view(1, hkv, hq // hkv, d), keys, values).view(hq, 1, d)
         return attn.proj(y.transpose(1, 2).reshape(B, T, hq * d))
 
-
     def _smeared(self, attn, k, layer: int, rows: list[int], decode: bool):
         """The LM's smeared keys: a prompt starts its slot afresh, a decode step continues each slot's last key."""
         T = k.shape[2]
