@@ -188,3 +188,9 @@ def test_lr_scale_gives_a_parameter_group_its_own_learning_rate(tmp_path):
     assert "blocks.1.attn.proj.weight" in frozen
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert not torch.equal(before["blocks.1.mlp.down.weight"], after["blocks.1.mlp.down.weight"])
+
+
+@pytest.mark.parametrize("scale", ["abc", -1, True])
+def test_an_lr_scale_that_is_not_a_rate_is_refused(scale):
+    with pytest.raises(ValueError, match=r"train.lr_scale.\*_gate must be a number of at least 0"):
+        TrainConfig(lr_scale={"*_gate": scale})

@@ -62,6 +62,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")
+        for key, scale in self.lr_scale.items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+                raise ValueError(f"train.lr_scale.{key} must be a number of at least 0, got {scale!r}")
 
 
 class Dataset(Protocol):
