@@ -87,6 +87,7 @@ def test_unknown_config_key_and_bad_value(world, tmp_path):
     one_line_error(kosmo(*args, "train.lrr=1", check=False), "unknown config key 'train.lrr'")
     one_line_error(kosmo(*args, "train.lr=fast", check=False), "'train.lr' must be float")
     one_line_error(kosmo(*args, "model.size=huge", check=False), "model.size='huge'")
+    one_line_error(kosmo(*args, "copy_rows=2", check=False), "copy_rows must be between 0 and 1, got 2")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  batch_size: [1\n")
     one_line_error(kosmo(*args, "--config", cfg, check=False), "c.yaml:", "invalid YAML")

@@ -55,3 +55,47 @@ def test_smeared_keys_off_is_the_plain_llama_block():
     cfg = LMConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
     assert not any("smear" in name for name, _ in LM(cfg).named_parameters())
     assert KVCache(cfg, 1, 8).last_k is None
+
+
+def test_copy_rows_replace_a_share_of_each_batch_with_repeated_spans_the_same_on_resume():
+    from kosmo.tokenizer import SPECIAL_TOKENS
+    from kosmo.train.lm import CopyRows, PackedText
+    text = PackedText(torch.arange(20 * 65).view(20, 65) % 7 + len(SPECIAL_TOKENS))
+    rows = CopyRows(text, share=0.75, vocab_size=500)
+    batch = rows.collate(list(range(8)))
+    assert torch.equal(batch["input"][6:], text.rows[6:8, :-1])  # a quarter of the batch stays text
+    spans = set()
+    for inp, lab in zip(batch["input"][:6], batch["labels"][:6]):
+        tokens = torch.cat([inp, lab[-1:]])
+        span = int((lab == -100).sum())  # no loss on the first span: it is random
+        assert 12 <= span <= 32 and torch.equal(tokens[span:], tokens[:-span][:len(tokens) - span])
+        assert torch.equal(lab[span:], tokens[span + 1:]) and tokens.min() >= len(SPECIAL_TOKENS)
+        spans.add(span)
+    assert len(spans) > 1  # the span's length varies, so copying cannot work by a fixed offset
+    assert batch["n_targets"] == int((batch["labels"] != -100).sum())
+    again = rows.collate(list(range(8)))
+    assert torch.equal(batch["input"], again["input"]) and torch.equal(batch["labels"], again["labels"])
+    assert not torch.equal(rows.collate(list(range(8, 16)))["input"][:6], batch["input"][:6])
+
+
+def test_copy_accuracy_tells_a_copying_lm_from_one_that_cannot():
+    from kosmo.eval.ppl import copy_accuracy
+
+    class Copier(torch.nn.Module):
+        """Predicts the token that followed the current one's previous occurrence."""
+
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))  # copy_accuracy reads the device off a parameter
+
+        def forward(self, ids):
+            out = torch.zeros(*ids.shape, 600)
+            for b, row in enumerate(ids.tolist()):
+                for t, token in enumerate(row):
+                    before = [i for i in range(t) if row[i] == token]
+                    out[b, t, row[before[-1] + 1] if before else 0] = 1
+            return out
+
+    assert copy_accuracy(Copier(), 600, spans=(20,), rows=4)["20"] > 90  # a span may hold a token twice
+    lm = LM(LMConfig(vocab_size=600, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=64))
+    assert copy_accuracy(lm, 600, spans=(20,), rows=4)["20"] < 5

@@ -23,15 +23,17 @@ def _text_ids(tok, texts: list[str], max_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _embed(model, tok, image_paths: list[str], texts: list[str], batch: int = 256):
-    size = model.cfg.vision.image_size
+    """Unit image and text embeddings, on the CPU whatever device the model is on."""
+    size, device = model.cfg.vision.image_size, next(model.parameters()).device
     imgs, txts = [], []
     for s in range(0, len(image_paths), batch):
         pixels, _, skipped = load_images(image_paths[s:s + batch], size)
         if skipped:
             raise KosmoError(skipped[0][1])
-        imgs.append(F.normalize(model.encode_image(pixels), dim=-1))
+        imgs.append(F.normalize(model.encode_image(pixels.to(device)), dim=-1).cpu())
     for s in range(0, len(texts), batch):
-        txts.append(F.normalize(model.encode_text(_text_ids(tok, texts[s:s + batch], model.cfg.text.max_len)), dim=-1))
+        ids = _text_ids(tok, texts[s:s + batch], model.cfg.text.max_len).to(device)
+        txts.append(F.normalize(model.encode_text(ids), dim=-1).cpu())
     return torch.cat(imgs), torch.cat(txts)
 
 
