@@ -82,8 +82,8 @@ def cmd_eval(args):
         reference = load_run(args.reference, pick_device(args.device))[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
     elif args.kind == "ppl":
-        from kosmo.eval.ppl import perplexity
-        metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
+        from kosmo.eval.ppl import copy_accuracy, perplexity
+        metrics = {**perplexity(model, tok, args.data, seq_len=args.seq_len), "copy": copy_accuracy(model, tok.vocab_size)}
     elif args.kind == "fewshot":
         from kosmo.eval.fewshot import fewshot, parse_shots, plot_curves
         shots = parse_shots(args.shots)

@@ -43,6 +43,7 @@ def test_eval_ppl_prints_json_last(run, world):
     proc = kosmo("eval", "ppl", "--model", run, "--data", world / "text.jsonl")
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["ppl"] > 1 and metrics["tokens"] > 100
+    assert set(metrics["copy"]) <= {"20", "48"} and all(0 <= v <= 100 for v in metrics["copy"].values())
 
 
 def test_generate_with_sampling_options(run):

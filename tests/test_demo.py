@@ -29,13 +29,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         episodes = arm["fewshot"]["episodes"]
         assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2", "4"} and episodes["chance"] == 50.0
         assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
-        recall = arm["fewshot"]["recall"]
-        assert set(recall["curve"]) == set(recall["blind"]) == {"0", "4"} and recall["chance"] == 25.0
     assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
-    assert f"| picture recall, 4-shot accuracy (%) | {f['fewshot']['recall']['curve']['4']} (blind" in md
-    icl = report["flamingo"]["lm_icl"]  # the LM both arms start from, beside the vision section's
-    assert set(icl) == {"lm", "lm-icl"} and all(set(m["copy"]) == {"20", "48"} and m["ppl_val"] > 1 for m in icl.values())
-    assert json.loads((tmp_path / "runs" / "lm-icl" / "config.json").read_text())["config"]["copy_rows"] == 0.75
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
     a = report["align"]
     for name in ("sft", "ppo", "dpo", "cai", "cai_sl"):

@@ -84,6 +84,8 @@ def test_copy_accuracy_tells_a_copying_lm_from_one_that_cannot():
     class Copier(torch.nn.Module):
         """Predicts the token that followed the current one's previous occurrence."""
 
+        cfg = LMConfig(max_seq_len=64)
+
         def __init__(self):
             super().__init__()
             self.anchor = torch.nn.Parameter(torch.zeros(1))  # copy_accuracy reads the device off a parameter

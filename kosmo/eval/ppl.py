@@ -31,11 +31,12 @@ def perplexity(model, tokenizer, data: list[str], seq_len: int = 256, batch_size
 def copy_accuracy(model, vocab_size: int, spans=(20, 48), rows: int = 64, seed: int = 0) -> dict:
     """The share (%) of a repeat the LM predicts, per span length: rows of random tokens written twice,
     scored past the repeat's first token. It measures the induction circuit (Olsson et al. 2022) that
-    in-context learning builds on; an LM without one scores about 0."""
+    in-context learning builds on; an LM without one scores about 0. Spans whose rows do not fit the
+    model's context are left out."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     scores = {}
-    for span in spans:
+    for span in (s for s in spans if 2 * s - 1 <= model.cfg.max_seq_len):
         first = torch.randint(len(SPECIAL_TOKENS), vocab_size, (rows, span), generator=gen)
         ids = torch.cat([first, first], 1).to(device)
         predicted = model(ids[:, :-1]).argmax(-1)
