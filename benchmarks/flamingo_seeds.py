@@ -28,6 +28,7 @@ from fewshot_budget import write_recall
 from kosmo.data.world import World
 from kosmo.demo import BUDGETS
 from kosmo.demo.flamingo import BUDGETS as SECTION
+from kosmo.errors import KosmoError
 from kosmo.eval.fewshot import fewshot
 from kosmo.model.load import load_run
 from kosmo.train.run import run_stage
@@ -71,11 +72,14 @@ def main():
     for seed in seeds:
         out = demo / "runs" / f"flamingo-{args.lm}-seed{seed}"
         t0 = time.time()
-        run_stage("flamingo", files, out, init=lm, overrides=[
-            f"train.max_steps={args.steps}", f"train.batch_size={b['arch_batch']}", f"train.lr={b['arch_lr']}",
-            "seq_len=192", "train.warmup_steps=20", f"vision={demo / 'runs' / 'clip'}", f"latents={b['latents']}",
-            f"cross_every={b['cross_every']}", f"train.seed={seed}", *rates, "train.progress=false",
-            "train.tensorboard=false", "train.eval_every=0"])
+        try:
+            run_stage("flamingo", files, out, init=lm, overrides=[
+                f"train.max_steps={args.steps}", f"train.batch_size={b['arch_batch']}", f"train.lr={b['arch_lr']}",
+                "seq_len=192", "train.warmup_steps=20", f"vision={demo / 'runs' / 'clip'}",
+                f"latents={b['latents']}", f"cross_every={b['cross_every']}", f"train.seed={seed}", *rates,
+                "train.progress=false", "train.tensorboard=false", "train.eval_every=0"])
+        except KosmoError as e:  # a bad rate, or an --lm run that is no LM: the stage's own one-line message
+            p.error(str(e))
         seconds = time.time() - t0
         model, tok, _ = load_run(out)
         curves = {task: fewshot(model, tok, data / f"val_{task}.jsonl", [0, 4], limit=args.limit)

@@ -108,12 +108,14 @@ def test_budget_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
 
 
 def test_seeds_benchmark_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
-    for args, message in ((["--lm", "lm"], "runs/lm/config.json not found: --demo must be the output folder"),
-                          (["--seeds", "one"], "--seeds must be comma-separated integers, got 'one'")):
-        if args[0] == "--seeds":
-            for needed in ("runs/lm/config.json", "runs/clip/config.json", "data/episodes.jsonl"):
-                (tmp_path / needed).parent.mkdir(parents=True, exist_ok=True)
-                (tmp_path / needed).write_text("{}")
+    def error(*args):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flamingo_seeds.py"), "--demo", str(tmp_path),
                             *args], capture_output=True, text=True)
-        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2
+        return r.stderr.strip().splitlines()[-1]
+
+    assert "runs/lm/config.json not found: --demo must be the output folder" in error("--lm", "lm")
+    for needed in ("runs/lm/config.json", "runs/clip/config.json", "data/episodes.jsonl"):
+        (tmp_path / needed).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / needed).write_text("{}")
+    assert "--seeds must be comma-separated integers, got 'one'" in error("--seeds", "one")
