@@ -28,8 +28,12 @@ def test_quick_demo_writes_the_report(tmp_path):
     for arm in (k, f):
         episodes = arm["fewshot"]["episodes"]
         assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2", "4"} and episodes["chance"] == 50.0
+        recall = arm["fewshot"]["recall"]
+        assert set(recall["curve"]) == set(recall["blind"]) == {"0", "4"} and recall["chance"] == 25.0
         assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
     assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
+    lm = report["flamingo"]["lm"]  # the LM both arms start from, and how much of a repeat it copies
+    assert set(lm["copy"]) == {"20", "48"} and 1 < lm["ppl_val"] < 100
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
     a = report["align"]
     for name in ("sft", "ppo", "dpo", "cai", "cai_sl"):

@@ -108,6 +108,16 @@ def test_training_changes_only_the_resampler_cross_attention_and_marker_embeddin
     assert moved == {name for name in after if name.startswith(new_parts)}
 
 
+def test_every_step_logs_the_gates_it_trained_with(runs):
+    import json
+    root, _, lm, _ = runs
+    rows = [json.loads(line) for line in (root / "fl" / "metrics.jsonl").read_text().splitlines()]
+    names = {f"{kind}_gate.{i}" for i in range(lm.cfg.n_layers) for kind in ("attn", "ffw")}
+    assert all(names <= row.keys() for row in rows)
+    assert all(rows[0][name] == 0.0 for name in names)  # the first step's forward saw the gates at 0
+    assert all(rows[1][name] != 0.0 for name in names)  # the second, the gates the first step moved
+
+
 def test_eval_commands_run_on_a_flamingo_run(runs, tmp_path):
     root, data, _, _ = runs
     out = kosmo("eval", "fewshot", "--model", root / "fl", "--data", data["val_fewshot"], data["val_vqa"],

@@ -12,9 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("incontext_probes", ROOT / "benchmarks" / "incontext_probes.py")
 probes = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probes)
-spec = importlib.util.spec_from_file_location("fewshot_budget", ROOT / "benchmarks" / "fewshot_budget.py")
-budget = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(budget)
 
 
 def test_copy_rows_repeat_their_first_half_at_a_length_drawn_per_batch():
@@ -77,8 +74,9 @@ def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_pa
     import json
 
     from kosmo.data.world import World
+    from kosmo.demo.flamingo import write_recall
     (tmp_path / "images").mkdir()
-    train, val = budget.write_recall(World(image_size=36), tmp_path, n_train=5, n_val=5)
+    train, val = write_recall(World(image_size=36), tmp_path, n_train=5, n_val=5)
     for line in train.read_text().splitlines():
         content = json.loads(line)["content"]
         pairs = [(a["image"], b["text"]) for a, b in zip(content[::2], content[1::2])]
@@ -94,19 +92,6 @@ def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_pa
         assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())
 
 
-def test_budget_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
-    (tmp_path / "runs" / "lm").mkdir(parents=True)
-    (tmp_path / "runs" / "lm" / "config.json").write_text('{"stage": "lm"}')
-    (tmp_path / "data" / "images").mkdir(parents=True)
-    for args, message in ((["--steps", "0"], "--steps must be at least 1, got 0"),
-                          (["--init", "kosmos"], "config.json not found: --demo must be the output folder"),
-                          (["--init", "lm"], "is a lm run; --init must name a kosmos (mllm) or flamingo run"),
-                          (["--data-only"], "--data-only writes the recall documents, so it needs --task recall")):
-        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fewshot_budget.py"), "--demo", str(tmp_path),
-                            *args], capture_output=True, text=True)
-        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
-
-
 def test_seeds_benchmark_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
     def error(*args):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flamingo_seeds.py"), "--demo", str(tmp_path),
@@ -115,7 +100,7 @@ def test_seeds_benchmark_arguments_that_cannot_run_get_a_one_line_error(tmp_path
         return r.stderr.strip().splitlines()[-1]
 
     assert "runs/lm/config.json not found: --demo must be the output folder" in error("--lm", "lm")
-    for needed in ("runs/lm/config.json", "runs/clip/config.json", "data/episodes.jsonl"):
+    for needed in ("runs/lm-icl/config.json", "runs/clip/config.json", "data/recall.jsonl"):
         (tmp_path / needed).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / needed).write_text("{}")
     assert "--seeds must be comma-separated integers, got 'one'" in error("--seeds", "one")

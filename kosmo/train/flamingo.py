@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from kosmo.errors import KosmoError
 from kosmo.model.flamingo import Flamingo, FlamingoConfig
 from kosmo.model.lm import LM
+from kosmo.train import distributed as D
 from kosmo.train.mllm import KINDS, build_data, load_vision, mllm_loss
 from kosmo.train.trainer import TrainConfig
 
@@ -53,10 +54,22 @@ def make_model(cfg: StageConfig, init_model) -> Flamingo:
     return Flamingo(fcfg, vision=vision, lm=init_model)
 
 
+def flamingo_loss(model, batch):
+    """The token loss, with every gate's tanh in the step's metrics (metrics.jsonl): whether the pictures
+    reach the LM is decided by the attention gates, and a run's log shows them open or stay shut."""
+    loss, metrics = mllm_loss(model, batch)
+    for name, block in D.unwrap(model).xattn.items():
+        for kind in ("attn", "ffw"):
+            gate = getattr(block, f"{kind}_gate").detach()
+            gate = gate.full_tensor() if hasattr(gate, "full_tensor") else gate  # FSDP shards even a gate
+            metrics[f"{kind}_gate.{name}"] = gate.tanh()
+    return loss, metrics
+
+
 def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
     model = make_model(cfg, init_model)
     model.freeze()
     if cfg.seq_len > model.cfg.max_seq_len:
         raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}")
     train, val = build_data(cfg, data, tokenizer, model, KINDS)
-    return model, mllm_loss, train, val
+    return model, flamingo_loss, train, val
