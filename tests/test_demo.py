@@ -30,6 +30,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert set(episodes["curve"]) == set(episodes["blind"]) == {"0", "2", "4"} and episodes["chance"] == 50.0
         recall = arm["fewshot"]["recall"]
         assert set(recall["curve"]) == set(recall["blind"]) == {"0", "4"} and recall["chance"] == 25.0
+        assert recall["task"] == episodes["task"] == "episodes"  # one format, hence the plot's own task key
         assert "cider" in arm["caption_val"]["blind"] and arm["train_tok_per_s"] > 0
     assert f"| episodes, 4-shot accuracy (%) | {k['fewshot']['episodes']['curve']['4']} (blind" in md
     lm = report["flamingo"]["lm"]  # the LM both arms start from, and how much of a repeat it copies

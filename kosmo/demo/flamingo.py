@@ -156,8 +156,9 @@ def run(demo, b: dict) -> dict:
             "fewshot": {task: fewshot(model, tok, data[f"val_{task}"], task_shots, limit=n)
                         for task, task_shots in (("episodes", shots), ("recall", [0, 4]), ("vqa", shots))},
         })
-    plot_curves([(name, r["fewshot"][task]) for name, r in report["arms"].items() for task in r["fewshot"]],
-                demo.out / "fewshot.png")
+    # recall documents are episodes to `fewshot`; the task key gives them a panel of their own
+    plot_curves([(name, {**r["fewshot"][task], "task": task}) for name, r in report["arms"].items()
+                 for task in r["fewshot"]], demo.out / "fewshot.png")
     return report
 
 
