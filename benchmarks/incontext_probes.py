@@ -42,7 +42,7 @@ from kosmo.model.lm import LM, LMConfig
 from kosmo.model.load import load_run
 from kosmo.tokenizer import BOS, SPECIAL_TOKENS
 from kosmo.train.run import run_stage
-from kosmo.train.trainer import autocast
+from kosmo.hardware import autocast
 
 
 def copy_rows(batch: int, low: int, high: int, vocab: tuple[int, int], gen: torch.Generator):
@@ -66,7 +66,7 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 0, batch: int = 32,
     t0 = time.time()
     for step in range(steps + 1):
         ids, n = copy_rows(batch, half or 12, half or 60, vocab, gen)
-        with autocast(torch.device("cpu"), "bf16"):
+        with autocast(torch.device("cpu"), "auto"):
             logits = model(ids[:, :-1]).float()
         if step % 100 == 0 or step == steps:
             yield {"probe": "copy", "step": step, "half": n, "second_half_accuracy": copied(logits, ids, n),
@@ -78,7 +78,7 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 0, batch: int = 32,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+    with torch.no_grad(), autocast(torch.device("cpu"), "auto"):
         by_length = {}
         for n in (20, 36, 48, 60):
             ids, _ = copy_rows(batch, n, n, vocab, gen)

@@ -1,9 +1,10 @@
 """kosmo LM vs transformers' LlamaForCausalLM, side by side in one process.
 
-Same config, same weights (exported from kosmo), same batch, same dtype (bf16 autocast by default).
-Reports training tokens/s (forward + backward + AdamW step, fp32 weights under bf16 autocast) and
-greedy decode tokens/s at batch 1 and batch 8 (weights cast to bf16, as when serving), with
-kosmo/transformers ratios. Runs alternate between the two so machine noise hits
+Same config, same weights (exported from kosmo), same batch, same precision: the one that
+`train.precision=auto` picks on this machine (bf16 autocast where the CPU has AMX or AVX-512-BF16,
+fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward + backward + AdamW
+step, fp32 weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8
+(weights held in the benchmark's dtype), with kosmo/transformers ratios. Runs alternate between the two so machine noise hits
 both alike; the median of the repeats is reported.
 
     .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from kosmo import hardware
 from kosmo.generate import Sampling, generate_ids
 from kosmo.interop.hf_llama import export_hf
 from kosmo.model.lm import LM, LMConfig
@@ -59,14 +61,16 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--precision", choices=hardware.PRECISIONS, default="auto")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time kosmo training with torch.compile")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.new_tokens = 2, 16
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    cpu = torch.device("cpu")
+    precision = hardware.resolve_precision(args.precision, cpu)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
@@ -129,13 +133,15 @@ def main():
     rows += [("decode tokens/s, batch 1", decode[1]["kosmo"], decode[1]["transformers"]),
              ("decode tokens/s, batch 8", decode[8]["kosmo"], decode[8]["transformers"])]
     print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
-          f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, {args.dtype}, "
+          f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, "
+          f"{precision} (--precision {args.precision}; CPU {hardware.describe(cpu, precision)['device_name']}, "
+          f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print("| measure | kosmo | transformers | kosmo / transformers |")
     print("|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
-    print(json.dumps({"train_ratio": round(train["kosmo"] / train["transformers"], 3),
+    print(json.dumps({"precision": precision, "train_ratio": round(train["kosmo"] / train["transformers"], 3),
                       "decode_b1_ratio": round(decode[1]["kosmo"] / decode[1]["transformers"], 3),
                       "decode_b8_ratio": round(decode[8]["kosmo"] / decode[8]["transformers"], 3)}))
 

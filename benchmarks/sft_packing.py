@@ -22,7 +22,7 @@ import torch
 from kosmo import config as C
 from kosmo.model.load import load_run
 from kosmo.train import sft
-from kosmo.train.trainer import autocast
+from kosmo.hardware import autocast
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
         model, loss_fn, data, opt = arms[pack]
         t0 = time.perf_counter()
         batch = data.collate(rows)
-        with autocast(torch.device("cpu"), "bf16"):
+        with autocast(torch.device("cpu"), "auto"):
             loss, _ = loss_fn(model, batch)
         (loss / batch["n_targets"]).backward()
         opt.step()

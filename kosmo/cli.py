@@ -38,12 +38,11 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    import torch
-
+    from kosmo import hardware
     from kosmo.generate import Sampling, generate
     from kosmo.model.load import load_run
-    from kosmo.train.distributed import pick_device
-    model, tok, config = load_run(args.model, pick_device(args.device))
+    device = hardware.pick_device(args.device)
+    model, tok, config = load_run(args.model, device)
     if config.get("arch") == "clip":
         raise KosmoError(f"{args.model}: a CLIP run embeds images and text; it does not generate")
     prompts = list(args.prompt)
@@ -58,7 +57,7 @@ def cmd_generate(args):
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
-        with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.bf16):
+        with hardware.autocast(device, args.precision):
             results = generate(model, tok, ids, s)
     except ValueError as e:
         raise KosmoError(str(e)) from None
@@ -68,9 +67,15 @@ def cmd_generate(args):
 
 
 def cmd_eval(args):
+    from kosmo import hardware
+    device = hardware.pick_device(args.device)
+    with hardware.autocast(device, args.precision):
+        print(json.dumps(_evaluate(args, device)))
+
+
+def _evaluate(args, device) -> dict:
     from kosmo.model.load import load_run
-    from kosmo.train.distributed import pick_device
-    model, tok, config = load_run(args.model, pick_device(args.device))
+    model, tok, config = load_run(args.model, device)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
     is_clip = config.get("arch") == "clip"
@@ -79,7 +84,7 @@ def cmd_eval(args):
                          f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
     if args.kind == "align":
         from kosmo.eval.align import evaluate_align
-        reference = load_run(args.reference, pick_device(args.device))[0] if args.reference else None
+        reference = load_run(args.reference, device)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
     elif args.kind == "ppl":
         from kosmo.eval.ppl import copy_accuracy, perplexity
@@ -102,7 +107,7 @@ def cmd_eval(args):
         for path in args.data:
             result = evaluate(args.kind, model, tok, path, with_blind=not args.no_blind, **kw)
             metrics = result if len(args.data) == 1 else {**metrics, str(path): result}
-    print(json.dumps(metrics))
+    return metrics
 
 
 def cmd_export(args):
@@ -143,12 +148,18 @@ def cmd_serve(args):
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
-          args.max_batch, args.max_queue, media, Limits(args.max_body_bytes, args.max_images))
+          args.max_batch, args.max_queue, media, Limits(args.max_body_bytes, args.max_images), args.precision)
 
 
 def cmd_chat(args):
     from kosmo.serve.chat import chat
-    chat(args.model, args.device, args.max_tokens, args.temperature)
+    chat(args.model, args.device, args.max_tokens, args.temperature, args.precision)
+
+
+def add_device_args(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 where the device runs it natively, else fp32")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -188,8 +199,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    add_device_args(g)
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
@@ -204,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="fewshot: write the curve to this PNG")
     e.add_argument("--no-blind", action="store_true", help="skip the image-removed baseline")
     e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
-    e.add_argument("--device", default="auto")
+    add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
@@ -223,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="required from clients as a Bearer token (default: $KOSMO_API_KEY)")
-    sv.add_argument("--device", default="auto")
+    add_device_args(sv)
     sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which clients get 429")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
@@ -236,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="chat with a run in the terminal (/image PATH, /system TEXT, /reset)")
     ch.add_argument("--model", required=True)
-    ch.add_argument("--device", default="auto")
+    add_device_args(ch)
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.set_defaults(fn=cmd_chat)

@@ -2,12 +2,18 @@
 
 import json
 
+import torch
+
 from conftest import kosmo
+from kosmo import hardware
 
 
 def test_quick_demo_writes_the_report(tmp_path):
     kosmo("demo", "--out", tmp_path, "--quick")
     report = json.loads((tmp_path / "report.json").read_text())
+    where = report["hardware"]  # every figure says which machine and precision measured it
+    assert where["precision"] == where["eval_precision"] == hardware.resolve_precision("auto", torch.device("cpu"))
+    assert f"training in {where['precision']}" in (tmp_path / "report.md").read_text()
     v = report["vision"]
     e = v["eval"]
     for key, metric in [("vqa_val", "vqa_accuracy"), ("vqa_heldout", "vqa_accuracy"), ("caption_val", "cider"),

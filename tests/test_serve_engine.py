@@ -56,7 +56,7 @@ def collect(engine, prompts, params):
 
 @pytest.mark.parametrize("max_batch", [1, 2])
 def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, max_batch):
-    engine = Engine(model, Letters(), "lm", max_batch=max_batch).start()
+    engine = Engine(model, Letters(), "lm", max_batch=max_batch, precision="fp32").start()  # generate_ids' own
     try:
         events = collect(engine, PROMPTS, Params(max_tokens=16, temperature=0))
     finally:
@@ -85,7 +85,7 @@ def test_a_flamingo_model_decodes_like_generate_ids_alone_and_beside_others(atte
         torch.nn.init.constant_(block.ffw_gate, 1.0)
     prompts = [[1, IMAGE, IMAGE_END, 40, 41, IMAGE, IMAGE_END, 42], [1, 50, 51], [1, 60, IMAGE, IMAGE_END, 61]]
     images = [torch.randn(2, 3, 16, 16), None, torch.randn(1, 3, 16, 16)]
-    engine = Engine(model, Letters(), "flamingo", max_batch=2).start()
+    engine = Engine(model, Letters(), "flamingo", max_batch=2, precision="fp32").start()
     try:
         events = queue.Queue()
         for i, (p, im) in enumerate(zip(prompts, images)):

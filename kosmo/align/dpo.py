@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kosmo import hardware
 from kosmo.align import data as A
 from kosmo.align.reward import RewardModel, split
 from kosmo.errors import KosmoError
-from kosmo.train import distributed as D
-from kosmo.train.trainer import TrainConfig, autocast
+from kosmo.train.trainer import TrainConfig
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -71,13 +71,13 @@ def make_loss(cfg: StageConfig):
 def reference_logprobs(model, pairs: A.PairDataset, train_cfg: TrainConfig, batch_size: int = 32) -> torch.Tensor:
     """(N, 2): the reference's summed log-probs of each pair's chosen and rejected reply, computed in
     the training precision so that the policy's first step sees exactly h = 0."""
-    device = D.pick_device(train_cfg.device)
+    device = hardware.pick_device(train_cfg.device)
     model.to(device)
     out = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs.collate(list(range(start, min(start + batch_size, len(pairs)))))
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast(device, train_cfg.precision):
+        with hardware.autocast(device, train_cfg.precision):
             out.append(torch.stack(A.sequence_logprobs(model, batch).chunk(2), -1).float().cpu())
     return torch.cat(out)
 

@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from kosmo import checkpoint
+from kosmo import checkpoint, hardware
 from kosmo.align import data as A
 from kosmo.align.reward import RewardModel, rewards
 from kosmo.errors import KosmoError
 from kosmo.generate import Sampling
 from kosmo.tokenizer import END_OF_TURN
 from kosmo.train import distributed as D
-from kosmo.train.trainer import TrainConfig, Trainer as BaseTrainer, autocast, lr_at, to_device
+from kosmo.train.trainer import TrainConfig, Trainer as BaseTrainer, lr_at, to_device
 
 
 @dataclass
@@ -222,7 +222,7 @@ class Trainer(BaseTrainer):
         model.eval()  # dropout off, in rollout and update alike
         prompts = self.train_set.collate(self._rows(self.step, 0))["prompts"]
         seed = cfg.seed * 1_000_003 + self.step  # a resumed run samples the same replies
-        with autocast(self.env.device, cfg.precision):
+        with hardware.autocast(self.env.device, self.precision):
             exp, stats = ppo.rollout(actor_critic, prompts, seed)
         gen = torch.Generator().manual_seed(seed)
         sums: dict[str, float] = {}
@@ -230,7 +230,7 @@ class Trainer(BaseTrainer):
         params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(ppo.cfg.epochs):
             for mb in exp.minibatches(ppo.cfg.minibatches, gen):
-                with autocast(self.env.device, cfg.precision):
+                with hardware.autocast(self.env.device, self.precision):
                     loss, metrics = ppo(model, to_device(mb, self.env.device))
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -272,7 +272,7 @@ def build(cfg: StageConfig, data: list, tok, init_model=None):
     max_len = min(cfg.seq_len, context)
     prompts = A.read_prompts(data, tok, k, max_len - cfg.max_new_tokens)
     bank = A.image_bank(init_model, prompts, cfg.image_mode)
-    device = D.pick_device(cfg.train.device)
+    device = hardware.pick_device(cfg.train.device)
     reference = copy.deepcopy(init_model).requires_grad_(False).eval().to(device)
     reward_model.requires_grad_(False).eval().to(device)
     value, _, _ = load_run(cfg.reward)

@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kosmo import checkpoint
+import torch
+
+from kosmo import checkpoint, hardware
 from kosmo.data.world import World, write_world
 
 SECTIONS = ("vision", "flamingo", "align")
@@ -80,8 +82,16 @@ def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    # Training picks its precision by the hardware (train.precision=auto); the evaluations, which run
+    # on the CPU, use the CPU's choice.
+    cpu = torch.device("cpu")
+    where = {**hardware.describe(hardware.pick_device("auto"), "auto"),
+             "eval_precision": hardware.resolve_precision("auto", cpu)}
     demo = Demo(out, World(image_size=b["image_size"]),
-                report={"budget": budget, "recipe": b, "sections": list(sections), "timings_s": {}})
+                report={"budget": budget, "recipe": b, "sections": list(sections), "hardware": where,
+                        "timings_s": {}})
+    log(f"== {where['device']} ({where['device_name']}, {where['cpu_capability']}): "
+        f"training in {where['precision']}, evaluating in {where['eval_precision']} ==")
     log("== shapes world ==")
     demo.data = demo.timed("world", lambda: write_world(demo.data_dir, b["n"], image_size=b["image_size"]))
     for name in sections:
@@ -89,8 +99,9 @@ def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None,
     log("== tokenizer ==")
     texts = [demo.data[k] for k in ("text", "captions", "chat", "vqa_all") if k in demo.data]
     demo.timed("tokenizer", lambda: Tokenizer.train(iter_texts(texts), b["vocab"]).save(demo.data_dir))
-    for name in sections:
-        demo.report[name] = section(name).run(demo, b)
+    with hardware.autocast(cpu, "auto"):
+        for name in sections:
+            demo.report[name] = section(name).run(demo, b)
     demo.report["timings_s"]["total"] = round(time.time() - t_start, 1)
     checkpoint.write_json(out / "report.json", demo.report)
     (out / "report.md").write_text(render_markdown(demo.report))
@@ -98,10 +109,16 @@ def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None,
     return demo.report
 
 
+def _where(h: dict) -> str:
+    features = ", ".join(h["cpu_bf16"]) or "no native bf16"
+    return (f"Measured on {h['device']} ({h['device_name']}; CPU kernels {h['cpu_capability']}, {features}): "
+            f"training in {h['precision']}, evaluation in {h['eval_precision']}.")
+
+
 def render_markdown(r: dict) -> str:
     lines = ["# kosmo demo report", "",
              f"Budget `{r['budget']}`, {r['timings_s']['total']} s in all. Every number was measured by this run of "
-             "`kosmo demo`; `report.json` holds them all.", ""]
+             "`kosmo demo`; `report.json` holds them all.", "", _where(r["hardware"]), ""]
     for name in r["sections"]:
         lines += section(name).render(r[name]) + [""]
     lines += ["## Time per stage (s)", "", " · ".join(f"{k} {v}" for k, v in r["timings_s"].items())]

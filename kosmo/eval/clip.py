@@ -30,10 +30,10 @@ def _embed(model, tok, image_paths: list[str], texts: list[str], batch: int = 25
         pixels, _, skipped = load_images(image_paths[s:s + batch], size)
         if skipped:
             raise KosmoError(skipped[0][1])
-        imgs.append(F.normalize(model.encode_image(pixels.to(device)), dim=-1).cpu())
+        imgs.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
     for s in range(0, len(texts), batch):
         ids = _text_ids(tok, texts[s:s + batch], model.cfg.text.max_len).to(device)
-        txts.append(F.normalize(model.encode_text(ids), dim=-1).cpu())
+        txts.append(F.normalize(model.encode_text(ids).float(), dim=-1).cpu())
     return torch.cat(imgs), torch.cat(txts)
 
 

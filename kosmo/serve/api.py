@@ -153,7 +153,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if engine.alive else "down", "running": engine.running, "waiting": len(engine.waiting)}
+        body = {"status": "ok" if engine.alive else "down", "running": engine.running, "waiting": len(engine.waiting),
+                "device": str(engine.device), "precision": engine.precision}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/", dependencies=auth, response_class=HTMLResponse)
@@ -407,17 +408,18 @@ class Reply:
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
-          max_batch: int = 16, max_queue: int = 64, media: MediaPolicy = MediaPolicy(), limits: Limits = Limits()):
+          max_batch: int = 16, max_queue: int = 64, media: MediaPolicy = MediaPolicy(), limits: Limits = Limits(),
+          precision: str = "auto"):
     """Loads a run and serves it until interrupted."""
     import uvicorn
 
     from kosmo.model.load import load_run
-    from kosmo.train.distributed import pick_device
+    from kosmo.hardware import pick_device
     model, tokenizer, config = load_run(run, pick_device(device))
     arch = config.get("arch", "lm")
     try:
         engine = Engine(model, tokenizer, arch, max_batch=max_batch, max_queue=max_queue,
-                        image_mode=config.get("config", {}).get("image_mode", "crop"))
+                        image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision)
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None
     app = create_app(engine.start(), tokenizer, Path(run).resolve().name, api_key, media, limits)

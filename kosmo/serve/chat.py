@@ -70,13 +70,13 @@ class Conversation:
         return answer
 
 
-def chat(run: str, device: str = "auto", max_tokens: int = 256, temperature: float = 0.0):
+def chat(run: str, device: str = "auto", max_tokens: int = 256, temperature: float = 0.0, precision: str = "auto"):
+    from kosmo.hardware import pick_device
     from kosmo.model.load import load_run
-    from kosmo.train.distributed import pick_device
     model, tokenizer, config = load_run(run, pick_device(device))
     try:
         engine = Engine(model, tokenizer, config.get("arch", "lm"), max_batch=1,
-                        image_mode=config.get("config", {}).get("image_mode", "crop")).start()
+                        image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision).start()
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None
     talk = Conversation(engine, tokenizer, max_tokens, temperature)

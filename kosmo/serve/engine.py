@@ -14,7 +14,8 @@ same tokens whether it runs alone or beside fifteen others. Two things make that
 
 The model side is an `Adapter` with `prefill(slot, ids, images)` and `decode(tokens, active)`, one
 per architecture in `ADAPTERS`: the plain decoder serves `lm` and `mllm` runs, and `flamingo` runs
-add each slot's visual tokens, which the gated cross-attention reads at every step.
+add each slot's visual tokens, which the gated cross-attention reads at every step. The engine runs in
+bf16 autocast, with a bf16 cache, where `kosmo.hardware` finds native bf16, and in fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from kosmo import hardware
 from kosmo.generate import Sampling, next_tokens
 from kosmo.model.lm import LM, apply_rope
 from kosmo.tokenizer import END_OF_TURN, EOS, PAD
@@ -134,14 +136,14 @@ class DecoderAdapter:
     decode step is the plain LM's.
     """
 
-    def __init__(self, model, max_batch: int, device: torch.device):
+    def __init__(self, model, max_batch: int, device: torch.device, precision: str = "auto"):
         self.model = model
         self.lm: LM = getattr(model, "lm", model)
         cfg = self.lm.cfg
         self.context = cfg.max_seq_len
         self.tokens_per_image = model.cfg.tokens_per_image if hasattr(model, "embed_inputs") else 0
         self.image_size = model.cfg.vision.image_size if self.tokens_per_image else 0
-        self.autocast = device.type == "cuda"  # bf16 on GPUs, fp32 on CPUs
+        self.autocast = hardware.resolve_precision(precision, device) == "bf16"
         dtype = torch.bfloat16 if self.autocast else next(self.lm.parameters()).dtype
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -241,8 +243,8 @@ class FlamingoAdapter(DecoderAdapter):
     never depend on the other slots.
     """
 
-    def __init__(self, model, max_batch: int, device: torch.device):
-        super().__init__(model, max_batch, device)
+    def __init__(self, model, max_batch: int, device: torch.device, precision: str = "auto"):
+        super().__init__(model, max_batch, device, precision)
         self.image_size = model.cfg.vision.image_size
         self.media: list[tuple | None] = [None] * max_batch  # per slot: (visual tokens, image index of each)
         self.prompt_media = None  # (media, visible, sees_media) of the prompt being prefilled
@@ -298,11 +300,12 @@ class Engine:
     background thread started by `start`."""
 
     def __init__(self, model, tokenizer, arch: str, max_batch: int = 16, max_queue: int = 64,
-                 image_mode: str = "crop"):
+                 image_mode: str = "crop", precision: str = "auto"):
         if arch not in ADAPTERS:
             raise ValueError(f"serving does not support arch {arch!r} (supported: {', '.join(ADAPTERS)})")
         self.device = next(model.parameters()).device
-        self.adapter: Adapter = ADAPTERS[arch](model, max_batch, self.device)
+        self.precision = hardware.resolve_precision(precision, self.device)
+        self.adapter: Adapter = ADAPTERS[arch](model, max_batch, self.device, self.precision)
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.image_mode = image_mode  # how pictures are fitted to the encoder's square, as in training
         self.slots: list[_Running | None] = [None] * max_batch

@@ -15,6 +15,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from kosmo.hardware import pick_device
+
 
 @dataclass
 class Env:
@@ -25,12 +27,6 @@ class Env:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(pref: str = "auto") -> torch.device:
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
 
 
 def setup(device: str = "auto") -> Env:

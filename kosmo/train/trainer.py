@@ -1,6 +1,6 @@
 """The one training loop every stage reuses. A stage supplies a model, a loss and its data; the
 trainer does the rest: AdamW with warmup and cosine decay, gradient accumulation and clipping,
-bf16 autocast, DDP/FSDP2, progress, metrics, evaluation, atomic checkpoints and exact resume.
+bf16 autocast where the hardware runs it natively, DDP/FSDP2, progress, metrics, evaluation, atomic checkpoints and exact resume.
 
 Exact resume rests on three facts. The rows of step s are a pure function of (seed, s), so no data
 iterator needs saving. The learning rate is a pure function of s. And optimizer state, RNG state
@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm import tqdm
 
-from kosmo import checkpoint
+from kosmo import checkpoint, hardware
 from kosmo.errors import KosmoError
 from kosmo.train import distributed as D
 
@@ -42,7 +42,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 disables clipping
     lr_scale: dict = field(default_factory=dict)  # name prefix or glob -> lr multiplier, e.g. {vision: 0.1, "*_gate": 30}
-    precision: str = "bf16"      # bf16 (autocast, fp32 master weights) or fp32
+    precision: str = "auto"      # auto (bf16 where the device runs it natively), bf16 (autocast, fp32 master weights), fp32
     device: str = "auto"         # auto, cpu, cuda, cuda:1 ...
     parallel: str = "ddp"        # under torchrun: ddp or fsdp
     compile: bool = False        # torch.compile each transformer block (pays off on long GPU runs)
@@ -55,8 +55,8 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in hardware.PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(hardware.PRECISIONS)}, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         for name in ("max_steps", "batch_size", "grad_accum"):
@@ -92,17 +92,15 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, train_set: Dataset,
                  out: str | Path, run_config: dict, eval_set: Dataset | None = None, env: D.Env | None = None):
         self.cfg, self.loss_fn, self.train_set, self.eval_set = cfg, loss_fn, train_set, eval_set
         self.out = Path(out)
         self.env = env or D.setup(cfg.device)
-        self.run_config = run_config
+        # the precision is decided once per run, by the hardware unless the config forces one
+        self.precision = hardware.resolve_precision(cfg.precision, self.env.device)
+        self.run_config = {**run_config, "hardware": hardware.describe(self.env.device, self.precision)}
         if len(train_set) == 0:
             raise KosmoError("the training data holds no examples")
         torch.manual_seed(cfg.seed + self.env.rank)
@@ -201,7 +199,7 @@ class Trainer:
         for m, batch in enumerate(batches):
             no_sync = getattr(self.model, "no_sync", None)
             ctx = no_sync() if no_sync and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, autocast(env.device, cfg.precision):
+            with ctx, hardware.autocast(env.device, self.precision):
                 loss, metrics = self.loss_fn(self.model, to_device(batch, env.device))
             # Sum over targets / global target count: the exact mean even when micro-batches and ranks
             # hold different numbers of targets. DDP averages gradients over ranks, hence * world.
@@ -224,7 +222,8 @@ class Trainer:
                                  f"(last at step {self.step + 1}); lower train.lr or use train.precision=fp32")
         self.optimizer.zero_grad(set_to_none=True)
         return {"step": self.step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(n_total.item()), "skipped_steps": self.nonfinite_total, **extras}
+                "tokens": int(n_total.item()), "skipped_steps": self.nonfinite_total, "precision": self.precision,
+                **extras}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -241,7 +240,7 @@ class Trainer:
             if not rows:
                 continue
             batch = self.eval_set.collate(rows)
-            with autocast(env.device, cfg.precision):
+            with hardware.autocast(env.device, self.precision):
                 loss, _ = self.loss_fn(self.model, to_device(batch, env.device))
             loss_sum += loss.float()
             count += batch["n_targets"]

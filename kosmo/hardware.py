@@ -1,0 +1,116 @@
+"""The device kosmo computes on and the float type it computes in, decided in this one place.
+
+`precision="auto"` (every default) runs bf16 autocast only where the hardware does bf16 matmuls
+natively: a CUDA GPU with bf16 (Ampere and later), or a CPU with AMX or AVX-512-BF16 whose kernels
+may use them. Elsewhere it runs fp32, because there bf16 is emulated: on an AVX2-only CPU a bf16
+matmul runs some 80x slower than the same matmul in fp32, while on an AMX CPU it runs about 3x faster.
+Training stages, `kosmo generate`, `kosmo eval`, the serving engine and `kosmo demo` all ask here.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def cpu_capability() -> str:
+    """The vector ISA that PyTorch's CPU kernels dispatch to (AVX2, AVX512, ...); ATEN_CPU_CAPABILITY lowers it."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's bf16 features, read from cpuinfo through PyTorch, else from /proc/cpuinfo."""
+    cpu = torch.cpu
+    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+        return frozenset(name for name, has in (("avx512_bf16", cpu._is_avx512_bf16_supported()),
+                                                ("amx_bf16", cpu._is_amx_tile_supported())) if has)
+    info = Path("/proc/cpuinfo")
+    words = set(info.read_text().split()) if info.is_file() else set()
+    return frozenset(words & {"avx512_bf16", "amx_bf16"})
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN, which runs CPU bf16 matmuls, may use bf16 instructions (ONEDNN_MAX_CPU_ISA can forbid it)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware on `device` rather than emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_capability().startswith("AVX512") and bool(cpu_flags()) and _onednn_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`, `bf16` or `fp32` -> the precision to run: `bf16` or `fp32`. Forcing bf16 where the
+    hardware emulates it is allowed, with one warning that says how much slower it runs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    native = native_bf16(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        _warn_emulated(device.type)
+    return precision
+
+
+@functools.cache
+def _warn_emulated(device_type: str):
+    """One line on stderr, once per process and device type."""
+    if device_type == "cpu":
+        where = f"this CPU ({cpu_capability()} kernels): a bf16 matmul measured {bf16_slowdown():.0f}x slower than fp32"
+    else:
+        where = f"this {device_type}"
+    print(f"kosmo: warning: bf16 is emulated on {where}; precision=auto would pick fp32", file=sys.stderr)
+
+
+@functools.cache
+def bf16_slowdown(n: int = 256) -> float:
+    """Time of an n x n matmul in bf16 over the same in fp32 on this CPU, the best of several runs each."""
+    def best(dtype):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or (len(times) < 50 and time.perf_counter() - start < 0.2):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(torch.bfloat16) / best(torch.float32)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision (`auto` resolved for `device`); fp32 turns autocast off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
+
+
+def describe(device: torch.device, precision: str) -> dict:
+    """What a run records of where it ran: the device, its name, the CPU's ISA and the precision used."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "cpu_capability": cpu_capability(),
+            "cpu_bf16": sorted(cpu_flags()), "precision": resolve_precision(precision, device)}
+
+
+@functools.cache
+def _cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine()
