@@ -42,14 +42,18 @@ def random_run(out: Path, size: str) -> Path:
     return out
 
 
-def start_server(run: Path, port: int, max_batch: int, device: str, threads: int | None) -> subprocess.Popen:
+def start_server(run: Path, port: int, max_batch: int, device: str, precision: str,
+                 threads: int | None) -> tuple[subprocess.Popen, dict]:
+    """The server and what its /health says (device and the precision it decodes in)."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen([sys.executable, "-m", "kosmo", "serve", "--model", str(run), "--port", str(port),
-                             "--max-batch", str(max_batch), "--device", device, "--max-queue", "256"], env=env)
+                             "--max-batch", str(max_batch), "--device", device, "--precision", precision,
+                             "--max-queue", "256"], env=env)
     for _ in range(600):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            if health.status_code == 200:
+                return proc, health.json()
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
@@ -104,6 +108,7 @@ def main():
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true")
@@ -116,7 +121,8 @@ def main():
         run = Path(args.model) if args.model else random_run(Path(tmp) / "run", args.size)
         rows = []
         for engine, max_batch in (("continuous batching", max(args.concurrency)), ("one at a time", 1)):
-            server = start_server(run, args.port, max_batch, args.device, args.threads)
+            server, health = start_server(run, args.port, max_batch, args.device, args.precision, args.threads)
+            print(f"{engine}: {health['device']}, {health['precision']} (--precision {args.precision})", flush=True)
             try:
                 for c in args.concurrency:
                     row = asyncio.run(load(f"http://127.0.0.1:{args.port}", c, max(args.requests, c),

@@ -105,3 +105,17 @@ def test_the_serving_engine_computes_in_the_precision_auto_picks(host, kind):
     engine = Engine(model, tokenizer=None, arch="lm", max_batch=2)
     assert engine.precision == ("bf16" if native else "fp32")
     assert engine.adapter.k.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_training_under_a_callers_autocast_is_refused(tmp_path):
+    """Autocast keeps its casts of the weights until the outermost autocast exits, so a run started
+    under one would train every step on the first step's weights."""
+    from test_trainer import Rows, tiny_lm
+
+    from kosmo.errors import KosmoError
+    from kosmo.train.lm import lm_loss
+    from kosmo.train.trainer import Trainer
+    cfg = TrainConfig(max_steps=2, progress=False, tensorboard=False, eval_every=0)
+    trainer = Trainer(cfg, tiny_lm(), lm_loss, Rows(), tmp_path, {"stage": "test", "model": {}})
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(KosmoError, match="outside torch.autocast"):
+        trainer.fit()

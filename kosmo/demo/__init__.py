@@ -54,6 +54,12 @@ class Demo:
         self.report["timings_s"][name] = round(time.time() - t0, 1)
         return result
 
+    @staticmethod
+    def evaluating():
+        """The precision of the demo's evaluations: training picks its own by the hardware
+        (train.precision=auto), and the evaluations, which run on the CPU, take the CPU's choice."""
+        return hardware.autocast(torch.device("cpu"), "auto")
+
     def train(self, stage: str, name: str, data: list, overrides: list[str], init: str | None = None) -> dict:
         """`kosmo train STAGE` into runs/NAME with the shared tokenizer; the first override sets max_steps."""
         from kosmo.train.run import run_stage
@@ -82,11 +88,8 @@ def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    # Training picks its precision by the hardware (train.precision=auto); the evaluations, which run
-    # on the CPU, use the CPU's choice.
-    cpu = torch.device("cpu")
     where = {**hardware.describe(hardware.pick_device("auto"), "auto"),
-             "eval_precision": hardware.resolve_precision("auto", cpu)}
+             "eval_precision": hardware.resolve_precision("auto", torch.device("cpu"))}
     demo = Demo(out, World(image_size=b["image_size"]),
                 report={"budget": budget, "recipe": b, "sections": list(sections), "hardware": where,
                         "timings_s": {}})
@@ -99,9 +102,8 @@ def run_demo(out: str | Path, quick: bool = False, recipe: dict | None = None,
     log("== tokenizer ==")
     texts = [demo.data[k] for k in ("text", "captions", "chat", "vqa_all") if k in demo.data]
     demo.timed("tokenizer", lambda: Tokenizer.train(iter_texts(texts), b["vocab"]).save(demo.data_dir))
-    with hardware.autocast(cpu, "auto"):
-        for name in sections:
-            demo.report[name] = section(name).run(demo, b)
+    for name in sections:
+        demo.report[name] = section(name).run(demo, b)
     demo.report["timings_s"]["total"] = round(time.time() - t_start, 1)
     checkpoint.write_json(out / "report.json", demo.report)
     (out / "report.md").write_text(render_markdown(demo.report))

@@ -117,10 +117,11 @@ def run(demo, b: dict) -> dict:
         return evaluate("vqa", load_run(runs / name)[0], tok, data["val_vqa"], with_blind=False,
                         limit=n)["vqa_accuracy"]
 
-    report["eval"] = demo.timed("align_eval", lambda: {
-        "sft": judged("align-sft"), "ppo": judged("ppo", sft), "dpo": judged("dpo", sft),
-        "cai": {**judged(cai_final, sft), "run": cai_final}, "cai_sl": judged("cai-sl", sft),
-        "vqa_sft": vqa("align-sft"), "vqa_cai": vqa(cai_final)})
+    with demo.evaluating():
+        report["eval"] = demo.timed("align_eval", lambda: {
+            "sft": judged("align-sft"), "ppo": judged("ppo", sft), "dpo": judged("dpo", sft),
+            "cai": {**judged(cai_final, sft), "run": cai_final}, "cai_sl": judged("cai-sl", sft),
+            "vqa_sft": vqa("align-sft"), "vqa_cai": vqa(cai_final)})
     e = report["eval"]
     report["targets"] = {
         "ppo_win_rate_ge_70": e["ppo"]["win_rate"] >= 70, "ppo_kl_within_budget": e["ppo"]["kl"] <= b["kl_budget"],

@@ -145,17 +145,18 @@ def run(demo, b: dict) -> dict:
     n, shots = b["eval_n"], list(b["eval_shots"])
     for name, stage in ARMS.items():
         model, tok, _ = load_run(runs / name)
-        report["arms"][name] = demo.timed(f"eval_{name}", lambda: {
-            "stage": stage,
-            "params_total": sum(p.numel() for p in model.parameters()),
-            "params_trainable": trainable_params(model),
-            "tokens_per_image": model.cfg.tokens_per_image,
-            "train_tok_per_s": trained_tokens_per_s(runs / name),
-            "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
-            # a recall document names four pictures, so its query is asked after all four or none
-            "fewshot": {task: fewshot(model, tok, data[f"val_{task}"], task_shots, limit=n)
-                        for task, task_shots in (("episodes", shots), ("recall", [0, 4]), ("vqa", shots))},
-        })
+        with demo.evaluating():
+            report["arms"][name] = demo.timed(f"eval_{name}", lambda: {
+                "stage": stage,
+                "params_total": sum(p.numel() for p in model.parameters()),
+                "params_trainable": trainable_params(model),
+                "tokens_per_image": model.cfg.tokens_per_image,
+                "train_tok_per_s": trained_tokens_per_s(runs / name),
+                "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
+                # a recall document names four pictures, so its query is asked after all four or none
+                "fewshot": {task: fewshot(model, tok, data[f"val_{task}"], task_shots, limit=n)
+                            for task, task_shots in (("episodes", shots), ("recall", [0, 4]), ("vqa", shots))},
+            })
     # recall documents are episodes to `fewshot`; the task key gives them a panel of their own
     plot_curves([(name, {**r["fewshot"][task], "task": task}) for name, r in report["arms"].items()
                  for task in r["fewshot"]], demo.out / "fewshot.png")
@@ -174,8 +175,9 @@ def train_copying_lm(demo, b: dict) -> dict:
                 "train.warmup_steps=20", "train.min_lr_ratio=1", "train.beta2=0.999", "train.weight_decay=0",
                 "model.size=tiny", "model.smear_keys=true", "copy_rows=0.75"])
     lm, tok, _ = load_run(demo.runs / "lm-icl")
-    return {"ppl_val": perplexity(lm, tok, [demo.data["val_text"]], seq_len=128)["ppl"],
-            "copy": copy_accuracy(lm, tok.vocab_size)}
+    with demo.evaluating():
+        return {"ppl_val": perplexity(lm, tok, [demo.data["val_text"]], seq_len=128)["ppl"],
+                "copy": copy_accuracy(lm, tok.vocab_size)}
 
 
 def trainable_params(model) -> int:

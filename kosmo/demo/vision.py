@@ -127,19 +127,21 @@ def pretrain(demo, b: dict) -> dict:
                                                     "train.lr=1e-3", "train.warmup_steps=20",
                                                     *[f"vision.{k}={v}" for k, v in vision.items()]])
     clip, tok, _ = load_run(runs / "clip")
-    report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
-                                **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
+    with demo.evaluating():
+        report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
+                                    **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
 
     demo.train("lm", "lm", [data["text"], data["interleaved"]],
                [f"train.max_steps={b['lm_steps']}", "train.batch_size=16", "seq_len=128", "train.lr=2e-3",
                 "train.warmup_steps=15", "model.size=tiny"])
     lm, tok, _ = load_run(runs / "lm")
-    completions = generate(lm, tok, [[BOS, *tok.encode(p)] for p in SAMPLE_PROMPTS], Sampling(max_new_tokens=20))
-    report["stages"]["lm"] = {
-        "params": lm.num_params(),
-        "ppl_val": perplexity(lm, tok, [data["val_text"]], seq_len=128)["ppl"],
-        "ppl_heldout": perplexity(lm, tok, [data["heldout_text"]], seq_len=128)["ppl"],
-        "samples": [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, completions)]}
+    with demo.evaluating():
+        completions = generate(lm, tok, [[BOS, *tok.encode(p)] for p in SAMPLE_PROMPTS], Sampling(max_new_tokens=20))
+        report["stages"]["lm"] = {
+            "params": lm.num_params(),
+            "ppl_val": perplexity(lm, tok, [data["val_text"]], seq_len=128)["ppl"],
+            "ppl_heldout": perplexity(lm, tok, [data["heldout_text"]], seq_len=128)["ppl"],
+            "samples": [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, completions)]}
     return report
 
 
@@ -162,13 +164,14 @@ def run(demo, b: dict) -> dict:
     log("\n== vision evaluation ==")
     model, tok, _ = load_run(runs / "sft")
     n = b["eval_n"]
-    report["eval"] = demo.timed("eval", lambda: {
-        "vqa_val": evaluate("vqa", model, tok, data["val_vqa"], limit=n),
-        "vqa_heldout": evaluate("vqa", model, tok, data["heldout_vqa"], limit=n),
-        "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
-        "chat_val": evaluate("chat", model, tok, data["val_chat"], limit=n),
-    })
-    report["gallery"] = sample_gallery(model, tok, demo.world, demo.data_dir, demo.out)
+    with demo.evaluating():
+        report["eval"] = demo.timed("eval", lambda: {
+            "vqa_val": evaluate("vqa", model, tok, data["val_vqa"], limit=n),
+            "vqa_heldout": evaluate("vqa", model, tok, data["heldout_vqa"], limit=n),
+            "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
+            "chat_val": evaluate("chat", model, tok, data["val_chat"], limit=n),
+        })
+        report["gallery"] = sample_gallery(model, tok, demo.world, demo.data_dir, demo.out)
     plot_losses({s: runs / s for s in ("clip", "lm", "mllm", "sft")}, demo.out / "losses.png")
     return report
 

@@ -157,6 +157,10 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
+        if torch.is_autocast_enabled(env.device.type):
+            # autocast caches its casts of the weights until the outermost autocast exits: under a
+            # caller's autocast every step would run on the weights of the first
+            raise KosmoError("training runs its own autocast (train.precision); start it outside torch.autocast")
         self._resume()
         if env.main:
             self.out.mkdir(parents=True, exist_ok=True)
