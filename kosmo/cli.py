@@ -42,7 +42,9 @@ def cmd_generate(args):
     from kosmo.generate import Sampling, generate
     from kosmo.model.load import load_run
     device = hardware.pick_device(args.device)
+    precision = hardware.resolve_precision(args.precision, device)
     model, tok, config = load_run(args.model, device)
+    hardware.cast_for_inference(model, precision)
     if config.get("arch") == "clip":
         raise KosmoError(f"{args.model}: a CLIP run embeds images and text; it does not generate")
     prompts = list(args.prompt)
@@ -57,7 +59,7 @@ def cmd_generate(args):
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
-        with hardware.autocast(device, args.precision):
+        with hardware.autocast(device, precision):
             results = generate(model, tok, ids, s)
     except ValueError as e:
         raise KosmoError(str(e)) from None
@@ -69,13 +71,19 @@ def cmd_generate(args):
 def cmd_eval(args):
     from kosmo import hardware
     device = hardware.pick_device(args.device)
-    with hardware.autocast(device, args.precision):
-        print(json.dumps(_evaluate(args, device)))
+    precision = hardware.resolve_precision(args.precision, device)
+    with hardware.autocast(device, precision):
+        print(json.dumps(_evaluate(args, device, precision)))
 
 
-def _evaluate(args, device) -> dict:
+def _evaluate(args, device, precision: str) -> dict:
+    from kosmo import hardware
     from kosmo.model.load import load_run
-    model, tok, config = load_run(args.model, device)
+
+    def load(run):
+        model, tok, config = load_run(run, device)
+        return hardware.cast_for_inference(model, precision), tok, config
+    model, tok, config = load(args.model)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
     is_clip = config.get("arch") == "clip"
@@ -84,7 +92,7 @@ def _evaluate(args, device) -> dict:
                          f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
     if args.kind == "align":
         from kosmo.eval.align import evaluate_align
-        reference = load_run(args.reference, device)[0] if args.reference else None
+        reference = load(args.reference)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
     elif args.kind == "ppl":
         from kosmo.eval.ppl import copy_accuracy, perplexity
