@@ -144,6 +144,29 @@ def test_dpo_first_loss_is_ln2_and_one_step_moves_every_weight(world, tmp_path):
     assert_one_step_moves_every_trainable_weight(model, loss_fn, train, tmp_path)
 
 
+def test_ipo_compares_replies_per_token():
+    """IPO's target margin is per reply token (Azar et al. 2023; TRL), so a long reply needs no larger gap."""
+    class Uniform(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, 8)  # every token has probability 1/8
+    ids, reply = A.pad_right([([1, 2, 3, 4, 5, 6, 7], 2), ([1, 2, 3], 2)], 16)  # replies of 5 and 1 tokens
+    batch = {"input": ids, "reply": reply, "images": None}
+    assert A.sequence_logprobs(Uniform(), batch).tolist() == pytest.approx([-5 * math.log(8), -math.log(8)])
+    assert A.sequence_logprobs(Uniform(), batch, per_token=True).tolist() == pytest.approx([-math.log(8)] * 2)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_the_reference_log_probs_are_the_policys_own_measure(world, loss):
+    """DPO sums each reply's log-probs and IPO averages them, for the reference as for the policy."""
+    d, tok = world
+    cfg = build_config(dpo.StageConfig, {"train": FAST, "loss": loss})
+    model, _, train, _ = dpo.build(cfg, [d / "prefs.jsonl"], tok, load_sft(d))
+    batch = train.collate([0, 1, 2])
+    with torch.no_grad():
+        policy = A.sequence_logprobs(model, batch, per_token=loss == "ipo")
+    torch.testing.assert_close(batch["ref"], torch.stack(policy.chunk(2), -1))
+
+
 def test_one_ppo_step_moves_every_trainable_weight_and_publishes_the_policy(world, tmp_path):
     d, tok = world
     cfg = build_config(ppo.StageConfig, {"train": FAST, "reward": str(d / "rm"), "max_new_tokens": 6,

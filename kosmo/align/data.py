@@ -164,10 +164,12 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Summed log-probs of each row's reply tokens: (B,)."""
+def sequence_logprobs(model, batch: dict, per_token: bool = False) -> torch.Tensor:
+    """Log-probs of each row's reply tokens, summed or (`per_token`) averaged over the reply: (B,)."""
     logp = token_logprobs(forward(model, batch["input"], batch["images"]), batch["input"])
-    return (logp * batch["reply"][:, 1:]).sum(-1)
+    reply = batch["reply"][:, 1:]
+    total = (logp * reply).sum(-1)
+    return total / reply.sum(-1).clamp(min=1) if per_token else total
 
 
 class PairDataset:

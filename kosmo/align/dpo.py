@@ -2,8 +2,11 @@
 and no sampling, against the frozen log-probs of its starting point (the reference). With
 h = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]:
 
-    sigmoid (DPO)  loss = -log sigmoid(beta * h)
+    sigmoid (DPO)  loss = -log sigmoid(beta * h)       (log-probs summed over each reply)
     ipo            loss = (h - 1 / (2 * beta))^2       (IPO: a fixed target margin, no overfitting to 0/1 labels)
+
+IPO's log-probs are averaged over each reply's tokens, as in Azar et al. (2023) and TRL: with sums,
+the margin it asks for would be the same for a reply of 3 tokens and one of 300.
 
     kosmo train dpo --init runs/sft --data align.jsonl beta=0.1        # pairs ranked by the world's judge
     kosmo train dpo --init runs/sft --data prefs.jsonl loss=ipo
@@ -46,7 +49,7 @@ class StageConfig:
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, kind: str = "sigmoid",
              prob: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-pair loss from summed reply log-probs. A soft label `prob` (AI feedback) mixes in the loss
+    """Per-pair loss from reply log-probs (summed for DPO, per token for IPO). A soft label `prob` (AI feedback) mixes in the loss
     of the flipped pair with weight 1 - prob (conservative DPO)."""
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     if kind == "ipo":
@@ -57,7 +60,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, kind
 
 def make_loss(cfg: StageConfig):
     def loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
-        pi_chosen, pi_rejected = A.sequence_logprobs(model, batch).chunk(2)
+        pi_chosen, pi_rejected = A.sequence_logprobs(model, batch, per_token=cfg.loss == "ipo").chunk(2)
         ref_chosen, ref_rejected = batch["ref"].unbind(-1)
         loss = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, batch["prob"])
         # DPO's implicit rewards: beta * log(pi / ref) of each reply
@@ -68,9 +71,10 @@ def make_loss(cfg: StageConfig):
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs: A.PairDataset, train_cfg: TrainConfig, batch_size: int = 32) -> torch.Tensor:
-    """(N, 2): the reference's summed log-probs of each pair's chosen and rejected reply, computed in
-    the training precision so that the policy's first step sees exactly h = 0."""
+def reference_logprobs(model, pairs: A.PairDataset, train_cfg: TrainConfig, per_token: bool = False,
+                       batch_size: int = 32) -> torch.Tensor:
+    """(N, 2): the reference's log-probs of each pair's chosen and rejected reply (summed, or averaged
+    `per_token`), computed in the training precision so that the policy's first step sees exactly h = 0."""
     device = hardware.pick_device(train_cfg.device)
     model.to(device)
     out = []
@@ -78,7 +82,7 @@ def reference_logprobs(model, pairs: A.PairDataset, train_cfg: TrainConfig, batc
         batch = pairs.collate(list(range(start, min(start + batch_size, len(pairs)))))
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with hardware.autocast(device, train_cfg.precision):
-            out.append(torch.stack(A.sequence_logprobs(model, batch).chunk(2), -1).float().cpu())
+            out.append(torch.stack(A.sequence_logprobs(model, batch, per_token).chunk(2), -1).float().cpu())
     return torch.cat(out)
 
 
@@ -92,5 +96,5 @@ def build(cfg: StageConfig, data: list, tok, init_model=None):
     sets = [A.PairDataset(p, tok, bank, max_len) if p else None for p in (train_pairs, val_pairs)]
     for s in sets:
         if s is not None:
-            s.ref = reference_logprobs(init_model, s, cfg.train)
+            s.ref = reference_logprobs(init_model, s, cfg.train, per_token=cfg.loss == "ipo")
     return A.freeze_vision(init_model), make_loss(cfg), sets[0], sets[1]
