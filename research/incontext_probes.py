@@ -1,8 +1,8 @@
 """Where in-context learning of the shapes world's episodes stalls: three probes.
 
     kosmo demo --sections vision --out out        # any demo output with runs/lm and data/tokenizer.json
-    .venv/bin/python benchmarks/incontext_probes.py --demo out --work /tmp/probes [--lm lm-icl]
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/incontext_probes.py --probes symbols [--symbol-copy-mix 0.5] [--symbol-format F]
+    .venv/bin/python research/incontext_probes.py --demo out --work /tmp/probes [--lm lm-icl]
+    OMP_NUM_THREADS=1 .venv/bin/python research/incontext_probes.py --probes symbols [--symbol-copy-mix 0.5] [--symbol-format F]
 
 1. copy: the LM trains on rows of random tokens whose second half repeats the first (a half of 12 to
    60 tokens, drawn afresh every batch), and reports the share of second-half tokens it predicts,

@@ -3,8 +3,8 @@ section's Flamingo arm over a frozen LM (by default the section's runs/lm-icl) o
 measures each run.
 
     kosmo demo --sections flamingo --out out
-    python benchmarks/flamingo_seeds.py --demo out --seeds 1,2,3
-    python benchmarks/flamingo_seeds.py --demo out --seeds 1,2 --ffw-gate-lr 30   # the feed-forward gates open too
+    python research/flamingo_seeds.py --demo out --seeds 1,2,3
+    python research/flamingo_seeds.py --demo out --seeds 1,2 --ffw-gate-lr 30   # the feed-forward gates open too
 
 Each run trains on the section's files (captions, interleaved documents, VQA documents, episodes,
 picture recall) at the section's steps, batch, learning rate, Flamingo shape and gate learning rates,

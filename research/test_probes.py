@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("incontext_probes", ROOT / "benchmarks" / "incontext_probes.py")
+spec = importlib.util.spec_from_file_location("incontext_probes", ROOT / "research" / "incontext_probes.py")
 probes = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probes)
 
@@ -45,7 +45,7 @@ def test_probe_arguments_out_of_range_get_a_one_line_error():
                           (["--copy-half", "-1"], "--copy-half must be 0"),
                           (["--copy-half", "1"], "or a length from 2 to 128, got 1"),
                           (["--symbol-steps", "0"], "must be at least 1")):
-        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "incontext_probes.py"), "--probes", "symbols",
+        r = subprocess.run([sys.executable, str(ROOT / "research" / "incontext_probes.py"), "--probes", "symbols",
                             *args], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
 
@@ -94,7 +94,7 @@ def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_pa
 
 def test_seeds_benchmark_arguments_that_cannot_run_get_a_one_line_error(tmp_path):
     def error(*args):
-        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flamingo_seeds.py"), "--demo", str(tmp_path),
+        r = subprocess.run([sys.executable, str(ROOT / "research" / "flamingo_seeds.py"), "--demo", str(tmp_path),
                             *args], capture_output=True, text=True)
         assert r.returncode == 2
         return r.stderr.strip().splitlines()[-1]
