@@ -55,17 +55,34 @@ def cmd_generate(args):
     if not prompts:
         raise KosmoError("give at least one --prompt or a --prompts-file")
     from kosmo.tokenizer import BOS
-    ids = [[BOS] + tok.encode(p) for p in prompts]
+    pictures, images = _pictures(args, model, config, len(prompts))
+    ids = [[BOS] + pictures + tok.encode(p) for p in prompts]
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s)
+            results = generate(model, tok, ids, s, images=images)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
         print(json.dumps({"prompt": p, "completion": r.text, "finish_reason": r.finish_reason,
                           "tokens": len(r.tokens)}, ensure_ascii=False))
+
+
+def _pictures(args, model, config: dict, n_prompts: int):
+    """The --image pictures: their markers, which open every prompt, and the pixels of all prompts."""
+    if not args.image:
+        return [], None
+    if not hasattr(model, "vision"):
+        raise KosmoError(f"{args.model}: a text-only {config.get('arch', 'lm')} run takes no --image")
+    from kosmo.data.chat import image_block
+    from kosmo.data.images import load_images
+    pixels, _, skipped = load_images(args.image, model.cfg.vision.image_size,
+                                     config.get("config", {}).get("image_mode", "crop"))
+    if skipped:
+        raise KosmoError(skipped[0][1])
+    markers = [t for _ in args.image for t in image_block(model.cfg.tokens_per_image)]
+    return markers, pixels.repeat(n_prompts, 1, 1, 1).to(next(model.parameters()).device)
 
 
 def cmd_eval(args):
@@ -201,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", action="append", default=[])
     g.add_argument("--prompts-file")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="a picture before the text of every prompt (repeatable; KOSMOS and Flamingo runs)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

@@ -210,3 +210,34 @@ def test_packed_documents_see_only_their_own_images(attend):
         packed = model(row, images, segments=segments)
         torch.testing.assert_close(packed[:, :12], model(first, images[:2]), rtol=0, atol=1e-5)
         torch.testing.assert_close(packed[:, 12:], model(second, images[2:]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["flamingo", "mllm"])
+def test_generate_takes_pictures_for_either_architecture(runs, arch, tmp_path):
+    """`kosmo generate --image` puts the pictures before each prompt's text, as the model was trained."""
+    from kosmo.data.chat import image_block
+    from kosmo.data.images import load_images
+    from kosmo.generate import Sampling, generate
+    from kosmo.model.load import load_run, save_run
+    from kosmo.model.mllm import MLLM, MLLMConfig
+    root, data, lm, _ = runs
+    run = root / "fl"
+    if arch == "mllm":
+        torch.manual_seed(0)
+        cfg = MLLMConfig(vision=VISION, lm=lm.cfg)
+        run = tmp_path / "mm"
+        save_run(run, MLLM(cfg), load_run(root / "fl")[1], {"arch": "mllm", "model": cfg.to_dict()})
+    pictures = sorted((data["captions"].parent / "images").glob("*.png"))[:2]
+    out = kosmo("generate", "--model", run, "--image", pictures[0], "--image", pictures[1], "--prompt", "a",
+                "--prompt", "the", "--max-new-tokens", "5", "--precision", "fp32")
+    got = [json.loads(line)["completion"] for line in out.stdout.splitlines()]
+    model, tok, _ = load_run(run)
+    pixels = load_images(pictures, 16).pixels
+    markers = image_block(model.cfg.tokens_per_image) * 2
+    want = generate(model, tok, [[BOS, *markers, *tok.encode(p)] for p in ("a", "the")], Sampling(max_new_tokens=5),
+                    images=pixels.repeat(2, 1, 1, 1))
+    assert got == [w.text for w in want]
+    bad = kosmo("generate", "--model", root / "lm", "--image", pictures[0], "--prompt", "a", check=False)
+    assert bad.returncode == 2 and "a text-only lm run takes no --image" in bad.stderr
+    gone = kosmo("generate", "--model", run, "--image", tmp_path / "gone.png", "--prompt", "a", check=False)
+    assert gone.returncode == 2 and f"{tmp_path / 'gone.png'}: image file not found" in gone.stderr
