@@ -128,10 +128,12 @@ def assert_one_step_moves_every_trainable_weight(model, loss_fn, train_set, out,
 def test_one_reward_step_moves_every_trainable_weight(world, tmp_path):
     d, tok = world
     cfg = build_config(reward.StageConfig, {"train": FAST, "center": 0.01})
-    model, loss_fn, train, val = reward.build(cfg, [d / "prefs.jsonl"], tok, load_sft(d))
+    model, loss_fn, train, _ = reward.build(cfg, [d / "prefs.jsonl"], tok, load_sft(d))
     assert not any(p.requires_grad for p in model.backbone.vision.parameters())  # the image encoder stays frozen
     assert_one_step_moves_every_trainable_weight(model, loss_fn, train, tmp_path)
-    assert 0 <= reward.pair_accuracy(model, val) <= 1
+    accuracy = reward.pair_accuracy(model, train)
+    train.rows = [(rejected, chosen) for chosen, rejected in train.rows]  # every pair the other way round
+    assert len(train) >= 8 and accuracy + reward.pair_accuracy(model, train) == pytest.approx(1.0)
 
 
 def test_dpo_first_loss_is_ln2_and_one_step_moves_every_weight(world, tmp_path):
