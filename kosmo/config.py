@@ -102,3 +102,15 @@ def load(cls, path: str | Path | None = None, overrides: list[str] = (), default
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+class ModelConfig:
+    """What every model config (a dataclass) shares: a plain dict out, for a run's `config.json`, and
+    back in through `build`, so that an unknown or mistyped key is an error rather than dropped."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = ""):
+        return build(cls, data, where)

@@ -112,6 +112,18 @@ def test_checkpoint_of_the_wrong_shape(run, tmp_path):
     one_line_error(kosmo("eval", "ppl", "--model", bad, "--data", "x.jsonl", check=False), "wrong shape")
 
 
+@pytest.mark.parametrize("key, value, message", [("dimm", 64, "unknown config key 'model.dimm'"),
+                                                   ("n_layers", "four", "config key 'model.n_layers' must be int")])
+def test_a_run_config_with_an_unknown_or_mistyped_key_is_refused_by_name(run, tmp_path, key, value, message):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"][key] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    one_line_error(kosmo("generate", "--model", bad, "--prompt", "a", check=False), f"{bad / 'config.json'}: {message}")
+
+
 def test_resume_refuses_a_different_model(world, run, tmp_path):
     import shutil
     other = tmp_path / "other"

@@ -19,26 +19,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kosmo.align import data as A
+from kosmo.config import ModelConfig
 from kosmo.errors import KosmoError
 from kosmo.tokenizer import PAD
 from kosmo.train.trainer import TrainConfig
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(ModelConfig):
     backbone: str = "lm"                        # the backbone's arch: lm or mllm
     model: dict = field(default_factory=dict)   # the backbone's own config
 
     @property
     def vocab_size(self) -> int:
         return self.model["lm"]["vocab_size"] if self.backbone == "mllm" else self.model["vocab_size"]
-
-    def to_dict(self) -> dict:
-        return {"backbone": self.backbone, "model": self.model}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RewardConfig":
-        return cls(d["backbone"], d["model"])
 
 
 class RewardModel(nn.Module):

@@ -9,19 +9,20 @@ out its own caption among the N and each caption its own image. Weights map onto
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kosmo.config import ModelConfig
 from kosmo.model.vision import Block, VisionConfig, VisionTransformer, check_tower, init_tower
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the paper clips the temperature so logits never exceed 100 x cosine
 
 
 @dataclass
-class TextConfig:
+class TextConfig(ModelConfig):
     vocab_size: int = 4096
     max_len: int = 77
     dim: int = 192
@@ -38,30 +39,13 @@ class TextConfig:
     def __post_init__(self):
         check_tower(self, "text")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 128
     logit_scale_init: float = math.log(1 / 0.07)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPConfig":
-        known = {f.name for f in fields(cls)} - {"vision", "text"}
-        return cls(vision=VisionConfig.from_dict(d.get("vision", {})), text=TextConfig.from_dict(d.get("text", {})),
-                   **{k: v for k, v in d.items() if k in known})
 
 
 class TextTransformer(nn.Module):

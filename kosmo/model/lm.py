@@ -9,15 +9,17 @@ stored fused because one wide matmul beats three narrow ones, on CPU above all.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kosmo.config import ModelConfig
+
 
 @dataclass
-class LMConfig:
+class LMConfig(ModelConfig):
     vocab_size: int = 4096
     dim: int = 256
     n_layers: int = 4
@@ -43,14 +45,6 @@ class LMConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LMConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # Named sizes. `tiny` trains in CPU minutes; the 1B-class ones follow TinyLlama-1.1B and Llama-3.2-1B.

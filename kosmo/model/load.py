@@ -30,8 +30,12 @@ def build_model(config: dict, where: str) -> torch.nn.Module:
     if arch not in _archs():
         raise KosmoError(f"{where}: unknown model arch {arch!r} (known: {', '.join(_archs())})")
     cls, cfg_cls = _archs()[arch]
+    if not isinstance(config.get("model"), dict):
+        raise KosmoError(f"{where}: no 'model' config")
     try:
-        return cls(cfg_cls.from_dict(config["model"]))
+        return cls(cfg_cls.from_dict(config["model"], "model."))
+    except KosmoError as e:
+        raise KosmoError(f"{where}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise KosmoError(f"{where}: invalid model config ({e})") from None
 

@@ -10,12 +10,13 @@ stored fused, as in `kosmo.model.lm`, because one wide matmul beats three narrow
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kosmo.config import ModelConfig
 from kosmo.model.lm import LMConfig
 
 
@@ -27,7 +28,7 @@ ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(ModelConfig):
     image_size: int = 32
     patch_size: int = 4
     channels: int = 3
@@ -51,14 +52,6 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return self.grid ** 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def check_tower(cfg, name: str):
@@ -128,7 +121,7 @@ def init_tower(module: nn.Module, dim: int, n_layers: int):
 
 
 @dataclass
-class ImageLMConfig:
+class ImageLMConfig(ModelConfig):
     """What every language model with an image encoder shares: the two towers' configs and the feature layer."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -137,13 +130,6 @@ class ImageLMConfig:
     @property
     def max_seq_len(self) -> int:
         return self.lm.max_seq_len
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "vision": self.vision.to_dict(), "lm": self.lm.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return cls(**{**d, "vision": VisionConfig.from_dict(d["vision"]), "lm": LMConfig.from_dict(d["lm"])})
 
 
 class VisionTransformer(nn.Module):
