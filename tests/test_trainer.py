@@ -1,5 +1,6 @@
 """The shared trainer: exact resume after SIGKILL, DDP/FSDP parity, accumulation, non-finite steps."""
 
+import json
 import math
 import os
 import signal
@@ -194,3 +195,16 @@ def test_lr_scale_gives_a_parameter_group_its_own_learning_rate(tmp_path):
 def test_an_lr_scale_that_is_not_a_rate_is_refused(scale):
     with pytest.raises(ValueError, match=r"train.lr_scale.\*_gate must be a number of at least 0"):
         TrainConfig(lr_scale={"*_gate": scale})
+
+
+def test_without_max_steps_the_run_lasts_epochs_of_its_data(tmp_path):
+    """The default budget scales with the data: 3 passes; train.epochs sets another, train.max_steps wins."""
+    assert (TrainConfig().max_steps, TrainConfig().epochs) == (0, 3.0)
+    trainer, _ = fit(tmp_path / "a", max_steps=0, epochs=2, batch_size=8)  # 64 rows, 8 a step
+    assert len(read_metrics(tmp_path / "a")) == 16 == trainer.cfg.max_steps
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["budget"] == {"steps": 16, "epochs": 2.0, "rows": 64, "rows_per_step": 8, "from": "epochs"}
+    trainer, _ = fit(tmp_path / "b", max_steps=0, batch_size=10, grad_accum=2)  # 3 epochs: ceil(192 / 20)
+    assert trainer.cfg.max_steps == 10 and trainer.budget["epochs"] == 3.12
+    with pytest.raises(ValueError, match="train.epochs must be positive when train.max_steps is 0, got 0"):
+        TrainConfig(epochs=0)

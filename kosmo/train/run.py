@@ -62,9 +62,11 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
     if env.main:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        b = trainer.budget
         print(f"{stage_name}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-              f"{len(train_set)} training rows, "
-              f"world size {env.world}, device {env.device}", file=sys.stderr)
+              f"{len(train_set)} training rows, {b['steps']} steps of {b['rows_per_step']} rows "
+              f"({b['epochs']} epochs, from train.{b['from']}), world size {env.world}, device {env.device}, "
+              f"{trainer.precision}", file=sys.stderr)
         tok.save(out)
     try:
         last = trainer.fit()

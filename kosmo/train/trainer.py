@@ -10,6 +10,7 @@ and weights are saved together and published by one atomic rename of `state/late
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import math
@@ -31,7 +32,8 @@ from kosmo.train import distributed as D
 @dataclass
 class TrainConfig:
     seed: int = 0
-    max_steps: int = 1000
+    max_steps: int = 0           # optimizer steps; 0: as many as `epochs` passes over the data take
+    epochs: float = 3.0          # the budget when max_steps is 0, so that it scales with the data
     batch_size: int = 8          # rows per micro-batch, per process
     grad_accum: int = 1          # micro-batches per optimizer step
     lr: float = 1e-3
@@ -59,9 +61,13 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {', '.join(hardware.PRECISIONS)}, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        for name in ("max_steps", "batch_size", "grad_accum"):
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")
+        if self.max_steps < 0:
+            raise ValueError("train.max_steps must be at least 1 (or 0: from train.epochs)")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be positive when train.max_steps is 0, got {self.epochs}")
         for key, scale in self.lr_scale.items():
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
                 raise ValueError(f"train.lr_scale.{key} must be a number of at least 0, got {scale!r}")
@@ -103,6 +109,10 @@ class Trainer:
         self.run_config = {**run_config, "hardware": hardware.describe(self.env.device, self.precision)}
         if len(train_set) == 0:
             raise KosmoError("the training data holds no examples")
+        self.budget = self._budget(cfg, len(train_set))
+        self.run_config["budget"] = self.budget
+        if cfg.max_steps == 0:
+            self.cfg = cfg = dataclasses.replace(cfg, max_steps=self.budget["steps"])
         torch.manual_seed(cfg.seed + self.env.rank)
         if cfg.compile:
             for block in D.blocks_of(model):
@@ -114,6 +124,13 @@ class Trainer:
         self.nonfinite_run = 0
         self._perm_epoch, self._perm = -1, None
         self._check_resumable()
+
+    def _budget(self, cfg: TrainConfig, n: int) -> dict:
+        """The run's length in steps, and in passes over the data."""
+        per_step = cfg.batch_size * cfg.grad_accum * self.env.world
+        steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n / per_step))
+        return {"steps": steps, "epochs": round(steps * per_step / n, 2), "rows": n, "rows_per_step": per_step,
+                "from": "max_steps" if cfg.max_steps else "epochs"}
 
     def _check_resumable(self):
         """A run directory resumes only the run it holds; anything else would mix two models."""
@@ -167,7 +184,8 @@ class Trainer:
             checkpoint.write_json(self.out / "config.json", self.run_config)
         writer = self._tensorboard()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (env.main and cfg.progress),
-                   file=sys.stderr, dynamic_ncols=True, desc=self.run_config.get("stage", "train"),
+                   file=sys.stderr, dynamic_ncols=True,
+                   desc=f"{self.run_config.get('stage', 'train')} ({self.budget['epochs']} epochs)",
                    mininterval=0.5 if sys.stderr.isatty() else 30)  # keep CI logs short
         last = {}
         self.model.train()
