@@ -4,8 +4,8 @@ Same config, same weights (exported from kosmo), same batch, same precision: the
 `train.precision=auto` picks on this machine (bf16 autocast where the CPU has AMX or AVX-512-BF16,
 fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward + backward + AdamW
 step, fp32 weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8
-(weights held in the benchmark's dtype), with kosmo/transformers ratios. Runs alternate between the two so machine noise hits
-both alike; the median of the repeats is reported.
+(weights held in the benchmark's dtype), with kosmo/transformers ratios. Runs alternate between the
+two so machine noise hits both alike; the median of the repeats is reported.
 
     .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
     .venv/bin/python benchmarks/lm_vs_hf.py --quick    # a fast smoke run

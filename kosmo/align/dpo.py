@@ -49,8 +49,8 @@ class StageConfig:
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, kind: str = "sigmoid",
              prob: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-pair loss from reply log-probs (summed for DPO, per token for IPO). A soft label `prob` (AI feedback) mixes in the loss
-    of the flipped pair with weight 1 - prob (conservative DPO)."""
+    """Per-pair loss from reply log-probs (summed for DPO, per token for IPO). A soft label `prob`
+    (AI feedback) mixes in the loss of the flipped pair with weight 1 - prob (conservative DPO)."""
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     if kind == "ipo":
         return (h - 1 / (2 * beta)) ** 2

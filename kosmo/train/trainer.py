@@ -1,6 +1,7 @@
 """The one training loop every stage reuses. A stage supplies a model, a loss and its data; the
-trainer does the rest: AdamW with warmup and cosine decay, gradient accumulation and clipping,
-bf16 autocast where the hardware runs it natively, DDP/FSDP2, progress, metrics, evaluation, atomic checkpoints and exact resume.
+trainer does the rest: AdamW with warmup and cosine decay, gradient accumulation and clipping, bf16
+autocast where the hardware runs it natively, DDP/FSDP2, a budget in steps or epochs, progress,
+metrics, evaluation, atomic checkpoints and exact resume.
 
 Exact resume rests on three facts. The rows of step s are a pure function of (seed, s), so no data
 iterator needs saving. The learning rate is a pure function of s. And optimizer state, RNG state
@@ -44,7 +45,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 disables clipping
     lr_scale: dict = field(default_factory=dict)  # name prefix or glob -> lr multiplier, e.g. {vision: 0.1, "*_gate": 30}
-    precision: str = "auto"      # auto (bf16 where the device runs it natively), bf16 (autocast, fp32 master weights), fp32
+    precision: str = "auto"      # auto: bf16 where the device runs it natively; bf16 (autocast); fp32
     device: str = "auto"         # auto, cpu, cuda, cuda:1 ...
     parallel: str = "ddp"        # under torchrun: ddp or fsdp
     compile: bool = False        # torch.compile each transformer block (pays off on long GPU runs)
