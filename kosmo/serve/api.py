@@ -413,8 +413,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     """Loads a run and serves it until interrupted."""
     import uvicorn
 
-    from kosmo.model.load import load_run
     from kosmo.hardware import pick_device
+    from kosmo.model.load import load_run
     model, tokenizer, config = load_run(run, pick_device(device))
     arch = config.get("arch", "lm")
     try:
