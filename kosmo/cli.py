@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from kosmo.errors import KosmoError
+from kosmo.hardware import PRECISIONS
 from kosmo.train.run import stages
 
 
@@ -43,8 +44,7 @@ def cmd_generate(args):
     from kosmo.model.load import load_run
     device = hardware.pick_device(args.device)
     precision = hardware.resolve_precision(args.precision, device)
-    model, tok, config = load_run(args.model, device)
-    hardware.cast_for_inference(model, precision)
+    model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "clip":
         raise KosmoError(f"{args.model}: a CLIP run embeds images and text; it does not generate")
     prompts = list(args.prompt)
@@ -94,13 +94,8 @@ def cmd_eval(args):
 
 
 def _evaluate(args, device, precision: str) -> dict:
-    from kosmo import hardware
     from kosmo.model.load import load_run
-
-    def load(run):
-        model, tok, config = load_run(run, device)
-        return hardware.cast_for_inference(model, precision), tok, config
-    model, tok, config = load(args.model)
+    model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
     is_clip = config.get("arch") == "clip"
@@ -109,7 +104,7 @@ def _evaluate(args, device, precision: str) -> dict:
                          f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
     if args.kind == "align":
         from kosmo.eval.align import evaluate_align
-        reference = load(args.reference)[0] if args.reference else None
+        reference = load_run(args.reference, device, precision)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
     elif args.kind == "ppl":
         from kosmo.eval.ppl import copy_accuracy, perplexity
@@ -183,7 +178,7 @@ def cmd_chat(args):
 
 def add_device_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the device runs it natively, else fp32")
 
 

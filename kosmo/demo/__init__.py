@@ -54,11 +54,17 @@ class Demo:
         self.report["timings_s"][name] = round(time.time() - t0, 1)
         return result
 
+    # Training picks its precision by the hardware (train.precision=auto); the evaluations, which
+    # run on the CPU, take the CPU's choice: models loaded by `load`, run under `evaluating()`.
     @staticmethod
     def evaluating():
-        """The precision of the demo's evaluations: training picks its own by the hardware
-        (train.precision=auto), and the evaluations, which run on the CPU, take the CPU's choice."""
         return hardware.autocast(torch.device("cpu"), "auto")
+
+    def load(self, name: str):
+        """runs/NAME to evaluate: (model, tokenizer), with bf16 weights where the CPU evaluates in bf16."""
+        from kosmo.model.load import load_run
+        model, tok, _ = load_run(self.runs / name, precision="auto")
+        return model, tok
 
     def train(self, stage: str, name: str, data: list, overrides: list[str], init: str | None = None) -> dict:
         """`kosmo train STAGE` into runs/NAME with the shared tokenizer; the first override sets max_steps."""

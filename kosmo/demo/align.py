@@ -68,7 +68,6 @@ def plot_ppo(runs: dict[str, Path], out_png: Path):
 def run(demo, b: dict) -> dict:
     from kosmo.eval.align import evaluate_align
     from kosmo.eval.vision import evaluate
-    from kosmo.model.load import load_run
 
     data, runs, report = demo.data, demo.runs, {"stages": {}}
     demos = write_demonstrations(data["align"], demo.data_dir / "align_sft.jsonl", b["align_n"], b["leak_share"])
@@ -107,14 +106,14 @@ def run(demo, b: dict) -> dict:
 
     log("\n== alignment evaluation ==")
     n = b["align_eval_n"]
-    sft, tok, _ = load_run(runs / "align-sft")
+    sft, tok = demo.load("align-sft")
 
     def judged(name: str, reference=None) -> dict:
-        model = load_run(runs / name)[0]
+        model = demo.load(name)[0]
         return evaluate_align(model, tok, data["val_align"], reference=reference, limit=n)
 
     def vqa(name: str) -> float:
-        return evaluate("vqa", load_run(runs / name)[0], tok, data["val_vqa"], with_blind=False,
+        return evaluate("vqa", demo.load(name)[0], tok, data["val_vqa"], with_blind=False,
                         limit=n)["vqa_accuracy"]
 
     with demo.evaluating():

@@ -125,7 +125,6 @@ def trained_tokens_per_s(run: Path) -> float:
 def run(demo, b: dict) -> dict:
     from kosmo.eval.fewshot import fewshot, plot_curves
     from kosmo.eval.vision import evaluate
-    from kosmo.model.load import load_run
 
     data, runs = demo.data, demo.runs
     report = {"arms": {}}
@@ -144,7 +143,7 @@ def run(demo, b: dict) -> dict:
     log("\n== architectures evaluation ==")
     n, shots = b["eval_n"], list(b["eval_shots"])
     for name, stage in ARMS.items():
-        model, tok, _ = load_run(runs / name)
+        model, tok = demo.load(name)
         with demo.evaluating():
             report["arms"][name] = demo.timed(f"eval_{name}", lambda: {
                 "stage": stage,
@@ -168,13 +167,12 @@ def train_copying_lm(demo, b: dict) -> dict:
     (`copy_rows`), the rest the world's text; smeared keys let one layer find where the current token
     occurred before and read what followed. Returns its perplexity and how much of a repeat it copies."""
     from kosmo.eval.ppl import copy_accuracy, perplexity
-    from kosmo.model.load import load_run
 
     demo.train("lm", "lm-icl", [demo.data["text"], demo.data["interleaved"]],
                [f"train.max_steps={b['copy_lm_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=1e-3",
                 "train.warmup_steps=20", "train.min_lr_ratio=1", "train.beta2=0.999", "train.weight_decay=0",
                 "model.size=tiny", "model.smear_keys=true", "copy_rows=0.75"])
-    lm, tok, _ = load_run(demo.runs / "lm-icl")
+    lm, tok = demo.load("lm-icl")
     with demo.evaluating():
         return {"ppl_val": perplexity(lm, tok, [demo.data["val_text"]], seq_len=128)["ppl"],
                 "copy": copy_accuracy(lm, tok.vocab_size)}

@@ -117,16 +117,15 @@ def pretrain(demo, b: dict) -> dict:
     from kosmo.eval.clip import retrieval, zeroshot
     from kosmo.eval.ppl import perplexity
     from kosmo.generate import Sampling, generate
-    from kosmo.model.load import load_run
     from kosmo.tokenizer import BOS
 
-    data, runs, report = demo.data, demo.runs, {"stages": {}}
+    data, report = demo.data, {"stages": {}}
     vision = dict(image_size=b["image_size"], patch_size=b["patch_size"], dim=b["vision_dim"],
                   mlp_dim=4 * b["vision_dim"])
     demo.train("clip", "clip", [data["captions"]], [f"train.max_steps={b['clip_steps']}", "train.batch_size=64",
                                                     "train.lr=1e-3", "train.warmup_steps=20",
                                                     *[f"vision.{k}={v}" for k, v in vision.items()]])
-    clip, tok, _ = load_run(runs / "clip")
+    clip, tok = demo.load("clip")
     with demo.evaluating():
         report["stages"]["clip"] = {**retrieval(clip, tok, data["val_captions"]),
                                     **zeroshot(clip, tok, data["zeroshot"], template="a {}.")}
@@ -134,7 +133,7 @@ def pretrain(demo, b: dict) -> dict:
     demo.train("lm", "lm", [data["text"], data["interleaved"]],
                [f"train.max_steps={b['lm_steps']}", "train.batch_size=16", "seq_len=128", "train.lr=2e-3",
                 "train.warmup_steps=15", "model.size=tiny"])
-    lm, tok, _ = load_run(runs / "lm")
+    lm, tok = demo.load("lm")
     with demo.evaluating():
         completions = generate(lm, tok, [[BOS, *tok.encode(p)] for p in SAMPLE_PROMPTS], Sampling(max_new_tokens=20))
         report["stages"]["lm"] = {
@@ -147,7 +146,6 @@ def pretrain(demo, b: dict) -> dict:
 
 def run(demo, b: dict) -> dict:
     from kosmo.eval.vision import evaluate
-    from kosmo.model.load import load_run
 
     data, runs = demo.data, demo.runs
     report = pretrain(demo, b)
@@ -162,7 +160,7 @@ def run(demo, b: dict) -> dict:
                init="mllm")
 
     log("\n== vision evaluation ==")
-    model, tok, _ = load_run(runs / "sft")
+    model, tok = demo.load("sft")
     n = b["eval_n"]
     with demo.evaluating():
         report["eval"] = demo.timed("eval", lambda: {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kosmo import checkpoint
+from kosmo import checkpoint, hardware
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM, LMConfig
 from kosmo.tokenizer import Tokenizer
@@ -40,7 +40,11 @@ def build_model(config: dict, where: str) -> torch.nn.Module:
         raise KosmoError(f"{where}: invalid model config ({e})") from None
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, dict]:
+def load_run(run: str | Path, device: str | torch.device = "cpu",
+             precision: str = "fp32") -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """The run's model on `device`, its tokenizer and its config. A model loaded to infer in bf16
+    (`precision` bf16, or auto where bf16 is native) holds bf16 weights: under autocast, fp32 weights
+    would be cast afresh at every call, which costs a decode step more than bf16 saves."""
     run = Path(run)
     if not run.is_dir():
         raise KosmoError(f"{run}: run directory not found")
@@ -51,7 +55,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     vocab = (model.cfg.text if hasattr(model.cfg, "text") else getattr(model, "lm", model).cfg).vocab_size
     if tokenizer.vocab_size > vocab:
         raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab}")
-    return model.to(device).eval(), tokenizer, config
+    device = torch.device(device)
+    dtype = torch.bfloat16 if hardware.resolve_precision(precision, device) == "bf16" else None
+    return model.to(device, dtype).eval(), tokenizer, config
 
 
 def save_run(run: str | Path, model: LM, tokenizer: Tokenizer, config: dict):

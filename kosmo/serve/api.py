@@ -415,7 +415,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
     from kosmo.hardware import pick_device
     from kosmo.model.load import load_run
-    model, tokenizer, config = load_run(run, pick_device(device))
+    model, tokenizer, config = load_run(run, pick_device(device), precision)
     arch = config.get("arch", "lm")
     try:
         engine = Engine(model, tokenizer, arch, max_batch=max_batch, max_queue=max_queue,

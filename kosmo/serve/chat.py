@@ -73,7 +73,7 @@ class Conversation:
 def chat(run: str, device: str = "auto", max_tokens: int = 256, temperature: float = 0.0, precision: str = "auto"):
     from kosmo.hardware import pick_device
     from kosmo.model.load import load_run
-    model, tokenizer, config = load_run(run, pick_device(device))
+    model, tokenizer, config = load_run(run, pick_device(device), precision)
     try:
         engine = Engine(model, tokenizer, config.get("arch", "lm"), max_batch=1,
                         image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision).start()

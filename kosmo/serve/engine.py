@@ -15,7 +15,7 @@ same tokens whether it runs alone or beside fifteen others. Two things make that
 The model side is an `Adapter` with `prefill(slot, ids, images)` and `decode(tokens, active)`, one
 per architecture in `ADAPTERS`: the plain decoder serves `lm` and `mllm` runs, and `flamingo` runs
 add each slot's visual tokens, which the gated cross-attention reads at every step. The engine runs in
-bf16, with its weights and cache in bf16, where `kosmo.hardware` finds native bf16, and in fp32 elsewhere.
+bf16 autocast with a bf16 cache where `kosmo.hardware` finds native bf16, and in fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -296,8 +296,9 @@ class _Running:
 
 
 class Engine:
-    """Continuous batching for one model, which the engine owns (in bf16 it casts its weights).
-    `submit` is safe from any thread; the work runs in one background thread started by `start`."""
+    """Continuous batching for one model. `submit` is safe from any thread; the work runs in one
+    background thread started by `start`. In bf16, a model loaded with bf16 weights
+    (`load_run(..., precision=...)`) runs fastest: autocast then casts none of them."""
 
     def __init__(self, model, tokenizer, arch: str, max_batch: int = 16, max_queue: int = 64,
                  image_mode: str = "crop", precision: str = "auto"):
@@ -305,7 +306,6 @@ class Engine:
             raise ValueError(f"serving does not support arch {arch!r} (supported: {', '.join(ADAPTERS)})")
         self.device = next(model.parameters()).device
         self.precision = hardware.resolve_precision(precision, self.device)
-        hardware.cast_for_inference(model, self.precision)
         self.adapter: Adapter = ADAPTERS[arch](model, max_batch, self.device, self.precision)
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.image_mode = image_mode  # how pictures are fitted to the encoder's square, as in training
