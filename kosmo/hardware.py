@@ -2,8 +2,8 @@
 
 `precision="auto"` (every default) runs bf16 autocast only where the hardware does bf16 matmuls
 natively: a CUDA GPU with bf16 (Ampere and later), or a CPU with AMX or AVX-512-BF16 whose kernels
-may use them. Elsewhere it runs fp32, because there bf16 is emulated: on an AVX2-only CPU a bf16
-matmul runs some 80x slower than the same matmul in fp32, while on an AMX CPU it runs about 3x faster.
+may use them. Elsewhere it runs fp32, because there bf16 is emulated and runs tens to hundreds of
+times slower than fp32 (`benchmarks/precision.py` measures both on the machine it runs on).
 Training stages, `kosmo generate`, `kosmo eval`, the serving engine and `kosmo demo` all ask here.
 """
 
@@ -47,8 +47,10 @@ def _onednn_bf16() -> bool:
     return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
 
 
+@functools.cache
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware on `device` rather than emulated."""
+    """Whether bf16 matmuls run in hardware on `device` rather than emulated (asked once per device:
+    autocast contexts ask at every step)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
@@ -61,10 +63,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     hardware emulates it is allowed, with one warning that says how much slower it runs."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return precision
     native = native_bf16(device)
     if precision == "auto":
         return "bf16" if native else "fp32"
-    if precision == "bf16" and not native:
+    if not native:
         _warn_emulated(device.type)
     return precision
 
@@ -96,12 +100,6 @@ def bf16_slowdown(n: int = 256) -> float:
 def autocast(device: torch.device, precision: str):
     """The autocast context of a precision (`auto` resolved for `device`); fp32 turns autocast off."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
-
-
-def cast_for_inference(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Holds a model that only infers in the precision it runs in. Autocast re-casts fp32 weights at
-    every call, which costs a decode step more than bf16 saves; bf16 weights are cast once, here."""
-    return model.to(torch.bfloat16) if precision == "bf16" else model
 
 
 def describe(device: torch.device, precision: str) -> dict:
