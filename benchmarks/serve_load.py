@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from kosmo import hardware
 from kosmo.data.world import World
 from kosmo.model.lm import LM, LMConfig, SIZES
 from kosmo.model.load import save_run
@@ -108,7 +109,7 @@ def main():
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--precision", choices=hardware.PRECISIONS, default="auto")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true")
