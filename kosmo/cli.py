@@ -73,15 +73,15 @@ def _pictures(args, model, config: dict, n_prompts: int):
     """The --image pictures: their markers, which open every prompt, and the pixels of all prompts."""
     if not args.image:
         return [], None
-    if not hasattr(model, "vision"):
+    if not model.image_size:
         raise KosmoError(f"{args.model}: a text-only {config.get('arch', 'lm')} run takes no --image")
     from kosmo.data.chat import image_block
     from kosmo.data.images import load_images
-    pixels, _, skipped = load_images(args.image, model.cfg.vision.image_size,
+    pixels, _, skipped = load_images(args.image, model.image_size,
                                      config.get("config", {}).get("image_mode", "crop"))
     if skipped:
         raise KosmoError(skipped[0][1])
-    markers = [t for _ in args.image for t in image_block(model.cfg.tokens_per_image)]
+    markers = [t for _ in args.image for t in image_block(model.tokens_per_image)]
     return markers, pixels.repeat(n_prompts, 1, 1, 1).to(next(model.parameters()).device)
 
 

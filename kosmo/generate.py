@@ -1,5 +1,5 @@
 """Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p, stop strings and
-batched prompts of different lengths (left-padded, with per-row positions and a key mask)."""
+batched prompts of different lengths, each row of the cache at its own length."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kosmo.model.lm import LM, KVCache
-from kosmo.tokenizer import END_OF_TURN, EOS, PAD
+from kosmo.model.causal_lm import CausalLM
+from kosmo.tokenizer import END_OF_TURN, EOS, IMAGE, PAD
 
 
 @dataclass
@@ -50,63 +50,52 @@ def next_tokens(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) 
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = True
-    return idx.to(device), mask.to(device)
+def right_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids padded on the right, and each row's length (B,)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    idx = torch.full((len(rows), int(lengths.max())), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return idx.to(device), lengths.to(device)
 
 
 @torch.no_grad()
-def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
+def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
                  use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None,
                  images: torch.Tensor | None = None):
-    """The decode loop, for an `LM` or a multimodal model with `.lm` and `forward(ids, images, ...)`.
+    """The decode loop for any `CausalLM`. `images` go with the prompts' image markers in order.
 
-    `images` go with the prompts' image markers in order; a model with `new_cache` makes a cache of
-    its own (Flamingo's remembers the images). Returns per-row new token lists (stop token excluded),
-    finish reasons and, if asked, the (B, V) logits of every step. `should_stop(row, tokens)` ends a
-    row early.
+    Prompts of different lengths are right-padded and prefilled together; each row of the cache then
+    continues from its own length. Returns per-row new token lists (stop token excluded), finish
+    reasons and, if asked, the (B, V) logits of every step. `should_stop(row, tokens)` ends a row early.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt is empty")
-    lm: LM = getattr(model, "lm", model)
-    device = next(lm.parameters()).device
-    idx, key_mask = left_pad(prompts, device)
-    B, width = idx.shape
-    total = width + s.max_new_tokens
-    if total > lm.cfg.max_seq_len:
+    device = next(model.parameters()).device
+    B, width = len(prompts), max(len(p) for p in prompts)
+    if width + s.max_new_tokens > model.context_length:
         raise ValueError(f"prompt of {width} tokens + max_new_tokens {s.max_new_tokens} exceeds "
-                         f"the context of {lm.cfg.max_seq_len} tokens")
-    pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    padded = not bool(key_mask.all())  # without padding the plain causal path needs no mask at all
-    new_cache = getattr(model, "new_cache", lambda *a, **kw: KVCache(lm.cfg, *a, **kw))
-    cache = new_cache(B, total, dtype=cache_dtype or next(lm.parameters()).dtype, device=device) if use_cache else None
+                         f"the context of {model.context_length} tokens")
+    max_images = int(max((p.count(IMAGE) for p in prompts), default=0))
+    cache = model.new_cache(B, width + s.max_new_tokens, cache_dtype or next(model.parameters()).dtype, device,
+                            max_images) if use_cache else None
 
-    # Past the prompt a KOSMOS model is its LM: a generated token is text, even an <|image_pad|>
-    # sampled by mistake, which has no image to fill it (the serving engine decodes the same way).
-    decoder = lm if hasattr(model, "embed_inputs") else model
-
-    def run(ids, pos, cache, with_images: bool):
-        media = {"images": images} if with_images and images is not None else {}
-        return (model if media else decoder)(ids, pos=pos, key_mask=key_mask if padded else None, cache=cache,
-                                             last_only=True, **media)[:, -1]
+    def step(rows: list[list[int]], with_images: bool) -> torch.Tensor:
+        """(B, V) logits after each row's last token: the rows are the new tokens (with a cache) or
+        the whole sequences (without)."""
+        idx, lengths = right_pad(rows, device)
+        last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
+        return model(idx, images if with_images else None, cache=cache, n_new=lengths, logits_at=last)
 
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)
-    out = [[] for _ in range(B)]
+    out: list[list[int]] = [[] for _ in range(B)]
+    fed: list[list[int]] = [[] for _ in range(B)]  # every token after the prompt, padding of done rows included
     reasons = ["length"] * B
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_logits = []
-    seq, step_in, step_pos = idx, idx, pos
-    for _ in range(s.max_new_tokens):
-        if use_cache:
-            logits = run(step_in, step_pos, cache, with_images=cache.length == 0)
-        else:
-            logits = run(seq, pos, None, with_images=True)
+    logits = step(prompts, with_images=True)
+    for n in range(s.max_new_tokens):
         if return_logits:
             step_logits.append(logits.float())
         tok = next_tokens(logits, s, gen)
@@ -118,15 +107,16 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, EN
         for i in hit.nonzero().flatten().tolist():
             reasons[i] = "stop"
         done |= hit
-        if bool(done.all()):
+        if bool(done.all()) or n == s.max_new_tokens - 1:
             break
         # rows already done keep decoding padding so the batch stays rectangular
-        tok = tok.masked_fill(done, PAD)
-        step_in, step_pos = tok[:, None], step_pos[:, -1:] + 1
-        if not use_cache:
-            seq, pos = torch.cat([seq, step_in], 1), torch.cat([pos, step_pos], 1)
-        if padded:
-            key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        tok = tok.masked_fill(done, PAD).tolist()
+        for i in range(B):
+            fed[i].append(tok[i])
+        if cache is not None:
+            logits = step([[t] for t in tok], with_images=False)
+        else:
+            logits = step([p + f for p, f in zip(prompts, fed)], with_images=True)
     return (out, reasons, step_logits) if return_logits else (out, reasons)
 
 

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import kosmo
+
 from kosmo import checkpoint
-from kosmo.align import cai, data as A, dpo, ppo, reward
+from kosmo.align import cai, dpo, ppo, reward
+from kosmo.align import data as A
 from kosmo.config import build as build_config
 from kosmo.data.world import write_world
 from kosmo.errors import KosmoError
@@ -149,7 +150,7 @@ def test_dpo_first_loss_is_ln2_and_one_step_moves_every_weight(world, tmp_path):
 def test_ipo_compares_replies_per_token():
     """IPO's target margin is per reply token (Azar et al. 2023; TRL), so a long reply needs no larger gap."""
     class Uniform(torch.nn.Module):
-        def forward(self, ids):
+        def forward(self, ids, images=None):
             return torch.zeros(*ids.shape, 8)  # every token has probability 1/8
     ids, reply = A.pad_right([([1, 2, 3, 4, 5, 6, 7], 2), ([1, 2, 3], 2)], 16)  # replies of 5 and 1 tokens
     batch = {"input": ids, "reply": reply, "images": None}

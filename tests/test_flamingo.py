@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import assert_cached_decoding_equals_uncached, kosmo
+
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.flamingo import Flamingo, FlamingoConfig, PerceiverResampler
-from kosmo.model.lm import LM, KVCache, LMConfig
+from kosmo.model.lm import LM, LMConfig
 from kosmo.model.vision import VisionConfig
 from kosmo.tokenizer import BOS, IMAGE, IMAGE_END
 
@@ -50,8 +50,9 @@ def test_zero_gates_give_the_frozen_lms_logits_bit_for_bit(source, tmp_path):
         lm = tiny_lm()
     else:
         pytest.importorskip("transformers")
-        from kosmo.interop.hf_llama import import_hf
         from test_interop import hf_llama
+
+        from kosmo.interop.hf_llama import import_hf
         hf_llama("gqa-tied").save_pretrained(tmp_path)
         lm = import_hf(tmp_path)
     model = flamingo(lm, cross_every=2)
@@ -59,7 +60,7 @@ def test_zero_gates_give_the_frozen_lms_logits_bit_for_bit(source, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids, torch.randn(3, 3, 16, 16)), lm(ids))
         # and so does a decoding step from the cache, where the images are remembered
-        cache, lm_cache = model.new_cache(1, 32), KVCache(lm.cfg, 1, 32)
+        cache, lm_cache = model.new_cache(1, 32, max_images=3), lm.new_cache(1, 32)
         model(ids[:, :-1], torch.randn(3, 3, 16, 16), cache=cache)
         lm(ids[:, :-1], cache=lm_cache)
         assert torch.equal(model(ids[:, -1:], cache=cache), lm(ids[:, -1:], cache=lm_cache))

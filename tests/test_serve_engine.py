@@ -41,11 +41,11 @@ def model(request):
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51], [1, 60, 61, 62, 63, 64], [1, 7, 8], [1, 30, 31]]
 
 
-def collect(engine, prompts, params):
-    """Submits every prompt at once; each one's events, in order."""
+def collect(engine, prompts, params, images=None):
+    """Submits every prompt (with its images) at once; each one's events, in order."""
     events = queue.Queue()
-    for i, p in enumerate(prompts):
-        engine.submit(Request(p, params, lambda e, i=i: events.put((i, e))))
+    for i, (p, im) in enumerate(zip(prompts, images or [None] * len(prompts))):
+        engine.submit(Request(p, params, lambda e, i=i: events.put((i, e)), im))
     out, done = [[] for _ in prompts], 0
     while done < len(prompts):
         i, e = events.get(timeout=30)
@@ -56,7 +56,7 @@ def collect(engine, prompts, params):
 
 @pytest.mark.parametrize("max_batch", [1, 2])
 def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, max_batch):
-    engine = Engine(model, Letters(), "lm", max_batch=max_batch, precision="fp32").start()  # generate_ids' own
+    engine = Engine(model, Letters(), max_batch=max_batch, precision="fp32").start()  # generate_ids' own
     try:
         events = collect(engine, PROMPTS, Params(max_tokens=16, temperature=0))
     finally:
@@ -67,6 +67,18 @@ def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, ma
         assert tokens[:len(ref[0])] == ref[0]
         assert evs[-1].finish == reasons[0]
         assert "".join(e.text for e in evs) == Letters().decode(ref[0])
+
+
+def assert_engine_decodes_like_generate_ids(model, prompts, images):
+    """Three requests with pictures or none through two slots: each alone, then beside another."""
+    engine = Engine(model, Letters(), max_batch=2, precision="fp32").start()
+    try:
+        out = collect(engine, prompts, Params(max_tokens=12, temperature=0), images)
+    finally:
+        engine.stop()
+    for p, im, evs in zip(prompts, images, out):
+        ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=12), images=im)
+        assert [e.token for e in evs][:len(ref[0])] == ref[0]
 
 
 @pytest.mark.parametrize("attend,smear_keys", [("latest", False), ("previous", False), ("latest", True)])
@@ -85,28 +97,29 @@ def test_a_flamingo_model_decodes_like_generate_ids_alone_and_beside_others(atte
         torch.nn.init.constant_(block.ffw_gate, 1.0)
     prompts = [[1, IMAGE, IMAGE_END, 40, 41, IMAGE, IMAGE_END, 42], [1, 50, 51], [1, 60, IMAGE, IMAGE_END, 61]]
     images = [torch.randn(2, 3, 16, 16), None, torch.randn(1, 3, 16, 16)]
-    engine = Engine(model, Letters(), "flamingo", max_batch=2, precision="fp32").start()
-    try:
-        events = queue.Queue()
-        for i, (p, im) in enumerate(zip(prompts, images)):
-            engine.submit(Request(p, Params(max_tokens=12, temperature=0), lambda e, i=i: events.put((i, e)), im))
-        out, done = [[] for _ in prompts], 0
-        while done < len(prompts):
-            i, e = events.get(timeout=30)
-            out[i].append(e)
-            done += e.finish is not None
-    finally:
-        engine.stop()
-    for p, im, evs in zip(prompts, images, out):
-        ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=12), images=im)
-        assert [e.token for e in evs][:len(ref[0])] == ref[0]
+    assert_engine_decodes_like_generate_ids(model, prompts, images)
     alone, _ = generate_ids(model, [prompts[0]], Sampling(max_new_tokens=12), images=images[0])
     other, _ = generate_ids(model, [prompts[0]], Sampling(max_new_tokens=12), images=torch.randn(2, 3, 16, 16))
     assert alone != other  # the pictures matter, so the parity above covers the cross-attention
 
 
+def test_a_kosmos_model_decodes_like_generate_ids_alone_and_beside_others():
+    from kosmo.data.chat import image_block
+    from kosmo.model.mllm import MLLM, MLLMConfig
+    from kosmo.model.vision import VisionConfig
+    torch.manual_seed(0)
+    cfg = MLLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=2, mlp_dim=64),
+                     lm=LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                                 init_std=0.1))
+    model = MLLM(cfg).eval()
+    block = image_block(cfg.tokens_per_image)
+    prompts = [[1, *block, 40, 41, *block, 42], [1, 50, 51], [1, 60, *block, 61]]
+    images = [torch.randn(2, 3, 16, 16), None, torch.randn(1, 3, 16, 16)]
+    assert_engine_decodes_like_generate_ids(model, prompts, images)
+
+
 def test_a_cancelled_request_frees_its_slot_and_hears_no_more(model):
-    engine = Engine(model, Letters(), "lm", max_batch=1).start()
+    engine = Engine(model, Letters(), max_batch=1).start()
     events = queue.Queue()
     first = Request(PROMPTS[0], Params(max_tokens=100, temperature=1.0, seed=0), events.put)
     try:
@@ -123,7 +136,7 @@ def test_a_cancelled_request_frees_its_slot_and_hears_no_more(model):
 
 
 def test_a_full_queue_answers_429_and_a_stopped_engine_503_at_once(model):
-    engine = Engine(model, Letters(), "lm", max_queue=1)  # not started: nothing leaves the queue
+    engine = Engine(model, Letters(), max_queue=1)  # not started: nothing leaves the queue
     engine.submit(Request([1, 2], Params(max_tokens=1), print))
     with pytest.raises(QueueFull):
         engine.submit(Request([1, 2], Params(max_tokens=1), print))
@@ -131,7 +144,7 @@ def test_a_full_queue_answers_429_and_a_stopped_engine_503_at_once(model):
     request = {"prompt": "", "max_tokens": 2}
     assert client.post("/v1/completions", json=request).status_code == 503
     assert client.get("/health").status_code == 503
-    engine = Engine(model, Letters(), "lm", max_queue=0).start()  # a queue that is always full
+    engine = Engine(model, Letters(), max_queue=0).start()  # a queue that is always full
     try:
         r = TestClient(create_app(engine, Letters(), "m")).post("/v1/completions", json=request)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
@@ -190,7 +203,7 @@ def test_remote_images_come_only_from_allowed_public_hosts():
 def test_a_client_that_goes_away_cancels_its_requests(model):
     """Over real HTTP, with an engine that takes requests but never runs them: closing the connection, streamed
     or not, must cancel the request (which frees its slot in a running engine)."""
-    engine = Engine(model, Letters(), "lm")
+    engine = Engine(model, Letters())
     idle = threading.Event()
     engine.thread = threading.Thread(target=idle.wait)  # alive, so requests are accepted, but nothing runs
     engine.thread.start()

@@ -24,13 +24,15 @@ from pathlib import Path
 import torch
 
 from kosmo.align import data as A
-from kosmo.align.reward import RewardModel, make_loss, split
 from kosmo.align.reward import StageConfig as RewardStageConfig
+from kosmo.align.reward import make_loss, split
 from kosmo.config import read_yaml
 from kosmo.data import chat
 from kosmo.data.multimodal import Example, MultimodalDataset
 from kosmo.errors import KosmoError
 from kosmo.generate import Sampling
+from kosmo.model.causal_lm import CausalLM
+from kosmo.model.reward import RewardModel
 from kosmo.train.lm import lm_loss
 from kosmo.train.mllm import mllm_loss
 from kosmo.train.trainer import TrainConfig
@@ -124,7 +126,7 @@ def _ask(model, tok, k, max_len, prompts: list[A.Prompt], chats: list[list[dict]
 def critique_and_revise(model, tok, con: Constitution, prompts: list[A.Prompt], bank, cfg: SLConfig,
                         max_len: int) -> list[dict]:
     """Per prompt: the first answer and every (principle, critique, revision) round, last revision last."""
-    k = A.tokens_per_image(model)
+    k = model.tokens_per_image
     rng = random.Random(cfg.train.seed)
     shots = few_shot_turns(con, cfg.shots)
     first = A.sample(model, prompts, bank, Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -150,11 +152,11 @@ def critique_and_revise(model, tok, con: Constitution, prompts: list[A.Prompt], 
 
 
 def build_sl(cfg: SLConfig, data: list, tok, init_model=None):
-    if init_model is None or isinstance(init_model, RewardModel):
+    if not isinstance(init_model, CausalLM):
         raise KosmoError("cai-sl needs --init RUN: the helpful model whose answers it revises")
     con = load_constitution(cfg.constitution)
-    k = A.tokens_per_image(init_model)
-    max_len = min(cfg.seq_len, getattr(init_model, "lm", init_model).cfg.max_seq_len)
+    k = init_model.tokens_per_image
+    max_len = min(cfg.seq_len, init_model.context_length)
     prompts = A.read_prompts(data, tok, k, max_len - cfg.max_new_tokens)
     helpful = A.read_prompts([cfg.helpful], tok, k, max_len - cfg.max_new_tokens) if cfg.helpful else []
     bank = A.image_bank(init_model, prompts + helpful, cfg.image_mode)
@@ -220,7 +222,7 @@ def ai_feedback(policy, feedback, tok, con: Constitution, prompts: list[A.Prompt
     s = Sampling(max_new_tokens=cfg.label.max_new_tokens, temperature=cfg.label.temperature, seed=cfg.train.seed)
     first, second = (A.sample(policy, prompts, bank, Sampling(**{**s.__dict__, "seed": s.seed + j}),
                               cfg.label.batch_size) for j in range(2))
-    k = A.tokens_per_image(feedback)
+    k = feedback.tokens_per_image
     kept, questions = [], []
     for p, (ta, _), (tb, _) in zip(prompts, first, second):
         a, b = tok.decode(ta).strip(), tok.decode(tb).strip()
@@ -243,12 +245,12 @@ def ai_feedback(policy, feedback, tok, con: Constitution, prompts: list[A.Prompt
 
 def build_rl(cfg: RLConfig, data: list, tok, init_model=None):
     from kosmo.model.load import load_run
-    if init_model is None or isinstance(init_model, RewardModel):
+    if not isinstance(init_model, CausalLM):
         raise KosmoError("cai-rl needs --init RUN: the policy whose replies are compared (e.g. the cai-sl run)")
     con = load_constitution(cfg.constitution)
     feedback = load_run(cfg.feedback)[0] if cfg.feedback else init_model
-    k = A.tokens_per_image(init_model)
-    max_len = min(cfg.seq_len, getattr(init_model, "lm", init_model).cfg.max_seq_len)
+    k = init_model.tokens_per_image
+    max_len = min(cfg.seq_len, init_model.context_length)
     prompts = A.read_prompts(data, tok, k, max_len - cfg.label.max_new_tokens)
     bank = A.image_bank(init_model, prompts, cfg.image_mode)
     pairs = ai_feedback(init_model, feedback, tok, con, prompts, bank, cfg, max_len)

@@ -23,7 +23,6 @@ from kosmo.errors import KosmoError
 from kosmo.generate import Sampling, generate_ids
 from kosmo.tokenizer import BOS, END_OF_TURN, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD, ROLE_IDS
 
-
 MARKUP = frozenset({PAD, BOS, EOS, IMAGE, IMAGE_PAD, IMAGE_END, *ROLE_IDS.values()})
 
 
@@ -44,10 +43,6 @@ class Pair:
     prob: float = 1.0       # the chance that `chosen` is the better reply (below 1 for AI feedback)
 
 
-def tokens_per_image(model) -> int:
-    return model.cfg.tokens_per_image if hasattr(model, "embed_inputs") else 0
-
-
 def freeze_vision(model: torch.nn.Module) -> torch.nn.Module:
     """Alignment tunes the language side; an image encoder inside stays as pretraining left it."""
     from kosmo.model.vision import VisionTransformer
@@ -57,7 +52,7 @@ def freeze_vision(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def forward(model, ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+def model(ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (or a reward model's scores) of a text-only or multimodal model."""
     return model(ids) if images is None else model(ids, images)
 
@@ -133,7 +128,7 @@ def read_pairs(paths: list, tok, k: int, max_len: int) -> list[Pair]:
 
 def image_bank(model, prompts: list[Prompt], image_mode: str = "crop") -> ImageBank:
     """Every prompt image decoded once; an unreadable one is an error naming it."""
-    size = model.cfg.vision.image_size if hasattr(model, "embed_inputs") else 1
+    size = model.image_size or 1  # a text-only model has no pictures to decode
     bank = ImageBank([p for pr in prompts for p in pr.images], size, image_mode)
     if bank.skipped:
         raise KosmoError(bank.skipped[0][1])
@@ -166,7 +161,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 
 def sequence_logprobs(model, batch: dict, per_token: bool = False) -> torch.Tensor:
     """Log-probs of each row's reply tokens, summed or (`per_token`) averaged over the reply: (B,)."""
-    logp = token_logprobs(forward(model, batch["input"], batch["images"]), batch["input"])
+    logp = token_logprobs(model(batch["input"], batch["images"]), batch["input"])
     reply = batch["reply"][:, 1:]
     total = (logp * reply).sum(-1)
     return total / reply.sum(-1).clamp(min=1) if per_token else total
@@ -230,7 +225,7 @@ class LabelConfig:
 
 def load_pairs(cfg: LabelConfig, paths: list, tok, model, max_len: int, seed: int) -> tuple[list[Pair], ImageBank]:
     """Written preference pairs, or the world's prompts with pairs of sampled replies ranked by its judge."""
-    k = tokens_per_image(model)
+    k = model.tokens_per_image
     if has_pairs(paths):
         pairs = read_pairs(paths, tok, k, max_len)
         return pairs, image_bank(model, [p.prompt for p in pairs])

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from kosmo import hardware
 from kosmo.align import data as A
-from kosmo.align.reward import RewardModel, split
+from kosmo.align.reward import split
 from kosmo.errors import KosmoError
+from kosmo.model.causal_lm import CausalLM
 from kosmo.train.trainer import TrainConfig
 
 LOSSES = ("sigmoid", "ipo")
@@ -87,9 +88,9 @@ def reference_logprobs(model, pairs: A.PairDataset, train_cfg: TrainConfig, per_
 
 
 def build(cfg: StageConfig, data: list, tok, init_model=None):
-    if init_model is None or isinstance(init_model, RewardModel):
+    if not isinstance(init_model, CausalLM):
         raise KosmoError("dpo needs --init RUN: the SFT policy it starts from (and keeps as reference)")
-    context = getattr(init_model, "lm", init_model).cfg.max_seq_len
+    context = init_model.context_length
     max_len = min(cfg.seq_len, context)
     pairs, bank = A.load_pairs(cfg.label, data, tok, init_model, max_len, cfg.train.seed)
     train_pairs, val_pairs = split(pairs, cfg.val_fraction)

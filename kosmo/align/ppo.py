@@ -29,12 +29,15 @@ import torch.nn as nn
 
 from kosmo import checkpoint, hardware
 from kosmo.align import data as A
-from kosmo.align.reward import RewardModel, rewards
+from kosmo.align.reward import rewards
 from kosmo.errors import KosmoError
 from kosmo.generate import Sampling
+from kosmo.model.causal_lm import CausalLM
+from kosmo.model.reward import RewardModel
 from kosmo.tokenizer import END_OF_TURN
 from kosmo.train import distributed as D
-from kosmo.train.trainer import TrainConfig, Trainer as BaseTrainer, lr_at, to_device
+from kosmo.train.trainer import TrainConfig, lr_at, to_device
+from kosmo.train.trainer import Trainer as BaseTrainer
 
 
 @dataclass
@@ -116,7 +119,7 @@ class ActorCritic(nn.Module):
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))
 
     def forward(self, ids, images=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return A.forward(self.policy, ids, images), A.forward(self.value, ids, images)
+        return self.policy(ids, images), self.value(ids, images)
 
 
 @dataclass
@@ -163,7 +166,7 @@ class PPO:
         images = self.bank.get(paths).to(device) if paths else None
         logits, values = model(ids, images)
         logp = A.token_logprobs(logits, ids, cfg.temperature)
-        ref_logp = A.token_logprobs(A.forward(self.reference, ids, images), ids, cfg.temperature)
+        ref_logp = A.token_logprobs(self.reference(ids, images), ids, cfg.temperature)
         mask = reply[:, 1:].float()
         values = values[:, :-1] * mask
         ended = torch.tensor([e for _, e in replies], device=device)
@@ -257,18 +260,18 @@ class Trainer(BaseTrainer):
 
 def build(cfg: StageConfig, data: list, tok, init_model=None):
     from kosmo.model.load import load_run
-    if init_model is None or isinstance(init_model, RewardModel):
+    if not isinstance(init_model, CausalLM):
         raise KosmoError("ppo needs --init RUN: the SFT policy it starts from (and keeps as reference)")
     if not cfg.reward:
         raise KosmoError("ppo needs reward=RUN: a reward model trained with `kosmo train reward`")
     reward_model, _, config = load_run(cfg.reward)
     if not isinstance(reward_model, RewardModel):
         raise KosmoError(f"reward={cfg.reward}: a {config.get('arch')} run, not a reward model")
-    k = A.tokens_per_image(init_model)
+    k = init_model.tokens_per_image
     if reward_model.tokens_per_image != k:
         raise KosmoError(f"reward={cfg.reward}: its backbone reads {reward_model.tokens_per_image} tokens per image, "
                          f"the policy {k}")
-    context = getattr(init_model, "lm", init_model).cfg.max_seq_len
+    context = init_model.context_length
     max_len = min(cfg.seq_len, context)
     prompts = A.read_prompts(data, tok, k, max_len - cfg.max_new_tokens)
     bank = A.image_bank(init_model, prompts, cfg.image_mode)

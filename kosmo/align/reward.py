@@ -1,4 +1,4 @@
-"""The reward model (InstructGPT step 2): an LM backbone whose vocabulary head gives way to one scalar,
+"""Training the reward model (InstructGPT step 2; the network is `kosmo.model.reward`): one score,
 read at the last real token of prompt + reply, trained on comparisons with the Bradley–Terry loss
 
     loss = -log sigmoid(r(chosen) - r(rejected) - margin)
@@ -15,59 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from kosmo.align import data as A
-from kosmo.config import ModelConfig
 from kosmo.errors import KosmoError
+from kosmo.model.reward import RewardModel
 from kosmo.tokenizer import PAD
 from kosmo.train.trainer import TrainConfig
-
-
-@dataclass
-class RewardConfig(ModelConfig):
-    backbone: str = "lm"                        # the backbone's arch: lm or mllm
-    model: dict = field(default_factory=dict)   # the backbone's own config
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model["lm"]["vocab_size"] if self.backbone == "mllm" else self.model["vocab_size"]
-
-
-class RewardModel(nn.Module):
-    """Scores every position of a sequence; the reward of prompt + reply is the score at its last token.
-    A value model for PPO is the same network read at every reply position."""
-
-    def __init__(self, cfg: RewardConfig, backbone: nn.Module | None = None):
-        from kosmo.model.load import build_model
-        super().__init__()
-        self.cfg = cfg
-        self.backbone = backbone or build_model({"arch": cfg.backbone, "model": cfg.model}, "reward backbone")
-        lm = getattr(self.backbone, "lm", self.backbone)
-        lm.lm_head = nn.Identity()  # the final norm's hidden states, not vocabulary logits
-        self.head = nn.Linear(lm.cfg.dim, 1)
-        nn.init.normal_(self.head.weight, std=1 / (lm.cfg.dim + 1) ** 0.5)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> "RewardModel":
-        from kosmo.model.load import arch_of
-        return cls(RewardConfig(arch_of(model), model.cfg.to_dict()), backbone=model)
-
-    @property
-    def tokens_per_image(self) -> int:
-        return A.tokens_per_image(self.backbone)
-
-    def forward(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T) scalar scores."""
-        return self.head(A.forward(self.backbone, idx, images)).squeeze(-1).float()
 
 
 def rewards(model, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
     """The reward of each right-padded row: the model's score at its last real token, (B,)."""
     last = (idx != PAD).sum(-1) - 1
-    return A.forward(model, idx, images).gather(1, last[:, None]).squeeze(1)
+    return model(idx, images).gather(1, last[:, None]).squeeze(1)
 
 
 def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -114,7 +74,7 @@ def build(cfg: StageConfig, data: list, tok, init_model=None):
     if init_model is None:
         raise KosmoError("reward needs --init RUN (the SFT model whose backbone it starts from)")
     sampler = init_model.backbone if isinstance(init_model, RewardModel) else init_model
-    context = getattr(sampler, "lm", sampler).cfg.max_seq_len
+    context = sampler.context_length
     if isinstance(init_model, RewardModel) and not A.has_pairs(data):
         raise KosmoError("--init is a reward model, which cannot sample replies: give preference pairs")
     pairs, bank = A.load_pairs(cfg.label, data, tok, sampler, min(cfg.seq_len, context), cfg.train.seed)

@@ -48,16 +48,16 @@ def reply_kl(model, reference, prompts, bank, s: Sampling, max_len: int, batch_s
         ids, mask = ids.to(device), reply[:, 1:].to(device)
         paths = [x for p, _ in chunk for x in p.images]
         images = bank.get(paths).to(device) if paths else None
-        log_ratio = (A.token_logprobs(A.forward(model, ids, images), ids, s.temperature)
-                     - A.token_logprobs(A.forward(reference, ids, images), ids, s.temperature))
+        log_ratio = (A.token_logprobs(model(ids, images), ids, s.temperature)
+                     - A.token_logprobs(reference(ids, images), ids, s.temperature))
         total += float((log_ratio * mask).sum())
     return total / len(prompts)
 
 
 def evaluate_align(model, tok, path, reference=None, limit: int | None = None, max_new_tokens: int = 32,
                    batch_size: int = 32, seed: int = 0) -> dict:
-    context = getattr(model, "lm", model).cfg.max_seq_len
-    prompts = A.read_prompts([path], tok, A.tokens_per_image(model), context - max_new_tokens)[:limit]
+    context = model.context_length
+    prompts = A.read_prompts([path], tok, model.tokens_per_image, context - max_new_tokens)[:limit]
     if not all(A.judged(p.record) for p in prompts):
         raise KosmoError(f"{path}: eval align needs the shapes world's alignment prompts (lines with 'kind', "
                          "'secret', 'style', 'truth'), as in val_align.jsonl")

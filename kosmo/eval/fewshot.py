@@ -88,7 +88,7 @@ class Prompt:
     def __init__(self, model, tok, base: Path, blind: bool):
         self.ids, self.images = [BOS], []
         self.tok, self.base, self.blind = tok, base, blind or not sees_images(model)
-        self.k = 0 if self.blind else model.cfg.tokens_per_image
+        self.k = 0 if self.blind else model.tokens_per_image
 
     def image(self, ref: str, where: str):
         if not isinstance(ref, str):
@@ -216,7 +216,7 @@ def label_logprobs(model, rows, batch_size: int) -> list[float]:
         paths = [p for _, images, _ in batch for p in images]
         kw = {}
         if paths:
-            pixels, _, skipped = load_images(paths, model.cfg.vision.image_size)
+            pixels, _, skipped = load_images(paths, model.image_size)
             if skipped:
                 raise KosmoError(skipped[0][1])
             kw["images"] = pixels

@@ -18,11 +18,7 @@ from kosmo.tokenizer import BOS, END_OF_TURN, EOS, IMAGE, IMAGE_END, IMAGE_PAD
 
 def sees_images(model) -> bool:
     """Whether a model takes images: a KOSMOS or a Flamingo model, not a text-only LM."""
-    return hasattr(model, "vision")
-
-
-def _tokens_per_image(model) -> int:
-    return model.cfg.tokens_per_image if sees_images(model) else 0
+    return model.image_size > 0
 
 
 def _strip_images(ids: list[int]) -> list[int]:
@@ -32,7 +28,7 @@ def _strip_images(ids: list[int]) -> list[int]:
 def complete(model, tok, prompts: list[list[int]], image_paths: list[list[str]], blind: bool, max_new_tokens: int,
              batch_size: int, image_mode: str = "crop", stop_ids=(EOS, END_OF_TURN)) -> list[str]:
     """Greedy completions; images are loaded per batch (an unreadable one is a hard error here)."""
-    size = model.cfg.vision.image_size if sees_images(model) else 0
+    size = model.image_size
     out = []
     for start in range(0, len(prompts), batch_size):
         ids = prompts[start:start + batch_size]
@@ -66,7 +62,7 @@ def _image(path: Path, ref, where: str) -> str:
 
 def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_size=32, limit=None) -> dict:
     path = Path(path)
-    k = _tokens_per_image(model)
+    k = model.tokens_per_image
     prompts, images, answers, qtypes = [], [], [], []
     for where, obj in _records(path)[:limit]:
         if not isinstance(obj.get("question"), str) or not isinstance(obj.get("answers"), list):
@@ -90,7 +86,7 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
 
 def eval_caption(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
     path = Path(path)
-    k = _tokens_per_image(model)
+    k = model.tokens_per_image
     prompts, images, refs = [], [], {}
     for i, (where, obj) in enumerate(_records(path)[:limit]):
         caps = obj.get("captions") or ([obj["text"]] if isinstance(obj.get("text"), str) else None)
@@ -110,7 +106,7 @@ def eval_chat(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
     form-changing system prompts) are scored for compliance, lines with an `answer` for correctness."""
     from kosmo.data.world import answer_matches, complies
     path = Path(path)
-    k = _tokens_per_image(model)
+    k = model.tokens_per_image
     prompts, images, rows = [], [], []
     for where, obj in _records(path)[:limit]:
         messages = obj.get("messages")

@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kosmo.model.lm import LM, KVCache, LMConfig
+from kosmo.model.cache import KVCache
+from kosmo.model.causal_lm import CausalLM
+from kosmo.model.lm import LM, LMConfig
 from kosmo.model.vision import ImageLMConfig, VisionTransformer
 from kosmo.tokenizer import IMAGE, IMAGE_END
 
@@ -36,6 +38,7 @@ class FlamingoConfig(ImageLMConfig):
     cross_every: int = 1          # a gated cross-attention block before every N-th decoder layer
     xattn_heads: int = 4
     attend: str = "latest"        # latest: the latest preceding image; previous: every preceding image
+    gated_ffw: bool = True        # a gated feed-forward after each cross-attention, as in Flamingo
 
     def __post_init__(self):
         if self.attend not in ATTEND:
@@ -50,7 +53,6 @@ class FlamingoConfig(ImageLMConfig):
     @property
     def tokens_per_image(self) -> int:
         return 0  # images are cross-attended to, not spliced into the sequence
-
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -133,42 +135,67 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """x + tanh(a) * xattn(x), then + tanh(b) * ffw(.), with a = b = 0 at the start of training."""
+    """x + tanh(a) * xattn(x), then (with `gated_ffw`) + tanh(b) * ffw(.), with a = b = 0 at the start
+    of training."""
 
-    def __init__(self, dim: int, media_dim: int, n_heads: int):
+    def __init__(self, dim: int, media_dim: int, n_heads: int, gated_ffw: bool = True):
         super().__init__()
         self.attn = MaskedCrossAttention(dim, media_dim, n_heads)
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ffw = FeedForward(dim)
-        self.ffw_gate = nn.Parameter(torch.zeros(1))
+        self.ffw = FeedForward(dim) if gated_ffw else None
+        self.ffw_gate = nn.Parameter(torch.zeros(1)) if gated_ffw else None
 
     def forward(self, x, media, visible, sees_media):
         y = x + self.attn_gate.tanh() * self.attn(x, media, visible)
-        y = y + self.ffw_gate.tanh() * self.ffw(y)
+        if self.ffw is not None:
+            y = y + self.ffw_gate.tanh() * self.ffw(y)
         # a token that sees no image is passed through exactly, whatever the gates have learnt
         return torch.where(sees_media[..., None], y, x)
 
 
 class FlamingoCache(KVCache):
-    """The LM's KV cache plus what decoding needs of the images: every row's visual tokens, the image
-    each belongs to, and how many of the row's images the sequence has reached."""
+    """The LM's KV cache plus what decoding needs of the images: every row's visual tokens, in room
+    for `max_images` per row, the image each belongs to (-1: none), and how many of the row's images
+    the sequence has reached. The room is fixed, so a row's cross-attention has the same shape
+    whatever the other rows hold."""
 
-    def __init__(self, cfg: LMConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
+    def __init__(self, cfg: LMConfig, batch: int, max_len: int, dtype, device, media_tokens: int, media_dim: int):
         super().__init__(cfg, batch, max_len, dtype, device)
-        self.media: torch.Tensor | None = None        # (B, S, media_dim)
-        self.media_image: torch.Tensor | None = None  # (B, S): index of the row's image, -1 for padding
+        self.media = torch.zeros(batch, media_tokens, media_dim, dtype=dtype, device=device)
+        self.media_image = torch.full((batch, media_tokens), -1, dtype=torch.long, device=device)
         self.images_seen = torch.zeros(batch, dtype=torch.long, device=device)
 
+    def reset(self):
+        super().reset()
+        self.media_image.fill_(-1)
+        self.images_seen.zero_()
 
-class Flamingo(nn.Module):
-    def __init__(self, cfg: FlamingoConfig, vision: VisionTransformer | None = None, lm: LM | None = None):
+    @property
+    def holds_images(self) -> bool:
+        return self.media_image.shape[1] > 0 and bool((self.media_image[:, 0] >= 0).any())
+
+    def store(self, media: torch.Tensor, media_image: torch.Tensor):
+        """Keeps a batch's visual tokens (B, S, dim) and their image indices (B, S)."""
+        if self.holds_images:
+            raise ValueError("images must all come with the first chunk of a cached sequence")
+        if media.shape[1] > self.media.shape[1]:
+            raise ValueError(f"{media.shape[1]} visual tokens in a row but the cache has room for "
+                             f"{self.media.shape[1]} (max_images)")
+        self.media[:, :media.shape[1]] = media
+        self.media_image[:, :media.shape[1]] = media_image
+
+
+class Flamingo(CausalLM):
+    def __init__(self, cfg: FlamingoConfig, vision: VisionTransformer | None = None, lm: LM | None = None,
+                 vocab_head: bool = True):
         super().__init__()
         self.cfg = cfg
         self.vision = vision or VisionTransformer(cfg.vision)
-        self.lm = lm or LM(cfg.lm)
+        self.lm = lm or LM(cfg.lm, vocab_head)
         self.resampler = PerceiverResampler(cfg.vision.dim, cfg.latents, cfg.resampler_layers, cfg.resampler_heads,
                                             cfg.max_frames)
-        self.xattn = nn.ModuleDict({str(i): GatedCrossAttentionBlock(cfg.lm.dim, cfg.vision.dim, cfg.xattn_heads)
+        self.xattn = nn.ModuleDict({str(i): GatedCrossAttentionBlock(cfg.lm.dim, cfg.vision.dim, cfg.xattn_heads,
+                                                                         cfg.gated_ffw)
                                     for i in range(0, cfg.lm.n_layers, cfg.cross_every)})
         # A text-only LM may never have trained the marker tokens' rows; copies keep the start exact.
         self.marker_embed = nn.Parameter(self.lm.embed.weight[[IMAGE, IMAGE_END]].detach().clone())
@@ -179,35 +206,45 @@ class Flamingo(nn.Module):
         for part in (self.resampler, self.xattn, self.marker_embed):
             part.requires_grad_(True)
 
-    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> FlamingoCache:
-        return FlamingoCache(self.cfg.lm, batch, max_len, dtype, device)
+    @property
+    def decoder(self) -> LM:
+        return self.lm
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.vision.image_size
+
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None,
+                  max_images: int = 0) -> FlamingoCache:
+        return FlamingoCache(self.cfg.lm, batch, max_len, dtype, device, max_images * self.cfg.latents,
+                             self.cfg.vision.dim)
 
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, H, W) -> (M, latents, vision.dim)."""
         return self.resampler(self.vision.features(pixels, self.cfg.feature_layer))
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The token embeddings, with the markers' own; the images enter through cross-attention."""
         x = self.lm.embed(idx)
         for row, token in zip(self.marker_embed, (IMAGE, IMAGE_END)):
             x = torch.where((idx == token)[..., None], row.to(x.dtype), x)
         return x
 
-    def forward(self, idx, images=None, *, pos=None, key_mask=None, cache: FlamingoCache | None = None,
-                last_only: bool = False, segments=None, logits_at=None):
-        """Logits for ids (B, T) whose `<image>` markers take `images` (M, 3, H, W) in order, rows first.
-
-        The LM's own forward, with the gated blocks between its layers; the keyword arguments mean
-        what they mean there. With a cache, images come with the first chunk and later chunks keep
-        attending to them. In packed rows (`segments`) a document sees only its own images.
+    def hidden(self, idx, images=None, *, cache: FlamingoCache | None = None, n_new=None, segments=None,
+               last_only: bool = False, logits_at=None):
+        """The LM's own pass over ids (B, T) whose `<image>` markers take `images` (M, 3, H, W) in
+        order, rows first, with the gated blocks between its layers; the keywords are `LM.transform`'s.
+        With a cache, images come with the first chunk and later chunks keep attending to them. In
+        packed rows (`segments`) a document sees only its own images.
         """
-        x = self.embed(idx)
+        x = self.embed_inputs(idx)
         media = self.media_for(idx, images, cache, segments)
-        rope, mask = self.lm.context(x, pos, key_mask, cache, segments)
+        rope, mask = self.lm.context(x, cache, n_new, segments)
         for i, block in enumerate(self.lm.blocks):
             if media is not None and str(i) in self.xattn:
                 x = self.xattn[str(i)](x, *media)
             x = block(x, *rope, mask, cache, i)
-        return self.lm.head(x, cache, last_only, logits_at)
+        return self.lm.finish(x, cache, last_only, logits_at)
 
     def media_for(self, idx, images, cache: FlamingoCache | None, segments=None):
         """(visual tokens (B, S, dim), visible (B, 1, T, S), sees_media (B, T)), or None without images."""
@@ -215,13 +252,12 @@ class Flamingo(nn.Module):
         if images is not None:
             if int(markers.sum()) != images.shape[0]:
                 raise ValueError(f"{int(markers.sum())} <image> markers in the tokens but {images.shape[0]} images")
-            if cache is not None and cache.media is not None:
-                raise ValueError("images must all come with the first chunk of a cached sequence")
             media, media_image = self.rows_of_media(self.visual_tokens(images.to(idx.device)), markers.sum(1))
             if cache is not None:
-                cache.media, cache.media_image = media, media_image
-        elif cache is not None and cache.media is not None:
-            media, media_image = cache.media, cache.media_image
+                cache.store(media, media_image)
+                media, media_image = cache.media.to(media.dtype), cache.media_image
+        elif cache is not None and cache.holds_images:
+            media, media_image = cache.media.to(self.marker_embed.dtype), cache.media_image
         else:
             if markers.any():
                 raise ValueError(f"{int(markers.sum())} <image> markers in the tokens but no images")

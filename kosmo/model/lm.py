@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kosmo.config import ModelConfig
+from kosmo.model.cache import KVCache
+from kosmo.model.causal_lm import CausalLM
 
 
 @dataclass
@@ -100,31 +102,6 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, filled left to right.
-
-    Rows of a batch share one write position; prompts of different lengths are left-padded and the
-    padding is hidden by the key mask, so the cache never moves memory while decoding.
-    """
-
-    def __init__(self, cfg: LMConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.length = 0
-        # smeared keys need each layer's key of the last position, before it was blended and rotated
-        self.last_k = torch.zeros(shape[:3] + (1, shape[4]), dtype=dtype, device=device) if cfg.smear_keys else None
-
-    def write(self, layer: int, k, v):
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -152,24 +129,24 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.smear is not None:
-            start = cache.length if cache is not None else 0
-            before = cache.last_k[layer] if cache is not None else k.new_zeros(B, self.n_kv_heads, 1, self.head_dim)
-            k, last = self.smeared(k, before, predecessor_visible(mask, T, start, x.device)), k[:, :, -1:]
-            if cache is not None:
-                cache.last_k[layer] = last
+            k = self.smear_with_cache(k, cache, layer) if cache is not None else \
+                self.smeared(k, k.new_zeros(B, self.n_kv_heads, 1, self.head_dim), predecessor_visible(mask, T))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        rep = self.n_heads // self.n_kv_heads
-        if T == 1 and rep > 1:
-            # Decoding one token: fold each kv group's query heads into the query axis, so the cache is
-            # read in place instead of being copied `rep` times per step.
-            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v, attn_mask=mask)
-            return self.proj(y.reshape(B, 1, -1))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=rep > 1)
+            y = cache.attend(layer, q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def smear_with_cache(self, k, cache: KVCache, layer: int):
+        """Smeared keys that continue each row of the cache: a row's first key follows its last cached
+        one (none for an empty row), and the cache keeps each row's last real key, unblended."""
+        pos, n_new = cache.step.pos, cache.step.n_new
+        out = self.smeared(k, cache.last_k[layer], (pos > 0)[:, None, :, None])
+        last = (n_new - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        cache.last_k[layer] = k.gather(2, last).to(cache.last_k.dtype)
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -197,15 +174,16 @@ class Block(nn.Module):
         return x
 
 
-class LM(nn.Module):
-    def __init__(self, cfg: LMConfig):
+class LM(CausalLM):
+    def __init__(self, cfg: LMConfig, vocab_head: bool = True):
+        """vocab_head=False builds the bare decoder, whose hidden states a reward model reads."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if vocab_head else None
+        if vocab_head and cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -220,75 +198,71 @@ class LM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.cfg.init_std)
 
-    def forward(self, idx=None, *, embeds=None, pos=None, key_mask=None, cache: KVCache | None = None,
-                last_only: bool = False, segments=None, logits_at=None):
-        """Logits for token ids `idx` (B, T) or for ready-made input `embeds` (B, T, dim).
+    @property
+    def decoder(self) -> LM:
+        return self
 
-        pos: (B, T) positions, by default counted on from the cache. key_mask: (B, S) bool, True for
-        real tokens over every position so far (cache included); only needed when rows are padded.
-        segments: (B, T) document ids of packed training rows; a token sees only its own document,
-        whose positions start at 0. logits_at: (B, T) bool; if given, only the logits at those
-        positions are computed and returned, flattened to (N, vocab): training needs no others.
+    def embed_inputs(self, idx, images=None):
+        if images is not None:
+            raise ValueError("a text-only LM takes no images")
+        return self.embed(idx)
+
+    def hidden(self, idx, images=None, **kw):
+        return self.transform(self.embed_inputs(idx, images), **kw)
+
+    def transform(self, x, *, cache: KVCache | None = None, n_new=None, segments=None, last_only: bool = False,
+                  logits_at=None):
+        """The decoder over input embeddings x (B, T, dim): the final norm's hidden states.
+
+        cache: each row continues its row of the cache, of which the first n_new ((B,), or all T)
+        tokens are real; padding after them is overwritten later. segments: (B, T) document ids of
+        packed training rows; a token sees only its own document, whose positions start at 0.
+        last_only: the last position only. logits_at: (B, T) bool; only those positions, flattened to
+        (N, dim): training needs no others.
         """
-        x = self.embed(idx) if embeds is None else embeds
-        rope, mask = self.context(x, pos, key_mask, cache, segments)
+        rope, mask = self.context(x, cache, n_new, segments)
         for i, block in enumerate(self.blocks):
             x = block(x, *rope, mask, cache, i)
-        return self.head(x, cache, last_only, logits_at)
+        return self.finish(x, cache, last_only, logits_at)
 
-    def context(self, x, pos=None, key_mask=None, cache: KVCache | None = None, segments=None):
-        """The rotary tables (cos, sin) at each position and the attention mask, for input x (B, T, dim)."""
+    def context(self, x, cache: KVCache | None = None, n_new=None, segments=None):
+        """The rotary tables (cos, sin) at each position of input x (B, T, dim) and the attention mask
+        (None: causal, or the cache's own); with a cache, starts its forward."""
         B, T, _ = x.shape
-        start = cache.length if cache is not None else 0
         mask = None
-        if segments is not None:
+        if cache is not None:
+            pos = cache.begin(T, n_new)
+        elif segments is not None:
             pos, mask = segment_positions(segments), segment_mask(segments)
-        elif key_mask is not None or (start and T > 1):
-            mask = attention_mask(T, start, key_mask, x.device)
-        if pos is None:
-            if start + T > self.cfg.max_seq_len:
-                raise ValueError(f"{start + T} positions exceed the context of {self.cfg.max_seq_len} tokens")
-            pos = torch.arange(start, start + T, device=x.device).expand(B, T)
+        else:
+            pos = torch.arange(T, device=x.device).expand(B, T)
+        if int(pos.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"{int(pos.max()) + 1} positions exceed the context of {self.cfg.max_seq_len} tokens")
         # rotate in the activations' dtype (bf16 under autocast), as Llama does
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return (self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)), mask
 
-    def head(self, x, cache: KVCache | None = None, last_only: bool = False, logits_at=None):
-        """Advances the cache past x and returns the logits asked for (see `forward`)."""
+    def finish(self, x, cache: KVCache | None = None, last_only: bool = False, logits_at=None):
+        """Ends the cache's forward, keeps the positions asked for (see `transform`) and applies the final norm."""
         if cache is not None:
-            cache.length += x.shape[1]
+            cache.end()
         if logits_at is not None:
             x = x[logits_at]
         elif last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
 
-def attention_mask(T: int, start: int, key_mask, device) -> torch.Tensor:
-    """Boolean (B|1, 1, T, start+T) mask: causal, minus padded keys.
-
-    A query may always see itself, so rows of pure padding never softmax over nothing (which is NaN).
-    """
-    S = start + T
-    q_pos = torch.arange(start, S, device=device)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]
-    if key_mask is not None:
-        mask = mask & key_mask[:, None, None, :S].bool()
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask
-
-
-def predecessor_visible(mask, T: int, start: int, device) -> torch.Tensor:
-    """(B|1, 1, T, 1) bool: whether each of T queries from position `start` on sees the position before
-    it, under `mask` (B|1, 1, T, start+T) or, when it is None, plain causal attention."""
-    prev = torch.arange(start - 1, start + T - 1, device=device)
+def predecessor_visible(mask, T: int) -> torch.Tensor:
+    """(B|1, 1, T, 1) bool: whether each of T queries sees the position before it, under `mask`
+    (B, 1, T, T) or, when it is None, plain causal attention."""
+    prev = torch.arange(-1, T - 1)
     if mask is None:
         return (prev >= 0).view(1, 1, T, 1)
-    return (mask[:, :, torch.arange(T, device=device), prev.clamp(min=0)] & (prev >= 0)).unsqueeze(-1)
+    return (mask[:, :, torch.arange(T), prev.clamp(min=0)] & (prev >= 0).to(mask.device)).unsqueeze(-1)
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:

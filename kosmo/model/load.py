@@ -8,28 +8,26 @@ import torch
 
 from kosmo import checkpoint, hardware
 from kosmo.errors import KosmoError
+from kosmo.model.clip import CLIP, CLIPConfig
+from kosmo.model.flamingo import Flamingo, FlamingoConfig
 from kosmo.model.lm import LM, LMConfig
+from kosmo.model.mllm import MLLM, MLLMConfig
+from kosmo.model.reward import RewardConfig, RewardModel
 from kosmo.tokenizer import Tokenizer
 
-
-def _archs() -> dict:
-    from kosmo.align.reward import RewardConfig, RewardModel
-    from kosmo.model.clip import CLIP, CLIPConfig
-    from kosmo.model.flamingo import Flamingo, FlamingoConfig
-    from kosmo.model.mllm import MLLM, MLLMConfig
-    return {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig),
-            "flamingo": (Flamingo, FlamingoConfig), "reward": (RewardModel, RewardConfig)}
+ARCHS = {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig),
+         "flamingo": (Flamingo, FlamingoConfig), "reward": (RewardModel, RewardConfig)}
 
 
 def arch_of(model: torch.nn.Module) -> str:
-    return next(name for name, (cls, _) in _archs().items() if isinstance(model, cls))
+    return next(name for name, (cls, _) in ARCHS.items() if isinstance(model, cls))
 
 
 def build_model(config: dict, where: str) -> torch.nn.Module:
     arch = config.get("arch", "lm")
-    if arch not in _archs():
-        raise KosmoError(f"{where}: unknown model arch {arch!r} (known: {', '.join(_archs())})")
-    cls, cfg_cls = _archs()[arch]
+    if arch not in ARCHS:
+        raise KosmoError(f"{where}: unknown model arch {arch!r} (known: {', '.join(ARCHS)})")
+    cls, cfg_cls = ARCHS[arch]
     if not isinstance(config.get("model"), dict):
         raise KosmoError(f"{where}: no 'model' config")
     try:
@@ -52,7 +50,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu",
     model = build_model(config, str(run / "config.json"))
     checkpoint.load_weights(model, checkpoint.load_tensors(run / "model.safetensors"), run / "model.safetensors")
     tokenizer = Tokenizer.load(run / "tokenizer.json")
-    vocab = (model.cfg.text if hasattr(model.cfg, "text") else getattr(model, "lm", model).cfg).vocab_size
+    vocab = model.cfg.text.vocab_size if isinstance(model, CLIP) else model.vocab_size
     if tokenizer.vocab_size > vocab:
         raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab}")
     device = torch.device(device)
@@ -60,7 +58,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu",
     return model.to(device, dtype).eval(), tokenizer, config
 
 
-def save_run(run: str | Path, model: LM, tokenizer: Tokenizer, config: dict):
+def save_run(run: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, config: dict):
     """A complete run directory for a model made outside the trainer (e.g. imported)."""
     run = Path(run)
     checkpoint.save_tensors(run / "model.safetensors", checkpoint.model_tensors(model))

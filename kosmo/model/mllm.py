@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
+from kosmo.model.causal_lm import CausalLM
 from kosmo.model.connector import make_connector
 from kosmo.model.lm import LM
 from kosmo.model.vision import ImageLMConfig, VisionTransformer
@@ -35,14 +35,27 @@ class MLLMConfig(ImageLMConfig):
         return (self.vision.image_size // self.vision.patch_size) ** 2 + int(self.use_cls)
 
 
-class MLLM(nn.Module):
-    def __init__(self, cfg: MLLMConfig, vision: VisionTransformer | None = None, lm: LM | None = None):
+class MLLM(CausalLM):
+    def __init__(self, cfg: MLLMConfig, vision: VisionTransformer | None = None, lm: LM | None = None,
+                 vocab_head: bool = True):
         super().__init__()
         self.cfg = cfg
         self.vision = vision or VisionTransformer(cfg.vision)
-        self.lm = lm or LM(cfg.lm)
+        self.lm = lm or LM(cfg.lm, vocab_head)
         self.connector = make_connector(cfg.connector, cfg.vision.dim, cfg.lm.dim, cfg.resampler_tokens,
                                         n_heads=max(1, cfg.lm.n_heads))
+
+    @property
+    def decoder(self) -> LM:
+        return self.lm
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.cfg.tokens_per_image
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.vision.image_size
 
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, H, W) -> (M, tokens_per_image, lm.dim)."""
@@ -51,7 +64,7 @@ class MLLM(nn.Module):
             feats = feats[:, 1:]
         return self.connector(feats)
 
-    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         x = self.lm.embed(idx)
         slots = idx == IMAGE_PAD
         n_slots = int(slots.sum())
@@ -64,8 +77,12 @@ class MLLM(nn.Module):
         feats = self.image_embeds(images.to(x.device))
         return x.masked_scatter(slots[..., None], feats.to(x.dtype))
 
-    def forward(self, idx, images=None, **kw):
-        return self.lm(embeds=self.embed_inputs(idx, images), **kw)
+    def hidden(self, idx, images=None, **kw):
+        cache = kw.get("cache")
+        if images is None and cache is not None and bool(cache.lengths.any()):
+            # a continuation of a cached sequence is text: a generated <|image_pad|> has no picture to show
+            return self.lm.hidden(idx, **kw)
+        return self.lm.transform(self.embed_inputs(idx, images), **kw)
 
     def freeze(self, policy: str, vision_last_block: bool = False):
         """Sets requires_grad per the policy; frozen leading encoder blocks then build no autograd graph."""

@@ -174,7 +174,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise APIError(400, "'messages' must not be empty", param="messages")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            ids, _, refs = render(messages, tokenizer, engine.adapter.tokens_per_image, add_generation_prompt=True)
+            ids, _, refs = render(messages, tokenizer, engine.model.tokens_per_image, add_generation_prompt=True)
         except KosmoError as e:
             raise APIError(400, str(e).removeprefix("messages: "), param="messages") from None
         images = await load_images(messages, refs, engine, media, limits)
@@ -250,7 +250,7 @@ async def load_images(messages: list[dict], refs: list[str], engine: Engine, med
                       limits: Limits) -> torch.Tensor | None:
     if not refs:
         return None
-    if not engine.adapter.image_size:
+    if not engine.model.image_size:
         raise APIError(400, "this model is text-only; it does not take images", code="images_not_supported",
                        param="messages")
     if len(refs) > limits.max_images:
@@ -266,7 +266,7 @@ async def load_images(messages: list[dict], refs: list[str], engine: Engine, med
             raise APIError(e.status, str(e), code=e.code, param=where) from None
 
     pictures = await asyncio.gather(*(load(url, w) for url, w in zip(refs, where)))
-    size = engine.adapter.image_size
+    size = engine.model.image_size
     return torch.stack(await asyncio.to_thread(lambda: [preprocess(p, size, engine.image_mode) for p in pictures]))
 
 
@@ -416,10 +416,10 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     from kosmo.hardware import pick_device
     from kosmo.model.load import load_run
     model, tokenizer, config = load_run(run, pick_device(device), precision)
-    arch = config.get("arch", "lm")
     try:
-        engine = Engine(model, tokenizer, arch, max_batch=max_batch, max_queue=max_queue,
-                        image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision)
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                        image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision,
+                        max_images=limits.max_images)
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None
     app = create_app(engine.start(), tokenizer, Path(run).resolve().name, api_key, media, limits)

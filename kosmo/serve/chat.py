@@ -34,9 +34,9 @@ class Conversation:
         self.attached: list[str] = []  # paths waiting for the next message
 
     def attach(self, path: str):
-        if not self.engine.adapter.image_size:
+        if not self.engine.model.image_size:
             raise KosmoError("this model is text-only; it does not take images")
-        self.pictures[path] = load_image(path, self.engine.adapter.image_size, self.engine.image_mode)
+        self.pictures[path] = load_image(path, self.engine.model.image_size, self.engine.image_mode)
         self.attached.append(path)
 
     def say(self, text: str, out) -> str:
@@ -44,7 +44,7 @@ class Conversation:
         content = [{"type": "text", "text": text}] + [{"type": "image", "image": p} for p in self.attached]
         messages = self.messages + [{"role": "user", "content": content}]
         system = [{"role": "system", "content": self.system}] if self.system else []
-        ids, _, refs = render(system + messages, self.tokenizer, self.engine.adapter.tokens_per_image,
+        ids, _, refs = render(system + messages, self.tokenizer, self.engine.model.tokens_per_image,
                               add_generation_prompt=True)
         room = self.engine.context - len(ids)
         if room < 1:
@@ -52,8 +52,11 @@ class Conversation:
                              f"{self.engine.context}; /reset to start over")
         images = torch.stack([self.pictures[p] for p in refs]) if refs else None
         events: queue.Queue = queue.Queue()
-        self.engine.submit(Request(ids, Params(max_tokens=min(self.max_tokens, room), temperature=self.temperature),
-                                   events.put, images))
+        try:
+            self.engine.submit(Request(ids, Params(max_tokens=min(self.max_tokens, room),
+                                                   temperature=self.temperature), events.put, images))
+        except ValueError as e:  # too many pictures for the engine's room
+            raise KosmoError(f"{e}; /reset to start over") from None
         answer = ""
         while True:
             event = events.get()
@@ -75,7 +78,7 @@ def chat(run: str, device: str = "auto", max_tokens: int = 256, temperature: flo
     from kosmo.model.load import load_run
     model, tokenizer, config = load_run(run, pick_device(device), precision)
     try:
-        engine = Engine(model, tokenizer, config.get("arch", "lm"), max_batch=1,
+        engine = Engine(model, tokenizer, max_batch=1, max_images=16,
                         image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision).start()
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None

@@ -33,6 +33,7 @@ class StageConfig:
     cross_every: int = 1               # a gated cross-attention block before every N-th LM layer
     xattn_heads: int = 4
     attend: str = "latest"             # latest or previous (every preceding image)
+    gated_ffw: bool = True             # a gated feed-forward after each cross-attention
     image_mode: str = "crop"           # crop or pad to square
     mix: dict = field(default_factory=dict)  # weight per data kind, e.g. {captions: 1, interleaved: 2}
     pack: bool = True                  # pack each batch's examples into rows of seq_len tokens
@@ -48,7 +49,7 @@ def make_model(cfg: StageConfig, init_model) -> Flamingo:
         fcfg = FlamingoConfig(vision=vision.cfg, lm=init_model.cfg, feature_layer=cfg.feature_layer,
                               latents=cfg.latents, resampler_layers=cfg.resampler_layers,
                               resampler_heads=cfg.resampler_heads, cross_every=cfg.cross_every,
-                              xattn_heads=cfg.xattn_heads, attend=cfg.attend)
+                              xattn_heads=cfg.xattn_heads, attend=cfg.attend, gated_ffw=cfg.gated_ffw)
     except ValueError as e:
         raise KosmoError(f"invalid config: {e}") from None
     return Flamingo(fcfg, vision=vision, lm=init_model)
@@ -59,10 +60,11 @@ def flamingo_loss(model, batch):
     reach the LM is decided by the attention gates, and a run's log shows them open or stay shut."""
     loss, metrics = mllm_loss(model, batch)
     for name, block in D.unwrap(model).xattn.items():
-        for kind in ("attn", "ffw"):
-            gate = getattr(block, f"{kind}_gate").detach()
-            gate = gate.full_tensor() if hasattr(gate, "full_tensor") else gate  # FSDP shards even a gate
-            metrics[f"{kind}_gate.{name}"] = gate.tanh()
+        for kind, gate in (("attn", block.attn_gate), ("ffw", block.ffw_gate)):
+            if gate is not None:
+                gate = gate.detach()
+                gate = gate.full_tensor() if hasattr(gate, "full_tensor") else gate  # FSDP shards even a gate
+                metrics[f"{kind}_gate.{name}"] = gate.tanh()
     return loss, metrics
 
 

@@ -1,0 +1,103 @@
+"""The KV cache: preallocated keys and values of a batch of sequences, each row with its own length.
+
+A forward over a cache extends every row: token t of row b goes to position `lengths[b] + t`, and
+row b's length then grows by `n_new[b]` (all T by default). Rows of one batch may therefore hold
+sequences of any lengths without padding inside the cache: prompts of different lengths are
+right-padded once, and the padding past each row's length is overwritten by what comes next.
+
+The same object serves `generate_ids` (one batch of prompts) and the serving engine, which owns one
+cache of `max_batch` slots and runs each new prompt into a one-row view of it (`rows`).
+
+Once rows hold keys, one attention call covers every row: over the keys of the longest, rounded up
+to a multiple of 64 (`key_span`), with each row masked to its own. A row's numbers then do not
+depend on the other rows: the extra keys are masked out, and a masked key adds an exact zero to
+sums that are laid out in multiples of the vector width (tests/test_cache.py checks the bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def key_span(n: int) -> int:
+    """The keys an attention call over rows holding up to n keys reads: n rounded up to a multiple of 64."""
+    return 64 * -(-n // 64)
+
+
+class KVCache:
+    def __init__(self, cfg, batch: int, max_len: int, dtype=torch.float32, device=None):
+        """Room for `max_len` positions per row of `batch`, for an LM of config `cfg` (LMConfig)."""
+        self.max_len = max_len
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, key_span(max_len), cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # smeared keys need each layer's key of a row's last position, before it was blended and rotated
+        self.last_k = torch.zeros(shape[:3] + (1, shape[4]), dtype=dtype, device=device) if cfg.smear_keys else None
+        self.step: _Step | None = None  # what the forward under way writes where
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache of rows [start, stop) that shares this one's memory: what a forward writes through it
+        lands here."""
+        view = object.__new__(type(self))
+        for name, value in vars(self).items():
+            setattr(view, name, value.narrow(1 if name in ("k", "v", "last_k") else 0, start, stop - start)
+                    if isinstance(value, torch.Tensor) else value)
+        return view
+
+    def reset(self):
+        """Empties every row, for a new sequence."""
+        self.lengths.zero_()
+
+    def begin(self, T: int, n_new: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Starts a forward of T tokens per row, of which the first n_new ((B,) or one count; T by
+        default) are real and the rest padding; returns the (B, T) positions of the tokens."""
+        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        if T and int(pos[:, -1].max()) >= self.max_len:
+            raise ValueError(f"KV cache is full: {int(pos[:, -1].max()) + 1} positions needed, "
+                             f"{self.max_len} allocated")
+        self.step = _Step(pos, torch.as_tensor(T if n_new is None else n_new, device=pos.device).expand(self.batch))
+        return pos
+
+    def end(self):
+        """Ends the forward: each row now holds its new tokens."""
+        self.lengths += self.step.n_new
+        self.step = None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Stores the new keys and values of `layer` and attends over each row's own.
+
+        q (B, Hq, T, d); k, v (B, Hkv, T, d), rotated. Returns (B, Hq, T, d); the output of a row with
+        no real token (an idle slot) is meaningless.
+        """
+        B, Hq, T, d = q.shape
+        Hkv = k.shape[1]
+        pos, n_new = self.step.pos, self.step.n_new
+        rows = torch.arange(B, device=q.device)[:, None]
+        self.k[layer][rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        if not bool(self.lengths.any()):  # every row starts here: causal attention over the new keys alone
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=Hq != Hkv)
+        real = pos[n_new > 0] if bool((n_new > 0).any()) else pos
+        S = key_span(int(real.max()) + 1)
+        mask = (torch.arange(S, device=q.device) <= pos[:, :, None])[:, None]  # (B, 1, T, S): each row its own keys
+        keys, values = self.k[layer, :, :, :S].to(q.dtype), self.v[layer, :, :, :S].to(q.dtype)
+        if T == 1 and Hq != Hkv:
+            # decoding: fold each kv group's query heads into the query axis, so the cache is read in
+            # place instead of being repeated per query head
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, d), keys, values, attn_mask=mask)
+            return y.view(B, Hq, 1, d)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hq != Hkv)
+
+
+@dataclass
+class _Step:
+    pos: torch.Tensor      # (B, T) positions of the forward's tokens
+    n_new: torch.Tensor    # (B,) real tokens per row
