@@ -79,7 +79,7 @@ def test_copy_rows_replace_a_share_of_each_batch_with_repeated_spans_the_same_on
 
 
 def test_copy_accuracy_tells_a_copying_lm_from_one_that_cannot():
-    from kosmo.eval.ppl import copy_accuracy
+    from kosmo.eval.copying import copy_accuracy
 
     class Copier(torch.nn.Module):
         """Predicts the token that followed the current one's previous occurrence."""
