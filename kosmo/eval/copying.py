@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kosmo.data.copying import repeated_spans
 from kosmo.errors import KosmoError
-from kosmo.tokenizer import SPECIAL_TOKENS
 
 
 @torch.no_grad()
@@ -24,8 +24,8 @@ def copy_accuracy(model, vocab_size: int, spans=(20, 48), rows: int = 64, seed: 
     device = next(model.parameters()).device
     scores = {}
     for span in spans:
-        first = torch.randint(len(SPECIAL_TOKENS), vocab_size, (rows, span), generator=gen)
-        ids = torch.cat([first, first], 1).to(device)
+        ids, _ = repeated_spans(rows, span, vocab_size, gen)
+        ids = ids.to(device)
         predicted = model(ids[:, :-1]).argmax(-1)
         scores[str(span)] = round(100 * (predicted[:, span:] == ids[:, span + 1:]).float().mean().item(), 1)
     return scores
