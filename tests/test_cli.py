@@ -41,6 +41,10 @@ def run(world, tmp_path_factory):
 def test_train_writes_a_complete_run_directory(run):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "state/latest.json"):
         assert (run / name).is_file(), name
+    used = json.loads((run / "config.json").read_text())["config"]["train"]
+    written = yaml.safe_load((ROOT / "configs" / "lm_tiny.yaml").read_text())["train"]
+    assert used["batch_size"] == written["batch_size"]  # from the --config file
+    assert used["max_steps"] == 3 != written["max_steps"]  # a key=value override wins over the file
 
 
 def test_eval_ppl_prints_json_last(run, world):
