@@ -95,6 +95,8 @@ def cmd_eval(args):
 
 def _evaluate(args, device, precision: str) -> dict:
     from kosmo.model.load import load_run
+    if not args.data and args.kind != "copy":  # copying is measured on random tokens, not on a file
+        raise KosmoError(f"eval {args.kind} needs --data")
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
@@ -107,8 +109,11 @@ def _evaluate(args, device, precision: str) -> dict:
         reference = load_run(args.reference, device, precision)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
     elif args.kind == "ppl":
-        from kosmo.eval.ppl import copy_accuracy, perplexity
-        metrics = {**perplexity(model, tok, args.data, seq_len=args.seq_len), "copy": copy_accuracy(model, tok.vocab_size)}
+        from kosmo.eval.ppl import perplexity
+        metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
+    elif args.kind == "copy":
+        from kosmo.eval.copying import copy_accuracy, parse_spans
+        metrics = copy_accuracy(model, tok.vocab_size, spans=parse_spans(args.spans))
     elif args.kind == "fewshot":
         from kosmo.eval.fewshot import fewshot, parse_shots, plot_curves
         shots = parse_shots(args.shots)
@@ -225,10 +230,12 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
-    e.add_argument("kind", choices=["ppl", "caption", "vqa", "chat", "fewshot", "zeroshot", "retrieval", "align"])
+    e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "fewshot", "zeroshot", "retrieval",
+                                    "align"])
     e.add_argument("--model", required=True)
-    e.add_argument("--data", nargs="+", required=True)
+    e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
+    e.add_argument("--spans", default="20,48", help="copy: lengths of the repeated spans, comma-separated")
     e.add_argument("--limit", type=int, help="evaluate the first N lines only")
     e.add_argument("--system", help="vqa: a system prompt before each question")
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")

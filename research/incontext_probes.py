@@ -36,36 +36,28 @@ import torch
 import torch.nn.functional as F
 
 from kosmo import checkpoint
+from kosmo.data.copying import repeated_spans
 from kosmo.data.world import COLOURS, EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS, SHAPES, SIZES, World
+from kosmo.eval.copying import copy_accuracy
 from kosmo.eval.fewshot import common_prefix, label_logprobs
 from kosmo.model.lm import LM, LMConfig
 from kosmo.model.load import load_run
-from kosmo.tokenizer import BOS, SPECIAL_TOKENS
+from kosmo.tokenizer import BOS
 from kosmo.train.run import run_stage
 from kosmo.hardware import autocast
 
 
-def copy_rows(batch: int, low: int, high: int, vocab: tuple[int, int], gen: torch.Generator):
-    """A batch of random tokens whose second half repeats the first. The half's length is drawn
-    afresh (low..high) for every batch: at one fixed length a model copies by looking back that
-    many positions, which no real text rewards, instead of finding the earlier copy by content."""
-    half = int(torch.randint(low, high + 1, (1,), generator=gen))
-    first = torch.randint(*vocab, (batch, half), generator=gen)
-    return torch.cat([first, first], 1), half
-
-
 def copy_probe(run: Path, out: Path, steps: int, half: int = 0, batch: int = 32, lr: float = 1e-3):
     """Trains `run`'s LM on repeated random tokens and saves it as a run in `out`; yields the copy
-    accuracy on the step's batch every 100 steps, then on fresh rows at several lengths. `half` > 0
+    accuracy on the step's batch every 100 steps, then `kosmo eval copy`'s at several lengths. `half` > 0
     fixes the half's length instead of drawing it from 12..60. A plain loop, not the shared trainer:
     the rows are token ids drawn afresh every step, with no text or dataset behind them."""
     gen = torch.Generator().manual_seed(0)
     model, tok, _ = load_run(run)
-    vocab = (len(SPECIAL_TOKENS), tok.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
     for step in range(steps + 1):
-        ids, n = copy_rows(batch, half or 12, half or 60, vocab, gen)
+        ids, n = repeated_spans(batch, half or (12, 60), tok.vocab_size, gen)
         with autocast(torch.device("cpu"), "auto"):
             logits = model(ids[:, :-1]).float()
         if step % 100 == 0 or step == steps:
@@ -78,11 +70,8 @@ def copy_probe(run: Path, out: Path, steps: int, half: int = 0, batch: int = 32,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    with torch.no_grad(), autocast(torch.device("cpu"), "auto"):
-        by_length = {}
-        for n in (20, 36, 48, 60):
-            ids, _ = copy_rows(batch, n, n, vocab, gen)
-            by_length[n] = copied(model(ids[:, :-1]).float(), ids, n)
+    with autocast(torch.device("cpu"), "auto"):
+        by_length = copy_accuracy(model, tok.vocab_size, spans=(20, 36, 48, 60), rows=batch)
     yield {"probe": "copy", "step": steps, "second_half_accuracy_by_length": by_length}
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json"):
@@ -182,7 +171,7 @@ def with_copy_rows(ids: torch.Tensor, target: torch.Tensor, n: int, gen: torch.G
     """Appends n rows of the same length: "<s>", random symbols repeated once, "." to the end; the
     targets are the repeated half past its first symbol (which nothing before it predicts)."""
     length = ids.shape[1]
-    copies, half = copy_rows(n, 8, (length - 1) // 2, (2, len(SYMBOLS)), gen)
+    copies, half = repeated_spans(n, (8, (length - 1) // 2), len(SYMBOLS), gen, lowest_id=2)  # after "<s>" and "."
     rows = torch.ones(n, length, dtype=torch.long)  # "."
     rows[:, 0], rows[:, 1:1 + 2 * half] = 0, copies  # "<s>"
     mask = torch.zeros(n, length, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""The in-context probes' copy rows, symbol episodes and picture-recall documents: what
+"""The in-context probes' symbol copy rows, symbol episodes and picture-recall documents: what
 docs/architectures.md's figures rest on."""
 
 import importlib.util
@@ -12,19 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("incontext_probes", ROOT / "research" / "incontext_probes.py")
 probes = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probes)
-
-
-def test_copy_rows_repeat_their_first_half_at_a_length_drawn_per_batch():
-    gen = torch.Generator().manual_seed(0)
-    lengths = set()
-    for _ in range(20):
-        ids, half = probes.copy_rows(4, 12, 60, (5, 100), gen)
-        assert ids.shape == (4, 2 * half) and 12 <= half <= 60
-        assert torch.equal(ids[:, :half], ids[:, half:]) and ids.min() >= 5 and ids.max() < 100
-        lengths.add(half)
-    assert len(lengths) > 10  # no one offset to learn instead of copying by content
-    ids, half = probes.copy_rows(2, 48, 48, (5, 100), gen)
-    assert half == 48
 
 
 def test_symbol_copy_rows_target_only_what_the_first_half_predicts():

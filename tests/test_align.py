@@ -19,7 +19,7 @@ from kosmo.model.lm import LMConfig
 from kosmo.model.load import save_run
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.model.vision import VisionConfig
-from kosmo.tokenizer import Tokenizer
+from kosmo.tokenizer import BOS, PAD, Tokenizer
 from kosmo.train.trainer import TrainConfig, Trainer
 
 FAST = {"max_steps": 1, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0, "precision": "fp32",
@@ -132,9 +132,25 @@ def test_one_reward_step_moves_every_trainable_weight(world, tmp_path):
     model, loss_fn, train, _ = reward.build(cfg, [d / "prefs.jsonl"], tok, load_sft(d))
     assert not any(p.requires_grad for p in model.backbone.vision.parameters())  # the image encoder stays frozen
     assert_one_step_moves_every_trainable_weight(model, loss_fn, train, tmp_path)
-    accuracy = reward.pair_accuracy(model, train)
-    train.rows = [(rejected, chosen) for chosen, rejected in train.rows]  # every pair the other way round
-    assert len(train) >= 8 and accuracy + reward.pair_accuracy(model, train) == pytest.approx(1.0)
+
+
+def test_pair_accuracy_is_the_share_of_pairs_whose_chosen_reply_scores_higher(world):
+    """Under a reward model that counts a row's tokens, the longer reply wins, and a tie is no win."""
+    _, tok = world
+
+    class Length(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))  # pair_accuracy reads the device off a parameter
+
+        def forward(self, ids):
+            return (ids != PAD).cumsum(-1).float()  # read at a row's last real token: its length
+
+    short, long = "Yes.", "Yes, there is a small red circle."
+    replies = [(long, short), (short, long), (long, short), (short, short), (long, short)]
+    pairs = A.PairDataset([A.Pair(A.Prompt([BOS], [], [], {}), chosen, rejected) for chosen, rejected in replies],
+                          tok, bank=None, max_len=64)
+    assert reward.pair_accuracy(Length(), pairs, batch_size=2) == 3 / 5
 
 
 def test_dpo_first_loss_is_ln2_and_one_step_moves_every_weight(world, tmp_path):

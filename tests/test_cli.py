@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import yaml
 
 from conftest import ROOT, kosmo
+from kosmo.tokenizer import Tokenizer
 
 QUICK = ["train.max_steps=3", "train.progress=false", "train.tensorboard=false", "seq_len=32", "vocab_size=400",
          "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1"]
@@ -39,15 +41,38 @@ def run(world, tmp_path_factory):
 def test_train_writes_a_complete_run_directory(run):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "state/latest.json"):
         assert (run / name).is_file(), name
+    used = json.loads((run / "config.json").read_text())["config"]["train"]
+    written = yaml.safe_load((ROOT / "configs" / "lm_tiny.yaml").read_text())["train"]
+    assert used["batch_size"] == written["batch_size"]  # from the --config file
+    assert used["max_steps"] == 3 != written["max_steps"]  # a key=value override wins over the file
 
 
 def test_eval_ppl_prints_json_last(run, world):
     proc = kosmo("eval", "ppl", "--model", run, "--data", world / "text.jsonl")
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert metrics["ppl"] > 1 and metrics["tokens"] > 100
-    context = json.loads((run / "config.json").read_text())["model"]["max_seq_len"]
-    spans = {str(s) for s in (20, 48) if 2 * s - 1 <= context}  # a span and its repeat fit the context
-    assert spans and set(metrics["copy"]) == spans and all(0 <= v <= 100 for v in metrics["copy"].values())
+    tok = Tokenizer.load(run)
+    stream = sum(len(tok.encode(json.loads(line)["text"])) + 2 for line in (world / "text.jsonl").open())  # <s> </s>
+    assert set(metrics) == {"loss", "ppl", "tokens"}
+    assert metrics["tokens"] == (stream - 1) // 256 * 256  # every target of the whole rows of --seq-len 256
+    assert metrics["ppl"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-4)
+    assert metrics["ppl"] == pytest.approx(tok.vocab_size, rel=0.05)  # 3 steps: no better than a uniform guess
+
+
+def test_eval_copy_prints_the_share_of_each_repeat_predicted(world, tmp_path):
+    """An LM of one layer with smeared keys, trained on repeated spans of 12 to 32 tokens alone,
+    copies most of a repeat, of longer spans too; copying needs no --data, the other kinds do."""
+    kosmo("train", "lm", "--data", world / "text.jsonl", "--out", tmp_path / "copier", "copy_rows=1",
+          "model.smear_keys=true", "model.dim=64", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2",
+          "model.max_seq_len=128", "seq_len=64", "vocab_size=400", "train.max_steps=150", "train.batch_size=16",
+          "train.lr=1e-2", "train.warmup_steps=10", "train.weight_decay=0", "train.precision=fp32",
+          "train.eval_every=0", "train.progress=false", "train.tensorboard=false")
+    copied = json.loads(kosmo("eval", "copy", "--model", tmp_path / "copier").stdout.strip().splitlines()[-1])
+    assert set(copied) == {"20", "48"} and copied["20"] > 85 and copied["48"] > 50
+    one_line_error(kosmo("eval", "copy", "--model", tmp_path / "copier", "--spans", "20,65", check=False),
+                   "a span of 65 tokens and its repeat need 129 positions, more than the model's context of 128")
+    one_line_error(kosmo("eval", "copy", "--model", tmp_path / "copier", "--spans", "20,1", check=False),
+                   "--spans: expected span lengths of at least 2 like 20,48, got '20,1'")
+    one_line_error(kosmo("eval", "ppl", "--model", tmp_path / "copier", check=False), "eval ppl needs --data")
 
 
 def test_generate_with_sampling_options(run):

@@ -1,41 +1,55 @@
-"""The LM's smeared keys: what they are for, and that they change nothing they should not."""
+"""The LM's copying: the repeated spans it trains and is measured on, the copy accuracy that
+`kosmo eval copy` reports, and the smeared keys that let one layer copy; smeared keys in cached
+decoding."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from kosmo.data.copying import repeated_spans
+from kosmo.errors import KosmoError
+from kosmo.eval.copying import copy_accuracy
 from kosmo.model.lm import LM, KVCache, LMConfig
+from kosmo.tokenizer import SPECIAL_TOKENS
+from kosmo.train.lm import CopyRows, PackedText
 
 
-def copy_accuracy(smear_keys: bool, steps: int = 150) -> float:
-    """Trains a one-layer model on random tokens whose second half repeats the first, at a length drawn
-    per batch (so looking back a fixed distance does not work); its held-out second-half accuracy."""
+def test_repeated_spans_are_ordinary_tokens_written_twice_the_same_for_a_seed():
+    rows, span = repeated_spans(64, (12, 60), 600, torch.Generator().manual_seed(1))
+    assert rows.shape == (64, 2 * span) and torch.equal(rows[:, :span], rows[:, span:])
+    assert rows.min() >= len(SPECIAL_TOKENS) and rows.max() < 600  # no <s>, image or turn marker mid-row
+    again, _ = repeated_spans(64, (12, 60), 600, torch.Generator().manual_seed(1))
+    other, _ = repeated_spans(64, span, 600, torch.Generator().manual_seed(2))
+    assert torch.equal(again, rows) and not torch.equal(other, rows)
+    gen = torch.Generator().manual_seed(0)
+    assert len({repeated_spans(1, (12, 60), 600, gen)[1] for _ in range(20)}) > 10  # drawn afresh every time
+    rows, span = repeated_spans(2, 5, 600, gen, length=13)  # again and again, cut to the length
+    assert span == 5 and rows.shape == (2, 13) and torch.equal(rows[:, 5:], rows[:, :8])
+
+
+def trained_to_copy(smear_keys: bool, vocab_size: int = 128, steps: int = 150) -> LM:
+    """A one-layer LM trained on spans of 6 to 24 random tokens written twice, loss on the repeats."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = LM(LMConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=64,
+    model = LM(LMConfig(vocab_size=vocab_size, dim=64, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=128,
                         smear_keys=smear_keys))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-
-    def rows(batch):
-        half = int(torch.randint(6, 25, (1,), generator=gen))
-        first = torch.randint(0, 64, (batch, half), generator=gen)
-        return torch.cat([first, first], 1), half
-
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(steps):
-        ids, half = rows(32)
+        ids, span = repeated_spans(16, (6, 24), vocab_size, gen)
         logits = model(ids[:, :-1])
-        F.cross_entropy(logits[:, half:].flatten(0, 1), ids[:, half + 1:].flatten()).backward()
+        F.cross_entropy(logits[:, span:].flatten(0, 1), ids[:, span + 1:].flatten()).backward()
         optimizer.step()
         optimizer.zero_grad()
-    with torch.no_grad():
-        ids, half = rows(64)
-        return (model(ids[:, :-1])[:, half:].argmax(-1) == ids[:, half + 1:]).float().mean().item()
+    return model
 
 
-def test_smeared_keys_let_one_layer_copy_an_earlier_sequence():
+def test_smeared_keys_let_one_layer_copy_spans_longer_than_it_trained_on():
     """An induction head needs the previous token in its keys: plain attention must first learn a
-    previous-token head in a layer below, which one layer does not have."""
-    assert copy_accuracy(smear_keys=True) > 0.6
-    assert copy_accuracy(smear_keys=False) < 0.2
+    previous-token head in a layer below, which one layer does not have. Copying by content carries
+    over to spans longer than any in training; looking back by position does not."""
+    smeared = copy_accuracy(trained_to_copy(smear_keys=True), 128)
+    plain = copy_accuracy(trained_to_copy(smear_keys=False), 128)
+    assert smeared["20"] > 80 and smeared["48"] > 40 and plain["48"] < 10
 
 
 def test_smeared_keys_cached_decoding_equals_the_full_forward():
@@ -58,8 +72,6 @@ def test_smeared_keys_off_is_the_plain_llama_block():
 
 
 def test_copy_rows_replace_a_share_of_each_batch_with_repeated_spans_the_same_on_resume():
-    from kosmo.tokenizer import SPECIAL_TOKENS
-    from kosmo.train.lm import CopyRows, PackedText
     text = PackedText(torch.arange(20 * 65).view(20, 65) % 7 + len(SPECIAL_TOKENS))
     rows = CopyRows(text, share=0.75, vocab_size=500)
     batch = rows.collate(list(range(8)))
@@ -78,26 +90,26 @@ def test_copy_rows_replace_a_share_of_each_batch_with_repeated_spans_the_same_on
     assert not torch.equal(rows.collate(list(range(8, 16)))["input"][:6], batch["input"][:6])
 
 
-def test_copy_accuracy_tells_a_copying_lm_from_one_that_cannot():
-    from kosmo.eval.ppl import copy_accuracy
+class RepeatReader(torch.nn.Module):
+    """Predicts every token of a row's repeat past its first by reading it off the span, and nothing
+    else: it copies all that can be copied."""
 
-    class Copier(torch.nn.Module):
-        """Predicts the token that followed the current one's previous occurrence."""
+    cfg = LMConfig(max_seq_len=128)
 
-        cfg = LMConfig(max_seq_len=64)
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # copy_accuracy reads the device off a parameter
 
-        def __init__(self):
-            super().__init__()
-            self.anchor = torch.nn.Parameter(torch.zeros(1))  # copy_accuracy reads the device off a parameter
+    def forward(self, ids):
+        span = (ids.shape[1] + 1) // 2  # a row is the span written twice, less its last token
+        logits = torch.zeros(*ids.shape, self.vocab_size)  # elsewhere token 0, which no row holds
+        logits[:, span:] = F.one_hot(ids[:, 1:span], self.vocab_size).float()
+        return logits
 
-        def forward(self, ids):
-            out = torch.zeros(*ids.shape, 600)
-            for b, row in enumerate(ids.tolist()):
-                for t, token in enumerate(row):
-                    before = [i for i in range(t) if row[i] == token]
-                    out[b, t, row[before[-1] + 1] if before else 0] = 1
-            return out
 
-    assert copy_accuracy(Copier(), 600, spans=(20,), rows=4)["20"] > 90  # a span may hold a token twice
-    lm = LM(LMConfig(vocab_size=600, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=64))
-    assert copy_accuracy(lm, 600, spans=(20,), rows=4)["20"] < 5
+def test_copy_accuracy_scores_the_repeat_past_its_first_token():
+    assert copy_accuracy(RepeatReader(600), 600, spans=(20, 48)) == {"20": 100.0, "48": 100.0}
+    with pytest.raises(KosmoError, match="a span of 65 tokens and its repeat need 129 positions, "
+                                         "more than the model's context of 128"):
+        copy_accuracy(RepeatReader(600), 600, spans=(20, 65))

@@ -166,7 +166,8 @@ def train_copying_lm(demo, b: dict) -> dict:
     """runs/lm-icl: three quarters of every batch are rows of random tokens written again and again
     (`copy_rows`), the rest the world's text; smeared keys let one layer find where the current token
     occurred before and read what followed. Returns its perplexity and how much of a repeat it copies."""
-    from kosmo.eval.ppl import copy_accuracy, perplexity
+    from kosmo.eval.copying import copy_accuracy
+    from kosmo.eval.ppl import perplexity
 
     demo.train("lm", "lm-icl", [demo.data["text"], demo.data["interleaved"]],
                [f"train.max_steps={b['copy_lm_steps']}", "train.batch_size=32", "seq_len=128", "train.lr=1e-3",

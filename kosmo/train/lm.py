@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kosmo.data.copying import repeated_spans
 from kosmo.data.jsonl import iter_texts
 from kosmo.errors import KosmoError
 from kosmo.model.lm import SIZES, LM, LMConfig
-from kosmo.tokenizer import BOS, EOS, SPECIAL_TOKENS, Tokenizer
+from kosmo.tokenizer import BOS, EOS, Tokenizer
 from kosmo.train.trainer import TrainConfig
 
 
@@ -83,23 +84,21 @@ class PackedText:
 
 
 class CopyRows:
-    """Packed text whose batches give a share of their rows to copy rows: a span of random tokens
-    (12 tokens up to half the row), then the same span again and again to the row's end, with loss
-    only on the repeats.
+    """Packed text whose batches give a share of their rows to repeated spans (kosmo.data.copying):
+    a span of 12 tokens up to half the row, written again and again to the row's end, with loss only
+    on the repeats.
 
-    Predicting a repeat needs an induction circuit (Olsson et al. 2022): find where the current token
-    occurred before and copy what followed. Naming a picture from the examples before it in a prompt
-    needs the same circuit, and a small LM trained on this world's text alone does not form one in
-    hundreds of steps, nor afterwards on copy rows alone; trained on copy rows from the start, beside
-    the text, it forms one within a few hundred. The span's length varies from row to row, so that the
-    circuit matches content rather than an offset. The rows come from a generator seeded by the
-    batch's indices, so a resumed run sees the same ones.
+    Naming a picture from the examples before it in a prompt needs the induction circuit that
+    predicting a repeat needs, and a small LM trained on this world's text alone does not form one
+    in hundreds of steps, nor afterwards on repeated spans alone; trained on them from the start,
+    beside the text, it forms one within a few hundred. The spans come from a generator seeded by
+    the batch's indices, so a resumed run sees the same ones.
     """
 
     MIN_SPAN = 12
 
     def __init__(self, text: PackedText, share: float, vocab_size: int):
-        self.text, self.share, self.vocab = text, share, (len(SPECIAL_TOKENS), vocab_size)
+        self.text, self.share, self.vocab_size = text, share, vocab_size
 
     def __len__(self) -> int:
         return len(self.text)
@@ -109,10 +108,10 @@ class CopyRows:
         n, length = round(len(indices) * self.share), batch["input"].shape[1] + 1
         gen = torch.Generator().manual_seed(zlib.crc32(torch.tensor(indices).numpy().tobytes()))
         inputs, labels = batch["input"].clone(), batch["labels"].clone()
-        for row in range(n):
-            span = int(torch.randint(self.MIN_SPAN, max(self.MIN_SPAN, length // 2) + 1, (1,), generator=gen))
-            tokens = torch.randint(*self.vocab, (span,), generator=gen).repeat(-(-length // span))[:length]
-            inputs[row], labels[row] = tokens[:-1], tokens[1:]
+        for row in range(n):  # each row its own span length
+            spans, span = repeated_spans(1, (self.MIN_SPAN, max(self.MIN_SPAN, length // 2)), self.vocab_size, gen,
+                                         length)
+            inputs[row], labels[row] = spans[0, :-1], spans[0, 1:]
             labels[row, :span] = -100  # the first span, and the first repeat of its first token, are unpredictable
         return {"input": inputs, "labels": labels, "n_targets": int((labels != -100).sum())}
 
