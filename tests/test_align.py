@@ -143,7 +143,7 @@ def test_pair_accuracy_is_the_share_of_pairs_whose_chosen_reply_scores_higher(wo
             super().__init__()
             self.anchor = torch.nn.Parameter(torch.zeros(()))  # pair_accuracy reads the device off a parameter
 
-        def forward(self, ids):
+        def forward(self, ids, images=None):
             return (ids != PAD).cumsum(-1).float()  # read at a row's last real token: its length
 
     short, long = "Yes.", "Yes, there is a small red circle."

@@ -17,9 +17,9 @@ def copy_accuracy(model, vocab_size: int, spans=(20, 48), rows: int = 64, seed: 
     """{span: the share (%) of its repeat predicted} on rows of random tokens written twice, scored
     past the repeat's first token (which nothing before it predicts)."""
     for span in spans:
-        if 2 * span - 1 > model.cfg.max_seq_len:
+        if 2 * span - 1 > model.context_length:
             raise KosmoError(f"a span of {span} tokens and its repeat need {2 * span - 1} positions, "
-                             f"more than the model's context of {model.cfg.max_seq_len}")
+                             f"more than the model's context of {model.context_length}")
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     scores = {}
