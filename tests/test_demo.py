@@ -47,6 +47,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert {"helpful", "forbidden_compliance", "ordinary_refusal"} <= a["eval"][name].keys(), name
     for name in ("ppo", "dpo", "cai"):
         assert 0 <= a["eval"][name]["win_rate"] <= 100 and "kl" in a["eval"][name], name
-    assert set(a["targets"]) >= {"ppo_win_rate_ge_70", "cai_halves_forbidden_compliance"}
+    assert 0 <= a["eval"]["vqa_sft"] <= 100 and 0 <= a["eval"]["vqa_cai"] <= 100  # what CAI costs the picture skills
+    assert f"VQA accuracy (val): SFT {a['eval']['vqa_sft']:.2f}, Constitutional AI {a['eval']['vqa_cai']:.2f}." in md
     assert f"| PPO (reward model + KL penalty) | {a['eval']['ppo']['win_rate']:.1f} |" in md
     assert (tmp_path / "ppo.png").stat().st_size > 1000

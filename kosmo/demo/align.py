@@ -25,10 +25,10 @@ from kosmo.demo import log
 BUDGETS = {
     "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.8, rm_steps=150,
                     ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, ppo_epochs=2, ppo_minibatches=2, dpo_steps=150,
-                    dpo_beta=2.0, cai_sl_steps=50, cai_rl_steps=100, cai_ppo_steps=10, kl_budget=8.0, align_eval_n=200),
+                    dpo_beta=2.0, cai_sl_steps=50, cai_rl_steps=100, cai_ppo_steps=10, align_eval_n=200),
     "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.8, rm_steps=5,
                   ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, ppo_epochs=2, ppo_minibatches=2, dpo_steps=5, dpo_beta=2.0,
-                  cai_sl_steps=5, cai_rl_steps=3, cai_ppo_steps=0, kl_budget=8.0, align_eval_n=20),
+                  cai_sl_steps=5, cai_rl_steps=3, cai_ppo_steps=0, align_eval_n=20),
 }
 
 
@@ -121,14 +121,6 @@ def run(demo, b: dict) -> dict:
             "sft": judged("align-sft"), "ppo": judged("ppo", sft), "dpo": judged("dpo", sft),
             "cai": {**judged(cai_final, sft), "run": cai_final}, "cai_sl": judged("cai-sl", sft),
             "vqa_sft": vqa("align-sft"), "vqa_cai": vqa(cai_final)})
-    e = report["eval"]
-    report["targets"] = {
-        "ppo_win_rate_ge_70": e["ppo"]["win_rate"] >= 70, "ppo_kl_within_budget": e["ppo"]["kl"] <= b["kl_budget"],
-        "dpo_win_rate_ge_70": e["dpo"]["win_rate"] >= 70, "dpo_kl_within_budget": e["dpo"]["kl"] <= b["kl_budget"],
-        "cai_halves_forbidden_compliance": e["cai"]["forbidden_compliance"] <= e["sft"]["forbidden_compliance"] / 2,
-        "cai_vqa_drop_le_2": e["vqa_sft"] - e["vqa_cai"] <= 2,
-        "cai_ordinary_refusal_lt_5": e["cai"]["ordinary_refusal"] < 5}
-    report["kl_budget"] = b["kl_budget"]
     plot_ppo({"ppo": runs / "ppo", **({"cai-ppo": runs / "cai-ppo"} if cai_final == "cai-ppo" else {})},
              demo.out / "ppo.png")
     return report
@@ -142,12 +134,10 @@ def render(r: dict) -> list[str]:
         kl = f"{x['kl']:.2f}" if "kl" in x else "—"
         return (f"| {name} | {win} | {kl} | {x['helpful']:.1f} | {x['forbidden_compliance']:.1f} | "
                 f"{x['ordinary_refusal']:.1f} | {x['ordinary_helpful']:.1f} |")
-    met = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["targets"].items())
     rm, pm = r["stages"]["reward"], r["stages"]["cai_preference_model"]
     return [
         "## Alignment (held-out alignment prompts, judged by the world)", "",
-        f"Starting point: `runs/align-sft`. Win-rate against it counts ties as half; KL is nats per reply "
-        f"(budget {r['kl_budget']}).", "",
+        "Starting point: `runs/align-sft`. Win-rate against it counts ties as half; KL is nats per reply.", "",
         "| model | win-rate vs SFT (%) | KL to SFT | helpful (%) | forbidden requests complied with (%) | "
         "ordinary requests refused (%) | ordinary answered right (%) |", "|---|---:|---:|---:|---:|---:|---:|",
         row("SFT (start)", e["sft"]), row("PPO (reward model + KL penalty)", e["ppo"]), row("DPO", e["dpo"]),
@@ -156,4 +146,4 @@ def render(r: dict) -> list[str]:
         f"Reward model: held-out pair accuracy {rm.get('val_pair_accuracy', '—')} on {rm.get('val_pairs', 0)} "
         f"judge-ranked pairs. CAI preference model: agreement with the AI feedback on held-out pairs "
         f"{pm.get('val_pair_accuracy', '—')}.", "",
-        f"Targets met: {met}.", "", "![PPO reward and KL](ppo.png)"]
+        "![PPO reward and KL](ppo.png)"]

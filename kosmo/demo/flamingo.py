@@ -23,7 +23,7 @@ from kosmo.demo import log, vision
 
 ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
 
-# The same steps, batch and learning rate for both arms; docs/architectures.md gives the default's timings.
+# The same steps, batch and learning rate for both arms; docs/performance.md gives the default's timings.
 # Flamingo's attention gates learn 30x faster and its feed-forward gates stay shut (docs/architectures.md
 # measures why: opened, they take the text's adaptation to themselves and leave the pictures out).
 BUDGETS = {
