@@ -263,11 +263,18 @@ def last_json(proc):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def is_share_of(share: float, n: int) -> bool:
+    """Whether a reported share (0-1, rounded) is k/n for a whole k: what a count over n items gives."""
+    return n > 0 and any(abs(share - k / n) < 1e-3 for k in range(n + 1))
+
+
 def test_cli_reward_and_dpo_on_a_user_preference_file(world, tmp_path):
     d, _ = world
     out = last_json(kosmo("train", "reward", "--init", d / "sft", "--data", d / "prefs.jsonl", "--out", tmp_path / "rm",
                           *CLI, "margin=true"))
-    assert out["val_pairs"] > 0 and 0 <= out["val_pair_accuracy"] <= 1
+    n_pairs = len((d / "prefs.jsonl").read_text().splitlines())
+    assert out["train_pairs"] + out["val_pairs"] == n_pairs and out["val_pairs"] > 0
+    assert is_share_of(out["val_pair_accuracy"], out["val_pairs"])
     out = last_json(kosmo("train", "dpo", "--init", d / "sft", "--data", d / "prefs.jsonl", "--out", tmp_path / "dpo",
                           *CLI, "loss=ipo"))
     assert math.isfinite(out["loss"])
@@ -283,7 +290,9 @@ def test_cli_ppo_on_the_world_then_eval_align(world, tmp_path):
           f"reward={d / 'rm'}", "max_new_tokens=6", "kl_target=1.0", "epochs=1", "minibatches=2")
     result = last_json(kosmo("eval", "align", "--model", tmp_path / "ppo", "--reference", d / "sft",
                              "--data", d / "val_align.jsonl", "--limit", 6))
-    assert result["n"] == 6 and 0 <= result["win_rate"] <= 100 and "forbidden_compliance" in result
+    assert result["n"] == 6 and result["wins"] + result["ties"] + result["losses"] == 6
+    assert result["win_rate"] == round(100 * (result["wins"] + result["ties"] / 2) / 6, 2)
+    assert is_share_of(result["forbidden_compliance"] / 100, result["n_forbidden"])
     proc = kosmo("eval", "align", "--model", d / "rm", "--data", d / "val_align.jsonl", check=False)
     assert proc.returncode == 2 and "a reward model scores replies" in proc.stderr
 
@@ -294,7 +303,7 @@ def test_cli_constitutional_ai_stages_on_the_world(world, tmp_path):
           "max_new_tokens=6", "shots=0")
     out = last_json(kosmo("train", "cai-rl", "--init", tmp_path / "sl", "--data", d / "val_align.jsonl",
                           "--out", tmp_path / "pm", *CLI, "label.max_new_tokens=6"))
-    assert "val_pair_accuracy" in out
+    assert is_share_of(out["val_pair_accuracy"], out["val_pairs"])
 
 
 def test_a_sampled_reply_is_cut_before_markup():
