@@ -94,7 +94,7 @@ class RepeatReader(torch.nn.Module):
     """Predicts every token of a row's repeat past its first by reading it off the span, and nothing
     else: it copies all that can be copied."""
 
-    cfg = LMConfig(max_seq_len=128)
+    context_length = 128
 
     def __init__(self, vocab_size: int):
         super().__init__()

@@ -63,7 +63,15 @@ class KVCache:
         if T and int(pos[:, -1].max()) >= self.max_len:
             raise ValueError(f"KV cache is full: {int(pos[:, -1].max()) + 1} positions needed, "
                              f"{self.max_len} allocated")
-        self.step = _Step(pos, torch.as_tensor(T if n_new is None else n_new, device=pos.device).expand(self.batch))
+        n_new = torch.as_tensor(T if n_new is None else n_new, device=pos.device).expand(self.batch)
+        self.step = _Step(pos, n_new)
+        if bool(self.lengths.any()):
+            # the rows from the first to the last with a real token attend (the engine fills its slots
+            # from the first), over the longest one's keys, each row masked to its own
+            real = (n_new > 0).nonzero().flatten().tolist() or [0, self.batch - 1]
+            self.step.rows = slice(real[0], real[-1] + 1)
+            span = key_span(int(pos[self.step.rows].max()) + 1)
+            self.step.mask = (torch.arange(span, device=pos.device) <= pos[self.step.rows, :, None])[:, None]
         return pos
 
     def end(self):
@@ -79,25 +87,30 @@ class KVCache:
         """
         B, Hq, T, d = q.shape
         Hkv = k.shape[1]
-        pos, n_new = self.step.pos, self.step.n_new
+        step = self.step
         rows = torch.arange(B, device=q.device)[:, None]
-        self.k[layer][rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        if not bool(self.lengths.any()):  # every row starts here: causal attention over the new keys alone
+        self.k[layer][rows, :, step.pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, step.pos] = v.transpose(1, 2).to(self.v.dtype)
+        if step.mask is None:  # every row starts here: causal attention over the new keys alone
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=Hq != Hkv)
-        real = pos[n_new > 0] if bool((n_new > 0).any()) else pos
-        S = key_span(int(real.max()) + 1)
-        mask = (torch.arange(S, device=q.device) <= pos[:, :, None])[:, None]  # (B, 1, T, S): each row its own keys
-        keys, values = self.k[layer, :, :, :S].to(q.dtype), self.v[layer, :, :, :S].to(q.dtype)
+        r, mask = step.rows, step.mask
+        span = mask.shape[-1]
+        keys, values = self.k[layer, r, :, :span].to(q.dtype), self.v[layer, r, :, :span].to(q.dtype)
+        y = torch.zeros_like(q)
         if T == 1 and Hq != Hkv:
             # decoding: fold each kv group's query heads into the query axis, so the cache is read in
             # place instead of being repeated per query head
-            y = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, d), keys, values, attn_mask=mask)
-            return y.view(B, Hq, 1, d)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hq != Hkv)
+            n = keys.shape[0]
+            y[r] = F.scaled_dot_product_attention(q[r].view(n, Hkv, Hq // Hkv, d), keys, values,
+                                                  attn_mask=mask).view(n, Hq, 1, d)
+        else:
+            y[r] = F.scaled_dot_product_attention(q[r], keys, values, attn_mask=mask, enable_gqa=Hq != Hkv)
+        return y
 
 
 @dataclass
 class _Step:
-    pos: torch.Tensor      # (B, T) positions of the forward's tokens
-    n_new: torch.Tensor    # (B,) real tokens per row
+    pos: torch.Tensor                 # (B, T) positions of the forward's tokens
+    n_new: torch.Tensor               # (B,) real tokens per row
+    rows: slice | None = None         # the rows that attend to cached keys (None: no row holds any yet)
+    mask: torch.Tensor | None = None  # (rows, 1, T, key span): which keys each of their queries sees
