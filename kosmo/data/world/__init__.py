@@ -6,9 +6,9 @@ function of (seed, split, index), so nothing is stored, and because the world kn
 any answer. A few (colour, shape) pairs never occur outside the "heldout" split, to measure composition.
 
 scenes.py draws scenes and renders them; text.py says what they show (captions, corpus paragraphs, VQA);
-documents.py lays pictures and text out as documents and few-shot episodes; chats.py makes dialogues and
-alignment prompts; styles.py puts answers in the form a system prompt asks for; judge.py grades replies;
-generator.py joins the makers into one `World`; writer.py writes it all to disk.
+documents.py lays pictures and text out as documents, few-shot episodes and picture recall; chats.py makes
+dialogues and alignment prompts; styles.py puts answers in the form a system prompt asks for; judge.py grades
+replies; generator.py joins the makers into one `World`; writer.py writes it all to disk.
 """
 from kosmo.data.world.chats import REFUSAL, AlignPrompt, system_prompt
 from kosmo.data.world.documents import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS
@@ -17,8 +17,8 @@ from kosmo.data.world.judge import Judgement, answer_matches, judge
 from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, WorldConfig
 from kosmo.data.world.styles import STYLES, apply_style, complies
 from kosmo.data.world.text import FACTS, QTYPES
-from kosmo.data.world.writer import write_world
+from kosmo.data.world.writer import write_fewshot, write_vqa_documents, write_world
 
 __all__ = ["COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "QTYPES", "REFUSAL", "SHAPES",
            "SIZES", "STYLES", "AlignPrompt", "Judgement", "Obj", "Scene", "World", "WorldConfig", "answer_matches",
-           "apply_style", "complies", "judge", "system_prompt", "write_world"]
+           "apply_style", "complies", "judge", "system_prompt", "write_fewshot", "write_vqa_documents", "write_world"]

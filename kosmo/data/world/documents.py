@@ -1,6 +1,7 @@
-"""Documents that interleave pictures and text: free layouts and few-shot episodes."""
+"""Documents that interleave pictures and text: free layouts, few-shot episodes and picture recall."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Scene, pick
@@ -44,9 +45,35 @@ class Episode:
         """The episode as '<image> This is a dax.' per example, ending '<image> This is a'; plus the completion."""
         return labelled(self.support) + asking(self.query[0]), self.query[1]
 
+    def training_document(self) -> list[Segment]:
+        """The episode with the query's label written out, for a model to learn to name it from the context."""
+        return labelled(self.support + [self.query])
+
+
+@dataclass
+class Recall:
+    """Picture recall, the barest episode: pictures each named by its own nonce word, then the same pictures
+    again, shuffled, named again. Naming a picture the second time needs no rule, only matching it with the
+    identical picture earlier and copying the word after that one."""
+    named: list[tuple[Scene, str]]
+    again: list[tuple[Scene, str]]
+
+    @property
+    def labels(self) -> list[str]:
+        return [label for _, label in self.named]
+
+    def training_document(self) -> list[Segment]:
+        """Every picture named, both times."""
+        return labelled(self.named + self.again)
+
+    def document(self) -> tuple[list[Segment], str]:
+        """The pictures named once, then the first repeated picture to be named; plus the completion."""
+        scene, label = self.again[0]
+        return labelled(self.named) + asking(scene), label
+
 
 class Documents(Language):
-    """Interleaved documents and few-shot episodes made of the world's scenes."""
+    """Interleaved documents, few-shot episodes and picture recall made of the world's scenes."""
 
     def interleaved(self, index: int, split: str = "train") -> list[Segment]:
         """A document mixing text and 1-4 images in one of several layouts."""
@@ -98,3 +125,10 @@ class Documents(Language):
 
         support = [(draw(k), labels[k]) for k in classes]
         return Episode(support, (draw(q), labels[q]), labels, values, attribute)
+
+    def recall(self, index: int, split: str = "train", pictures: int = 4) -> Recall:
+        """The scenes at pictures * index onwards, each named by a different nonce word, then all of them again."""
+        rng = random.Random(f"recall-{split}-{index}")
+        named = list(zip([self.scene(pictures * index + j, split) for j in range(pictures)],
+                         rng.sample(NONCE_WORDS, pictures)))
+        return Recall(named, rng.sample(named, pictures))

@@ -8,6 +8,6 @@ from kosmo.data.world.documents import Documents
 class World(Documents, Conversations):
     """The generator. `World(WorldConfig(seed=1))` or `World(seed=1, image_size=64)`.
 
-    Its parts: scenes and pictures (scenes.py), what is said about a scene (text.py), documents and episodes
-    (documents.py), chats and alignment prompts (chats.py).
+    Its parts: scenes and pictures (scenes.py), what is said about a scene (text.py), documents, episodes and
+    picture recall (documents.py), chats and alignment prompts (chats.py).
     """

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kosmo.data.world.documents import Episode, Segment
+from kosmo.data.world.documents import Episode, Recall, Segment
 from kosmo.data.world.generator import World
 from kosmo.data.world.scenes import Scene, WorldConfig
 from kosmo.data.world.text import QTYPES
@@ -44,7 +44,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     return path
 
 
-def _question(pictures: Pictures, item: Episode) -> dict:
+def _question(pictures: Pictures, item: Episode | Recall) -> dict:
     """An episode's line to evaluate on: the document up to the query, the answer and the labels to rank."""
     segments, answer = item.document()
     return {"content": pictures.parts(segments), "answer": answer, "labels": item.labels}
@@ -97,3 +97,36 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 32
         key = name if split == "train" else f"{split}_{name}"
         paths[key] = _write_jsonl(out / f"{key}.jsonl", (kinds[name](split, i) for i in range(count)))
     return paths
+
+
+def write_fewshot(world: World, out_dir: str | Path, *, episodes: int, shots: Sequence[int], recall: int, val: int,
+                  val_shots: int) -> dict[str, Path]:
+    """Documents for learning from context, beyond write_world's: `episodes` training episodes, their shots
+    cycling through `shots`, and `recall` picture-recall documents, every label written out; and `val` held-out
+    documents of each, ending at the query, the episodes with `val_shots` examples."""
+    out = Path(out_dir)
+    pictures = Pictures(world, out)
+
+    def train_episode(i: int) -> dict:
+        ep = world.episode(i, "train", shots=shots[i % len(shots)])
+        return {"content": pictures.parts(ep.training_document())}
+
+    def val_episode(i: int) -> dict:
+        ep = world.episode(i, "val", shots=val_shots)
+        return {**_question(pictures, ep), "attribute": ep.attribute}
+
+    kinds = {"episodes": (train_episode, episodes), "val_episodes": (val_episode, val),
+             "recall": (lambda i: {"content": pictures.parts(world.recall(i).training_document())}, recall),
+             "val_recall": (lambda i: _question(pictures, world.recall(i, "val")), val)}
+    return {key: _write_jsonl(out / f"{key}.jsonl", (line(i) for i in range(count)))
+            for key, (line, count) in kinds.items()}
+
+
+def write_vqa_documents(out_dir: str | Path) -> Path:
+    """write_world's training VQA as documents, a picture then 'Question: … Answer: ….' (vqa_docs.jsonl)."""
+    out = Path(out_dir)
+    with (out / "vqa.jsonl").open(encoding="utf-8") as vqa:
+        items = [json.loads(line) for line in vqa]
+    return _write_jsonl(out / "vqa_docs.jsonl", ({"content": [
+        {"image": item["image"]}, {"text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}
+        for item in items))
