@@ -1,5 +1,4 @@
-"""The in-context probes' symbol copy rows, symbol episodes and picture-recall documents: what
-docs/architectures.md's figures rest on."""
+"""The in-context probes' copy rows and symbol episodes: what docs/architectures.md's figures rest on."""
 
 import importlib.util
 import subprocess
@@ -55,28 +54,6 @@ def test_symbol_episodes_put_each_formats_lead_in_before_each_label():
     assert named == [w for w, t in zip(bare, bare_target) if t] and all(w in ep.labels for w in named)
     prompt, _ = probes.episode_symbols(ep, lead_in, with_answer=False)
     assert prompt == words[:-2] and prompt[-1] == lead_in[-1]  # the query stops where its label would come
-
-
-def test_recall_documents_name_each_picture_twice_and_ask_for_one_of_them(tmp_path):
-    import json
-
-    from kosmo.data.world import World
-    from kosmo.demo.flamingo import write_recall
-    (tmp_path / "images").mkdir()
-    train, val = write_recall(World(image_size=36), tmp_path, n_train=5, n_val=5)
-    for line in train.read_text().splitlines():
-        content = json.loads(line)["content"]
-        pairs = [(a["image"], b["text"]) for a, b in zip(content[::2], content[1::2])]
-        assert len(pairs) == 8 and len({text for _, text in pairs[:4]}) == 4  # four pictures, four words
-        assert sorted(pairs[4:]) == sorted(pairs[:4])  # all four again, shuffled
-        assert all((tmp_path / image).is_file() for image, _ in pairs)
-    for line in val.read_text().splitlines():
-        doc = json.loads(line)
-        content = doc["content"]
-        named = {a["image"]: b["text"] for a, b in zip(content[:8:2], content[1:8:2])}
-        assert len(content) == 10 and content[-1] == {"text": "This is a"}
-        assert named[content[8]["image"]] == f"This is a {doc['answer']}."  # the query repeats a picture
-        assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())
 
 
 def test_seeds_benchmark_arguments_that_cannot_run_get_a_one_line_error(tmp_path):

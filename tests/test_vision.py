@@ -1,6 +1,7 @@
 """The CLIP image encoder and CLIP model: parity with transformers, the contrastive loss, checkpoint errors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -246,6 +247,17 @@ def test_configs_round_trip_and_defaults():
         VisionConfig(act="relu")
     with pytest.raises(ValueError, match="patch_size"):
         VisionConfig(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match=r"text\.dim=10 is not divisible by text\.n_heads=3"):
+        TextConfig(dim=10, n_heads=3)
+
+
+@pytest.mark.parametrize("cls, data, key", [(VisionConfig, {"patch": 8}, "patch"),
+                                            (TextConfig, {"max_length": 77}, "max_length"),
+                                            (CLIPConfig, {"vision": {"dimm": 64}}, "vision.dimm"),
+                                            (CLIPConfig, {"text": {"heads": 2}}, "text.heads")])
+def test_an_unknown_config_key_is_refused_by_name(cls, data, key):
+    with pytest.raises(KosmoError, match=f"unknown config key '{re.escape(key)}'"):
+        cls.from_dict(data)
 
 
 def test_bad_checkpoints_give_one_line_errors(tmp_path):

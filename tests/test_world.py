@@ -9,7 +9,7 @@ from PIL import Image
 
 from kosmo.data.world import (COLOURS, EPISODE_QUERY, FACTS, QTYPES, REFUSAL, SHAPES, SIZES, STYLES, AlignPrompt,
                               Judgement, Obj, Scene, World, WorldConfig, apply_style, complies, judge, system_prompt,
-                              write_world)
+                              write_fewshot, write_world)
 from kosmo.errors import KosmoError
 
 
@@ -380,3 +380,30 @@ def test_write_world(tmp_path):
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     assert snapshot(tmp_path / "a") != snapshot(tmp_path / "c")
 
+
+
+def test_write_fewshot(tmp_path):
+    paths = write_fewshot(World(image_size=36), tmp_path, episodes=6, shots=(1, 3), recall=5, val=5, val_shots=2)
+
+    def pairs(content):
+        assert all((tmp_path / a["image"]).is_file() for a in content[::2])
+        return [(a["image"], b["text"]) for a, b in zip(content[::2], content[1::2])]
+
+    for i, line in enumerate(paths["episodes"].read_text().splitlines()):
+        examples = pairs(json.loads(line)["content"])  # the query's label is written out like the others'
+        assert len(examples) == (1, 3)[i % 2] + 1 and all(re.fullmatch(r"This is a \w+\.", t) for _, t in examples)
+    for line in paths["val_episodes"].read_text().splitlines():
+        ep = json.loads(line)
+        assert len(ep["content"]) == 6 and ep["content"][-1] == {"text": EPISODE_QUERY} and ep["answer"] in ep["labels"]
+    # picture recall: four pictures named, then the same four again, shuffled, named again
+    for line in paths["recall"].read_text().splitlines():
+        named = pairs(json.loads(line)["content"])
+        assert len(named) == 8 and len({text for _, text in named[:4]}) == 4  # four pictures, four words
+        assert sorted(named[4:]) == sorted(named[:4])  # all four again, shuffled
+    for line in paths["val_recall"].read_text().splitlines():
+        doc = json.loads(line)
+        content = doc["content"]
+        named = dict(pairs(content[:8]))
+        assert len(content) == 10 and content[-1] == {"text": EPISODE_QUERY}
+        assert named[content[8]["image"]] == f"This is a {doc['answer']}."  # the query repeats a picture
+        assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())

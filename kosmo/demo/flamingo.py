@@ -14,11 +14,9 @@ blind baseline, and the few-shot curves are drawn on one plot (OUT/fewshot.png).
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
-from kosmo.data.world import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS, World
+from kosmo.data.world import write_fewshot, write_vqa_documents
 from kosmo.demo import log, vision
 
 ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
@@ -37,8 +35,13 @@ BUDGETS = {
 
 
 def write_data(demo, b: dict) -> dict[str, Path]:
+    """Beyond the world's files: training episodes and picture-recall documents, held-out ones of each (the
+    episodes with max(eval_shots) examples, for the curve), and the training VQA as documents."""
     paths = {} if "vision" in demo.report["sections"] else vision.write_data(demo, vision_budget(demo, b))
-    return {**paths, **demo.timed("architectures_data", lambda: write_episode_data(demo.world, demo.data_dir, b))}
+    return {**paths, **demo.timed("architectures_data", lambda: {
+        **write_fewshot(demo.world, demo.data_dir, episodes=b["train_episodes"], shots=b["train_shots"],
+                        recall=b["recall_docs"], val=b["eval_n"], val_shots=max(b["eval_shots"])),
+        "vqa_docs": write_vqa_documents(demo.data_dir)})}
 
 
 def vision_budget(demo, b: dict) -> dict:
@@ -46,84 +49,9 @@ def vision_budget(demo, b: dict) -> dict:
     return {**vision.BUDGETS[demo.report["budget"]], **b}
 
 
-def write_episode_data(world: World, d: Path, b: dict) -> dict[str, Path]:
-    """Training episodes with the query's label written out (the model learns to name it from context),
-    held-out episodes with max(eval_shots) examples for the curve, picture-recall documents and the
-    training VQA as documents."""
-    paths = {"episodes": d / "episodes.jsonl", "val_episodes": d / "val_episodes.jsonl",
-             "vqa_docs": d / "vqa_docs.jsonl"}
-
-    def content(ep) -> list[dict]:
-        segments, _ = ep.document()
-        return [image_part(world, d, s.scene) if s.scene else {"text": s.text} for s in segments]
-
-    with paths["episodes"].open("w") as f:
-        for i in range(b["train_episodes"]):
-            ep = world.episode(i, "train", shots=b["train_shots"][i % len(b["train_shots"])])
-            doc = content(ep)
-            doc[-1] = {"text": EPISODE_EXAMPLE.format(label=ep.query[1])}
-            f.write(json.dumps({"content": doc}) + "\n")
-    with paths["val_episodes"].open("w") as f:
-        for i in range(b["eval_n"]):
-            ep = world.episode(i, "val", shots=max(b["eval_shots"]))
-            f.write(json.dumps({"content": content(ep), "answer": ep.query[1], "labels": ep.labels,
-                                "attribute": ep.attribute}) + "\n")
-    with paths["vqa_docs"].open("w") as f, (d / "vqa.jsonl").open() as vqa:
-        for line in vqa:
-            item = json.loads(line)
-            f.write(json.dumps({"content": [{"image": item["image"]}, {
-                "text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}) + "\n")
-    paths["recall"], paths["val_recall"] = write_recall(world, d, b["recall_docs"], b["eval_n"])
-    return paths
-
-
-def write_recall(world: World, d: Path, n_train: int, n_val: int, pictures: int = 4) -> tuple[Path, Path]:
-    """Picture recall, the barest episode: four pictures, each named by its own nonce word, then the
-    same four again, shuffled, named again. Naming a picture the second time needs no rule, only
-    matching it with the identical picture earlier and copying the word after that one. Held-out
-    documents end at one of the repeated pictures, its word ranked against the other three."""
-    train, val = d / "recall.jsonl", d / "val_recall.jsonl"
-
-    def document(i: int, split: str) -> tuple[list[tuple], list[tuple]]:
-        rng = random.Random(f"recall-{split}-{i}")
-        named = list(zip([world.scene(pictures * i + j, split) for j in range(pictures)],
-                         rng.sample(NONCE_WORDS, pictures)))
-        return named, rng.sample(named, pictures)
-
-    def parts(pairs: list[tuple]) -> list[dict]:
-        return [part for scene, label in pairs
-                for part in (image_part(world, d, scene), {"text": EPISODE_EXAMPLE.format(label=label)})]
-
-    with train.open("w") as f:
-        for i in range(n_train):
-            named, again = document(i, "train")
-            f.write(json.dumps({"content": parts(named + again)}) + "\n")
-    with val.open("w") as f:
-        for i in range(n_val):
-            named, again = document(i, "val")
-            scene, label = again[0]
-            f.write(json.dumps({"content": parts(named) + [image_part(world, d, scene), {"text": EPISODE_QUERY}],
-                                "answer": label, "labels": [word for _, word in named]}) + "\n")
-    return train, val
-
-
-def image_part(world: World, d: Path, scene) -> dict:
-    """A document's image part for `scene`, rendered into d/images once."""
-    rel = f"images/{scene.id}.png"
-    if not (d / rel).is_file():
-        world.render(scene).save(d / rel)
-    return {"image": rel}
-
-
-def trained_tokens_per_s(run: Path) -> float:
-    """The median training throughput, past the first steps' warm-up."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = sorted(r["tok_per_s"] for r in rows[len(rows) // 5:] if "tok_per_s" in r)
-    return round(rates[len(rates) // 2], 1)
-
-
 def run(demo, b: dict) -> dict:
     from kosmo.eval.fewshot import fewshot, plot_curves
+    from kosmo.eval.runs import training_throughput
     from kosmo.eval.vision import evaluate
 
     data, runs = demo.data, demo.runs
@@ -150,7 +78,7 @@ def run(demo, b: dict) -> dict:
                 "params_total": sum(p.numel() for p in model.parameters()),
                 "params_trainable": trainable_params(model),
                 "tokens_per_image": model.cfg.tokens_per_image,
-                "train_tok_per_s": trained_tokens_per_s(runs / name),
+                "train_tok_per_s": training_throughput(runs / name),
                 "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
                 # a recall document names four pictures, so its query is asked after all four or none
                 "fewshot": {task: fewshot(model, tok, data[f"val_{task}"], task_shots, limit=n)

@@ -16,28 +16,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kosmo.config import ModelConfig
-from kosmo.model.vision import Block, VisionConfig, VisionTransformer, check_tower, init_tower
+from kosmo.model.vision import Block, TowerConfig, VisionConfig, VisionTransformer, init_tower
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the paper clips the temperature so logits never exceed 100 x cosine
 
 
 @dataclass
-class TextConfig(ModelConfig):
+class TextConfig(TowerConfig):
+    key = "text"
     vocab_size: int = 4096
     max_len: int = 77
-    dim: int = 192
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_dim: int = 768
-    act: str = "quick_gelu"
-    norm_eps: float = 1e-5
     eos_token_id: int = 2  # kosmo's "</s>"; the text is pooled at its first occurrence in each row
     # transformers pools checkpoints whose config says eos_token_id == 2 at argmax(input_ids) instead (the
     # original CLIP's EOT was the largest id); the importer sets this so that such checkpoints keep parity.
     legacy_argmax_pool: bool = False
-
-    def __post_init__(self):
-        check_tower(self, "text")
 
 
 @dataclass

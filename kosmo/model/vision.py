@@ -11,6 +11,7 @@ stored fused, as in `kosmo.model.lm`, because one wide matmul beats three narrow
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -28,10 +29,9 @@ ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(
 
 
 @dataclass
-class VisionConfig(ModelConfig):
-    image_size: int = 32
-    patch_size: int = 4
-    channels: int = 3
+class TowerConfig(ModelConfig):
+    """The shape of a CLIP transformer tower, which the vision and the text tower share."""
+    key: ClassVar[str]  # the tower's key in a CLIP config, for messages about its fields
     dim: int = 192
     n_layers: int = 4
     n_heads: int = 4
@@ -40,7 +40,21 @@ class VisionConfig(ModelConfig):
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        check_tower(self, "vision")
+        if self.dim % self.n_heads:
+            raise ValueError(f"{self.key}.dim={self.dim} is not divisible by {self.key}.n_heads={self.n_heads}")
+        if self.act not in ACTS:
+            raise ValueError(f"{self.key}.act={self.act!r} is not one of {', '.join(ACTS)}")
+
+
+@dataclass
+class VisionConfig(TowerConfig):
+    key = "vision"
+    image_size: int = 32
+    patch_size: int = 4
+    channels: int = 3
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size={self.image_size} is not a multiple of "
                              f"vision.patch_size={self.patch_size}")
@@ -52,13 +66,6 @@ class VisionConfig(ModelConfig):
     @property
     def num_patches(self) -> int:
         return self.grid ** 2
-
-
-def check_tower(cfg, name: str):
-    if cfg.dim % cfg.n_heads:
-        raise ValueError(f"{name}.dim={cfg.dim} is not divisible by {name}.n_heads={cfg.n_heads}")
-    if cfg.act not in ACTS:
-        raise ValueError(f"{name}.act={cfg.act!r} is not one of {', '.join(ACTS)}")
 
 
 class Attention(nn.Module):

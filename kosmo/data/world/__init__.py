@@ -1,0 +1,24 @@
+"""The shapes world: a seeded, procedural source of every kind of data kosmo trains and evaluates on.
+
+A picture is a tiny RGB image (32x32 by default) of 1-3 coloured shapes, each in its own cell of a 3x3 grid, on a
+light background. Every item (scene, caption, VQA, document, few-shot episode, chat, alignment prompt) is a pure
+function of (seed, split, index), so nothing is stored, and because the world knows the truth a program can grade
+any answer. A few (colour, shape) pairs never occur outside the "heldout" split, to measure composition.
+
+scenes.py draws scenes and renders them; text.py says what they show (captions, corpus paragraphs, VQA);
+documents.py lays pictures and text out as documents, few-shot episodes and picture recall; chats.py makes
+dialogues and alignment prompts; styles.py puts answers in the form a system prompt asks for; judge.py grades
+replies; generator.py joins the makers into one `World`; writer.py writes it all to disk.
+"""
+from kosmo.data.world.chats import REFUSAL, AlignPrompt, system_prompt
+from kosmo.data.world.documents import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS
+from kosmo.data.world.generator import World
+from kosmo.data.world.judge import Judgement, answer_matches, judge
+from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, WorldConfig
+from kosmo.data.world.styles import STYLES, apply_style, complies
+from kosmo.data.world.text import FACTS, QTYPES
+from kosmo.data.world.writer import write_fewshot, write_vqa_documents, write_world
+
+__all__ = ["COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "QTYPES", "REFUSAL", "SHAPES",
+           "SIZES", "STYLES", "AlignPrompt", "Judgement", "Obj", "Scene", "World", "WorldConfig", "answer_matches",
+           "apply_style", "complies", "judge", "system_prompt", "write_fewshot", "write_vqa_documents", "write_world"]

@@ -1,0 +1,132 @@
+"""The world on disk: a JSONL file per kind of item and split, the pictures as PNG files beside them."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kosmo.data.world.documents import Episode, Recall, Segment
+from kosmo.data.world.generator import World
+from kosmo.data.world.scenes import Scene, WorldConfig
+from kosmo.data.world.text import QTYPES
+
+
+class Pictures:
+    """A folder's images/: each scene rendered once, as images/<scene id>.png, and named by that relative path."""
+
+    def __init__(self, world: World, out: Path):
+        self.world, self.out, self.saved = world, out, set()
+        (out / "images").mkdir(parents=True, exist_ok=True)
+
+    def path(self, scene: Scene) -> str:
+        rel = f"images/{scene.id}.png"
+        if scene.id not in self.saved:
+            self.world.render(scene).save(self.out / rel)
+            self.saved.add(scene.id)
+        return rel
+
+    def parts(self, segments: list[Segment]) -> list[dict[str, str]]:
+        """A document's content: {"image": path} and {"text": ...} parts."""
+        return [{"image": self.path(s.scene)} if s.scene else {"text": s.text} for s in segments]
+
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chat messages with each image content part's scene replaced by its path."""
+        return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+                 [{"type": "image", "image": self.path(p["image"])} if p["type"] == "image" else p
+                  for p in m["content"]]}
+                for m in messages]
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path
+
+
+def _question(pictures: Pictures, item: Episode | Recall) -> dict:
+    """An episode's line to evaluate on: the document up to the query, the answer and the labels to rank."""
+    segments, answer = item.document()
+    return {"content": pictures.parts(segments), "answer": answer, "labels": item.labels}
+
+
+def write_world(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 32) -> dict[str, Path]:
+    """Write n items of every kind as JSONL plus smaller val_/heldout_ files; the work of `kosmo world`.
+
+    Images go to out_dir/images/<scene id>.png, once per distinct scene, referenced by relative path.
+    """
+    world = World(WorldConfig(seed=seed, image_size=image_size))
+    out = Path(out_dir)
+    pictures = Pictures(world, out)
+
+    def caption(split: str, i: int) -> dict:
+        scene = world.scene(i, split)
+        caps = world.captions(scene)
+        return {"image": pictures.path(scene), "text": caps[0], "captions": caps}
+
+    def vqa(split: str, i: int) -> dict:  # same scenes as captions, so both files share images
+        scene = world.scene(i, split)
+        items = world.vqa(scene, i)
+        it = next((x for x in items if x.qtype == QTYPES[i % len(QTYPES)]), items[0])
+        return {"image": pictures.path(scene), "question": it.question, "answers": [it.answer] * 10,
+                "qtype": it.qtype}
+
+    def fewshot(split: str, i: int) -> dict:
+        cycle = (2, 3, 4) if split == "train" else (0, 1, 2, 4)  # evaluation wants a curve over shots
+        ep = world.episode(i, split, shots=cycle[i % len(cycle)])
+        return {**_question(pictures, ep), "attribute": ep.attribute, "shots": len(ep.support)}
+
+    def chat(split: str, i: int) -> dict:
+        d = world.chat(i, split)
+        return {"messages": pictures.messages(d.messages), "style": d.style, "answer": d.answers[-1]}
+
+    def align(split: str, i: int) -> dict:
+        p = world.align_prompt(i, split)
+        return {"messages": pictures.messages(p.messages), "kind": p.kind, "answer": p.answer, "truth": p.truth,
+                "secret": p.secret, "style": p.style}
+
+    kinds = {"text": lambda split, i: {"text": world.text(i, split)}, "captions": caption, "vqa": vqa,
+             "interleaved": lambda split, i: {"content": pictures.parts(world.interleaved(i, split))},
+             "fewshot": fewshot, "chat": chat, "align": align}
+    m = max(n // 10, 20)
+    plan = [(name, "train", n) for name in kinds] + [
+        (name, split, m) for split, names in (("val", ("captions", "vqa", "fewshot", "chat", "align")),
+                                              ("heldout", ("captions", "vqa"))) for name in names]
+    paths: dict[str, Path] = {}
+    for name, split, count in plan:
+        key = name if split == "train" else f"{split}_{name}"
+        paths[key] = _write_jsonl(out / f"{key}.jsonl", (kinds[name](split, i) for i in range(count)))
+    return paths
+
+
+def write_fewshot(world: World, out_dir: str | Path, *, episodes: int, shots: Sequence[int], recall: int, val: int,
+                  val_shots: int) -> dict[str, Path]:
+    """Documents for learning from context, beyond write_world's: `episodes` training episodes, their shots
+    cycling through `shots`, and `recall` picture-recall documents, every label written out; and `val` held-out
+    documents of each, ending at the query, the episodes with `val_shots` examples."""
+    out = Path(out_dir)
+    pictures = Pictures(world, out)
+
+    def train_episode(i: int) -> dict:
+        ep = world.episode(i, "train", shots=shots[i % len(shots)])
+        return {"content": pictures.parts(ep.training_document())}
+
+    def val_episode(i: int) -> dict:
+        ep = world.episode(i, "val", shots=val_shots)
+        return {**_question(pictures, ep), "attribute": ep.attribute}
+
+    kinds = {"episodes": (train_episode, episodes), "val_episodes": (val_episode, val),
+             "recall": (lambda i: {"content": pictures.parts(world.recall(i).training_document())}, recall),
+             "val_recall": (lambda i: _question(pictures, world.recall(i, "val")), val)}
+    return {key: _write_jsonl(out / f"{key}.jsonl", (line(i) for i in range(count)))
+            for key, (line, count) in kinds.items()}
+
+
+def write_vqa_documents(out_dir: str | Path) -> Path:
+    """write_world's training VQA as documents, a picture then 'Question: … Answer: ….' (vqa_docs.jsonl)."""
+    out = Path(out_dir)
+    with (out / "vqa.jsonl").open(encoding="utf-8") as vqa:
+        items = [json.loads(line) for line in vqa]
+    return _write_jsonl(out / "vqa_docs.jsonl", ({"content": [
+        {"image": item["image"]}, {"text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}
+        for item in items))
