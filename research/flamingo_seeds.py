@@ -4,11 +4,12 @@ measures each run.
 
     kosmo demo --sections flamingo --out out
     python research/flamingo_seeds.py --demo out --seeds 1,2,3
-    python research/flamingo_seeds.py --demo out --seeds 1,2 --ffw-gate-lr 30   # the feed-forward gates open too
+    python research/flamingo_seeds.py --demo out --seeds 1,2 --ffw-gate-lr 30   # with gated feed-forwards, learning
 
 Each run trains on the section's files (captions, interleaved documents, VQA documents, episodes,
 picture recall) at the section's steps, batch, learning rate, Flamingo shape and gate learning rates,
-unless --steps, --attn-gate-lr or --ffw-gate-lr say otherwise. Whether the pictures reach the LM is
+unless --steps or --attn-gate-lr say otherwise; --ffw-gate-lr gives the blocks the gated feed-forwards
+the section leaves out, their gates learning at that multiple of the rate. Whether the pictures reach the LM is
 decided by the tanh gates of the cross-attention: they start at 0, and in a short run they either
 open or stay shut. So beside the held-out few-shot accuracy (episodes and recall at 0 and 4 shots)
 each line reports every gate's tanh at the end, and how often each attention gate changed sign on
@@ -34,8 +35,8 @@ from kosmo.train.run import run_stage
 
 def gates(model) -> dict:
     """tanh of every gate, by block and kind: {"0.attn": 0.01, "0.ffw": -0.2, ...}."""
-    return {f"{block}.{kind}": round(float(getattr(layer, f"{kind}_gate").tanh()), 3)
-            for block, layer in model.xattn.items() for kind in ("attn", "ffw")}
+    return {f"{block}.{kind}": round(float(gate.tanh()), 3) for block, layer in model.xattn.items()
+            for kind, gate in (("attn", layer.attn_gate), ("ffw", layer.ffw_gate)) if gate is not None}
 
 
 def sign_changes(run: Path) -> dict:
@@ -59,8 +60,8 @@ def main():
     p.add_argument("--steps", type=int, default=b["arch_steps"])
     p.add_argument("--attn-gate-lr", type=float, default=b["attn_gate_lr"],
                    help="learning-rate multiplier of the cross-attention gates")
-    p.add_argument("--ffw-gate-lr", type=float, default=b["ffw_gate_lr"],
-                   help="learning-rate multiplier of the feed-forward gates (0 keeps them shut)")
+    p.add_argument("--ffw-gate-lr", type=float,
+                   help="add gated feed-forwards to the blocks, their gates at this learning-rate multiplier")
     p.add_argument("--limit", type=int, default=200, help="held-out documents per measurement")
     args = p.parse_args()
     demo = Path(args.demo)
@@ -76,9 +77,12 @@ def main():
         p.error(f"--steps must be at least 1, got {args.steps}")
     data = demo / "data"
     files = [data / f"{name}.jsonl" for name in ("captions", "interleaved", "vqa_docs", "episodes", "recall")]
-    rates = [f"train.lr_scale.*attn_gate={args.attn_gate_lr}", f"train.lr_scale.*ffw_gate={args.ffw_gate_lr}"]
+    ffw = args.ffw_gate_lr is not None
+    rates = [f"train.lr_scale.*attn_gate={args.attn_gate_lr}", f"gated_ffw={str(ffw).lower()}",
+             *([f"train.lr_scale.*ffw_gate={args.ffw_gate_lr}"] if ffw else [])]
     for seed in seeds:
-        out = demo / "runs" / f"flamingo-{args.lm}-attn{args.attn_gate_lr:g}-ffw{args.ffw_gate_lr:g}-seed{seed}"
+        name = f"attn{args.attn_gate_lr:g}" + (f"-ffw{args.ffw_gate_lr:g}" if ffw else "")
+        out = demo / "runs" / f"flamingo-{args.lm}-{name}-seed{seed}"
         t0 = time.time()
         try:
             run_stage("flamingo", files, out, init=lm, overrides=[
