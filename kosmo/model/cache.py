@@ -96,15 +96,18 @@ class KVCache:
         r, mask = step.rows, step.mask
         span = mask.shape[-1]
         keys, values = self.k[layer, r, :, :span].to(q.dtype), self.v[layer, r, :, :span].to(q.dtype)
-        y = torch.zeros_like(q)
+        n = keys.shape[0]
         if T == 1 and Hq != Hkv:
             # decoding: fold each kv group's query heads into the query axis, so the cache is read in
             # place instead of being repeated per query head
-            n = keys.shape[0]
-            y[r] = F.scaled_dot_product_attention(q[r].view(n, Hkv, Hq // Hkv, d), keys, values,
-                                                  attn_mask=mask).view(n, Hq, 1, d)
+            out = F.scaled_dot_product_attention(q[r].view(n, Hkv, Hq // Hkv, d), keys, values,
+                                                 attn_mask=mask).view(n, Hq, 1, d)
         else:
-            y[r] = F.scaled_dot_product_attention(q[r], keys, values, attn_mask=mask, enable_gqa=Hq != Hkv)
+            out = F.scaled_dot_product_attention(q[r], keys, values, attn_mask=mask, enable_gqa=Hq != Hkv)
+        if n == B:
+            return out
+        y = torch.zeros_like(q)
+        y[r] = out
         return y
 
 
