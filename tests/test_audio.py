@@ -109,7 +109,7 @@ BAD_FILES = {
                  "truncated"),
     "lying header": (wav_lying_about_its_data, "truncated"),
     "no samples": (lambda: encode(np.zeros((0, 1), np.float32), SAMPLE_RATE), "no audio samples"),
-    "rate 0": (lambda: wav_with_rate(0), "libsndfile"),
+    "rate 0": (lambda: wav_with_rate(0), "sample rate 0 Hz"),
     "rate 10 Hz": (lambda: wav_with_rate(10), "sample rate 10 Hz"),
     "rate 500 kHz": (lambda: wav_with_rate(500_000), "sample rate 500,000 Hz"),
     "NaN": (lambda: encode(np.full((100, 1), np.nan, np.float32), SAMPLE_RATE), "NaN"),

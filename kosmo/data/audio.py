@@ -108,14 +108,12 @@ def _decode(fp: BinaryIO, source: str, max_seconds: float) -> torch.Tensor:
     size = fp.seek(0, io.SEEK_END)
     if size == 0:
         raise KosmoError(f"{source}: empty audio file")
-    _check_wav_data_size(fp, size, source)
+    _check_wav_header(fp, size, source)
     fp.seek(0)
     try:
         with soundfile.SoundFile(fp) as f:
             rate, frames = f.samplerate, f.frames
-            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-                raise KosmoError(f"{source}: sample rate {rate:,} Hz is outside {MIN_SAMPLE_RATE:,} to "
-                                 f"{MAX_SAMPLE_RATE:,} Hz (corrupt header?)")
+            _check_rate(rate, source)
             if frames > max_seconds * rate:
                 raise KosmoError(f"{source}: {frames / rate:.1f} s of audio, over the {max_seconds:g} s limit")
             samples = f.read(dtype="float32", always_2d=True)
@@ -133,9 +131,10 @@ def _decode(fp: BinaryIO, source: str, max_seconds: float) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
 
 
-def _check_wav_data_size(fp: BinaryIO, size: int, source: str) -> None:
+def _check_wav_header(fp: BinaryIO, size: int, source: str) -> None:
     """libsndfile quietly reads a WAV whose data chunk is shorter than its header declares, as if nothing were
-    missing; a cut-off download or a forged header should be refused instead. Walks the RIFF chunks to `data`."""
+    missing, and names a zero sample rate only as an "incomplete SF_INFO struct"; both are caught here, by
+    walking the RIFF chunks to `fmt ` and `data`."""
     fp.seek(0)
     head = fp.read(12)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -143,12 +142,20 @@ def _check_wav_data_size(fp: BinaryIO, size: int, source: str) -> None:
     pos = 12
     while pos + 8 <= size:
         fp.seek(pos)
-        chunk = fp.read(8)
-        declared = int.from_bytes(chunk[4:], "little")
-        if chunk[:4] == b"data":
+        chunk = fp.read(16)
+        declared = int.from_bytes(chunk[4:8], "little")
+        if chunk[:4] == b"fmt " and len(chunk) == 16:
+            _check_rate(int.from_bytes(chunk[12:16], "little"), source)
+        elif chunk[:4] == b"data":
             held = size - pos - 8
             if declared > held and declared not in _UNKNOWN_WAV_SIZES:
                 raise KosmoError(f"{source}: truncated WAV (its header declares {declared:,} bytes of samples, "
                                  f"the file holds {held:,})")
             return
         pos += 8 + declared + declared % 2  # chunks are padded to an even length
+
+
+def _check_rate(rate: int, source: str) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise KosmoError(f"{source}: sample rate {rate:,} Hz is outside {MIN_SAMPLE_RATE:,} to {MAX_SAMPLE_RATE:,} Hz "
+                         "(corrupt header?)")
