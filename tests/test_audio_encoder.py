@@ -51,6 +51,13 @@ def test_import_matches_transformers_on_30_seconds(hf_whisper):
 
 
 @torch.no_grad()
+def test_import_takes_a_bare_encoder(hf_whisper):
+    x = mels(3000, seed=5)
+    assert_close(import_hf_whisper_encoder(hf_whisper.encoder)(x), hf_whisper.encoder(x).last_hidden_state,
+                 atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
 def test_short_clip_matches_whisper_with_a_window_of_that_length(hf_whisper):
     """transformers runs only full windows, so the reference for a 4 s clip is the same Whisper with a 4 s window:
     the first 200 rows of the position table (a row does not depend on the table's length), other weights equal."""
@@ -98,7 +105,13 @@ def test_unknown_config_key_is_refused_by_name():
         AudioConfig.from_dict({"n_mel": 128})
 
 
-def test_unsupported_activation_is_refused_by_name(hf_whisper):
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(KosmoError, match="model_type 'llama' is not whisper"):
+        import_hf_whisper_encoder(tmp_path)
+
+
+def test_unsupported_activation_is_refused_by_name():
     hf = transformers.WhisperModel(whisper_config(activation_function="relu"))
     with pytest.raises(KosmoError, match="activation_function 'relu' is not supported"):
         import_hf_whisper_encoder(hf)

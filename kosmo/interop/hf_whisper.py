@@ -4,7 +4,8 @@ Reads the encoder of a `WhisperModel` or `WhisperForConditionalGeneration`, eith
 (config.json + *.safetensors) or a model in memory; the decoder is not read. kosmo stores q/k/v fused;
 import concatenates the three weights along the output dimension and keeps the query and value biases
 apart, as Whisper has no key bias. Tensor names are found under whichever prefix the checkpoint uses:
-`model.encoder.` in `WhisperForConditionalGeneration`, `encoder.` in `WhisperModel`.
+`model.encoder.` in `WhisperForConditionalGeneration`, `encoder.` in `WhisperModel`, none in a bare
+`WhisperEncoder`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ GLOBAL_MAP = {  # kosmo AudioEncoder -> HF, after the encoder prefix
     "norm.weight": "layer_norm.weight",
     "norm.bias": "layer_norm.bias",
 }
-ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
 
 
 def audio_config_from_hf(hf: dict, where: str = "config.json") -> AudioConfig:
@@ -70,12 +71,12 @@ def _encoder_prefix(tensors: dict, source) -> str:
         if f"{prefix}conv1.weight" in tensors:
             return prefix
     raise KosmoError(f"{source}: no Whisper encoder tensors (none named "
-                     f"{' or '.join(p + 'conv1.weight' for p in ENCODER_PREFIXES)})")
+                     f"{', '.join(repr(p + 'conv1.weight') for p in ENCODER_PREFIXES)})")
 
 
 def import_hf_whisper_encoder(source: str | Path | nn.Module) -> AudioEncoder:
-    """The encoder of a `WhisperModel` / `WhisperForConditionalGeneration` directory (e.g. openai/whisper-tiny)
-    or of such a model in memory."""
+    """The encoder of a `WhisperModel` / `WhisperForConditionalGeneration` directory (e.g. openai/whisper-tiny),
+    or of such a model, or a `WhisperEncoder`, in memory."""
     if isinstance(source, nn.Module):
         hf_cfg, tensors, where = source.config.to_dict(), source.state_dict(), type(source).__name__
         cfg = audio_config_from_hf(hf_cfg, f"{where}.config")
