@@ -1,0 +1,113 @@
+"""An audio encoder with exactly the architecture of Whisper's, in plain PyTorch.
+
+Log-mel features (B, n_mels, T) pass two convolutions of width 3 with GELU, the second of stride 2, so
+each output frame covers 20 ms of audio (two 10 ms mel hops). Fixed sinusoidal positions are added and
+the sequence runs through pre-norm blocks: LayerNorm -> multi-head self-attention -> residual,
+LayerNorm -> MLP -> residual, then a final LayerNorm. Whisper was trained on 30 s windows (3000 mel
+frames); a shorter clip takes the first positions of the table, which is what Whisper would compute on a
+window truncated to that length. Weights map onto transformers' `WhisperModel` encoder
+(see `kosmo.interop.hf_whisper`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kosmo.model.vision import MLP, TowerConfig, init_tower
+
+
+@dataclass
+class AudioConfig(TowerConfig):
+    key = "audio"
+    act: str = "gelu"     # of the MLP; the convolutions always use exact GELU, as Whisper does
+    n_mels: int = 80
+    max_frames: int = 3000  # mel frames (10 ms each): 30 s, Whisper's window
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dim % 2 or self.dim < 4:
+            raise ValueError(f"audio.dim={self.dim} must be even and at least 4 (half sines, half cosines)")
+        if self.max_frames < 1:
+            raise ValueError(f"audio.max_frames={self.max_frames} must be positive")
+
+    @property
+    def max_positions(self) -> int:
+        return out_frames(self.max_frames)
+
+
+def out_frames(n_frames: int) -> int:
+    """Encoder frames for n_frames mel frames: the stride-2 convolution (width 3, padding 1) rounds up."""
+    return (n_frames + 1) // 2
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's position table: sines then cosines (not interleaved), timescales geometric from 1 to
+    max_timescale across the channels // 2 frequencies."""
+    half = channels // 2
+    inv_timescales = torch.exp(-math.log(max_timescale) / (half - 1) * torch.arange(half))
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class Attention(nn.Module):
+    """Whisper's self-attention: biases on queries, values and output but none on keys, since a key bias b
+    shifts every score of query q by the same q.b, which the softmax cancels."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, v = q + self.q_bias, v + self.v_bias
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.act)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv1d(cfg.n_mels, cfg.dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        # A buffer, not a parameter: fixed by the formula, but saved with the weights as Whisper saves it
+        self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        init_tower(self, cfg.dim, cfg.n_layers)
+
+    def forward(self, mels):
+        """(B, n_mels, T) log-mel features, T <= max_frames -> (B, (T + 1) // 2, dim)."""
+        if mels.shape[-1] > self.cfg.max_frames:
+            raise ValueError(f"{mels.shape[-1]} mel frames exceed audio.max_frames={self.cfg.max_frames}")
+        x = F.gelu(self.conv1(mels.to(self.conv1.weight.dtype)))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, frames, dim)
+        x = x + self.positions[:x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
