@@ -78,7 +78,7 @@ def run(demo, b: dict) -> dict:
                 "stage": stage,
                 "params_total": sum(p.numel() for p in model.parameters()),
                 "params_trainable": trainable_params(model),
-                "tokens_per_image": model.cfg.tokens_per_image,
+                "tokens_per_image": model.tokens_per_image,
                 "train_tok_per_s": training_throughput(runs / name),
                 "caption_val": evaluate("caption", model, tok, data["val_captions"], limit=n),
                 # a recall document names four pictures, so its query is asked after all four or none

@@ -93,7 +93,7 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
     from kosmo.generate import Sampling, generate
     from kosmo.tokenizer import BOS
     (out / "samples").mkdir(exist_ok=True)
-    k = model.cfg.tokens_per_image
+    k = model.tokens_per_image
     gallery = []
     for i in range(n):
         scene = world.scene(i, "val")
@@ -101,7 +101,7 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
         name = f"samples/val_{i}.png"
         img.resize((128, 128), 0).save(out / name)
         img.save(d / f"images/{scene.id}.png")
-        pixels = load_images([d / f"images/{scene.id}.png"], model.cfg.vision.image_size).pixels
+        pixels = load_images([d / f"images/{scene.id}.png"], model.image_size).pixels
         caption = generate(model, tok, [[BOS, *chat.image_block(k)]], Sampling(max_new_tokens=32), images=pixels)[0]
         qa = []
         for item in world.vqa(scene, i)[:3]:

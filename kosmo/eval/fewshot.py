@@ -220,8 +220,8 @@ def label_logprobs(model, rows, batch_size: int) -> list[float]:
             if skipped:
                 raise KosmoError(skipped[0][1])
             kw["images"] = pixels
-        if width > model.cfg.max_seq_len:
-            raise KosmoError(f"a prompt of {width} tokens exceeds the context of {model.cfg.max_seq_len}; "
+        if width > model.context_length:
+            raise KosmoError(f"a prompt of {width} tokens exceeds the context of {model.context_length}; "
                              "ask for fewer --shots")
         logp = F.log_softmax(model(idx.to(device), **kw).float(), dim=-1)
         for r, (ids, _, first) in enumerate(batch):

@@ -13,7 +13,7 @@ from kosmo.train.trainer import to_device
 
 @torch.no_grad()
 def perplexity(model, tokenizer, data: list[str], seq_len: int = 256, batch_size: int = 8) -> dict:
-    seq_len = min(seq_len, model.cfg.max_seq_len)
+    seq_len = min(seq_len, model.context_length)
     packed = PackedText.from_texts(iter_texts(data), tokenizer, seq_len)
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -71,7 +71,7 @@ def flamingo_loss(model, batch):
 def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
     model = make_model(cfg, init_model)
     model.freeze()
-    if cfg.seq_len > model.cfg.max_seq_len:
-        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}")
+    if cfg.seq_len > model.context_length:
+        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.context_length}")
     train, val = build_data(cfg, data, tokenizer, model, KINDS)
     return model, flamingo_loss, train, val

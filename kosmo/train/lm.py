@@ -148,6 +148,6 @@ def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: L
         model = init_model
     else:
         model = LM(lm_config(cfg.model, tokenizer.vocab_size))
-    if cfg.seq_len > model.cfg.max_seq_len:
-        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}")
+    if cfg.seq_len > model.context_length:
+        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.context_length}")
     return model, lm_loss, train_set, eval_set

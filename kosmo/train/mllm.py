@@ -76,11 +76,11 @@ def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 
 def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
-    examples, dropped = read_examples(data, tokenizer, model.cfg.tokens_per_image, cfg.seq_len + 1, kinds)
+    examples, dropped = read_examples(data, tokenizer, model.tokens_per_image, cfg.seq_len + 1, kinds)
     if not examples:
-        raise KosmoError(f"no example fits seq_len={cfg.seq_len} with {model.cfg.tokens_per_image} tokens per image "
+        raise KosmoError(f"no example fits seq_len={cfg.seq_len} with {model.tokens_per_image} tokens per image "
                          f"({dropped} had nothing left to learn after truncation); raise seq_len")
-    bank = ImageBank([p for e in examples for p in e.images], model.cfg.vision.image_size, cfg.image_mode)
+    bank = ImageBank([p for e in examples for p in e.images], model.image_size, cfg.image_mode)
     for path, message in bank.skipped[:5]:
         print(f"skipped image: {message}", flush=True)
     n_val = int(len(examples) * cfg.val_fraction)
@@ -99,7 +99,7 @@ def build(cfg: StageConfig, data: list, tokenizer, init_model=None, kinds: tuple
         model.freeze(cfg.freeze, cfg.vision_last_block)
     except ValueError as e:
         raise KosmoError(f"invalid config: {e}") from None
-    if cfg.seq_len > model.cfg.max_seq_len:
-        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}")
+    if cfg.seq_len > model.context_length:
+        raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.context_length}")
     train, val = build_data(cfg, data, tokenizer, model, kinds)
     return model, mllm_loss, train, val
