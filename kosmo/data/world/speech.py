@@ -2,8 +2,8 @@
 
 Every clip is float32 mono at 16 kHz and a pure function of (seed, split, index), like everything in the world.
 Speech varies the voice (accent, variant, words per minute, pitch) and adds light white noise at a random SNR.
-Some accents, variants and speeds are only ever used in the "val" split, and train's are never used there, so
-evaluation measures voices and speeds the model has not heard.
+Some accents, variants and speeds are heard only in the "val" split, and val never hears train's variants or
+speeds, so evaluation measures voices and speeds the model has not heard.
 """
 from __future__ import annotations
 
