@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow setup browser-deps clean
+.PHONY: demo test test-slow setup browser-deps speech-deps clean
 
 setup: $(STAMP)
 
@@ -20,15 +20,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: setup
+demo: setup speech-deps
 	$(VENV)/bin/kosmo demo --out out
 
-test: setup browser-deps
+test: setup browser-deps speech-deps
 	$(PY) -m pytest -q
 
 # The playground's browser test drives Debian's Chromium through Playwright.
 browser-deps:
 	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
+
+# The world's spoken sentences are synthesised by Debian's espeak-ng.
+speech-deps:
+	command -v espeak-ng >/dev/null 2>&1 || (apt-get update && apt-get install -y espeak-ng)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile
+
+from kosmo.data.audio import SAMPLE_RATE
 from kosmo.data.world.documents import Episode, Recall, Segment
 from kosmo.data.world.generator import World
 from kosmo.data.world.scenes import Scene, WorldConfig
+from kosmo.data.world.speech import SOUND_CLASSES, sound_event, speak
 from kosmo.data.world.text import QTYPES
 
 
@@ -130,3 +138,50 @@ def write_vqa_documents(out_dir: str | Path) -> Path:
     return _write_jsonl(out / "vqa_docs.jsonl", ({"content": [
         {"image": item["image"]}, {"text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}
         for item in items))
+
+
+def _sentence(world: World, split: str, index: int) -> str:
+    """What clip `index` says: a caption or, every other clip, a question about the split's scene `index`."""
+    scene = world.scene(index, split)
+    if index % 2:
+        questions = world.vqa(scene, index)
+        return questions[index // 2 % len(questions)].question
+    captions = world.captions(scene)
+    return captions[index // 2 % len(captions)]
+
+
+def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
+    """Spoken sentences and sound events: `n` training and `val` evaluation clips of each, as 16-bit 16 kHz WAV
+    files under out_dir/audio/ and speech.jsonl, sounds.jsonl and their val_ files.
+
+    Both kinds are lines {"audio": path, "text": target}, the target a transcript or a sound's class name, so one
+    reader and one loss serve transcription and naming sounds; a speech line adds the voice that read it, a
+    sound line the class names to rank.
+    """
+    out = Path(out_dir)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    seed = world.config.seed
+
+    def spoken(split: str, i: int) -> tuple[np.ndarray, dict]:
+        text = _sentence(world, split, i)
+        voice, audio = speak(text, seed, split, i)
+        return audio, {"text": text, "voice": asdict(voice)}
+
+    def sound(split: str, i: int) -> tuple[np.ndarray, dict]:
+        name, audio = sound_event(seed, split, i)
+        return audio, {"text": name, "labels": list(SOUND_CLASSES)}
+
+    def clips(key: str, make: Callable[[str, int], tuple[np.ndarray, dict]], split: str, count: int):
+        def line(i: int) -> dict:
+            audio, fields = make(split, i)
+            rel = f"audio/{key}_{i:05d}.wav"
+            soundfile.write(out / rel, audio, SAMPLE_RATE, subtype="PCM_16")
+            return {"audio": rel, **fields}
+        # espeak-ng runs as a subprocess and numpy releases the GIL, so threads keep every core busy.
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            return list(pool.map(line, range(count)))
+
+    plan = {"speech": (spoken, "train", n), "val_speech": (spoken, "val", val),
+            "sounds": (sound, "train", n), "val_sounds": (sound, "val", val)}
+    return {key: _write_jsonl(out / f"{key}.jsonl", clips(key, make, split, count))
+            for key, (make, split, count) in plan.items()}
