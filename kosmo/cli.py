@@ -14,8 +14,11 @@ from kosmo.train.run import stages
 
 
 def cmd_world(args):
-    from kosmo.data.world import write_world
+    from kosmo.data.world import World, WorldConfig, write_audio, write_world
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
+    if args.audio:
+        world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
+        paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -196,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--n", type=int, default=1000)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--image-size", type=int, default=32)
+    w.add_argument("--audio", type=int, default=0, metavar="N",
+                   help="also N spoken sentences and N sound events (and a tenth as many held out) as WAV + JSONL; "
+                        "needs espeak-ng")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")

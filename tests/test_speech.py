@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import soundfile
+from conftest import kosmo
 
 from kosmo.data.audio import SAMPLE_RATE, load_audio
 from kosmo.data.world import SOUND_CLASSES, Voice, World, sound_event, synthesise, write_audio
@@ -139,3 +140,11 @@ def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(KosmoError, match="espeak-ng not found: install it"):
         synthesise("hello", Voice("en-gb", "m1", 150, 50))
+
+
+@needs_espeak
+def test_kosmo_world_writes_the_audio_beside_the_pictures(tmp_path):
+    paths = json.loads(kosmo("world", "--out", tmp_path, "--n", 8, "--audio", 10).stdout.splitlines()[-1])
+    assert {"captions", "speech", "val_speech", "sounds", "val_sounds"} <= set(paths)
+    assert len(_lines(tmp_path / "speech.jsonl")) == 10 and len(_lines(tmp_path / "val_sounds.jsonl")) == 1
+    assert all((tmp_path / line["audio"]).is_file() for line in _lines(tmp_path / "sounds.jsonl"))
