@@ -81,8 +81,8 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
                             max_images) if use_cache else None
 
     def step(rows: list[list[int]], with_images: bool) -> torch.Tensor:
-        """(B, V) logits after each row's last token: the rows are the new tokens (with a cache) or
-        the whole sequences (without)."""
+        """(B, V) logits after each row's last token, the rows right-padded: the prompts into the cache,
+        or (without one) the whole sequences so far."""
         idx, lengths = right_pad(rows, device)
         last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
         return model(idx, images if with_images else None, cache=cache, n_new=lengths, logits_at=last)
@@ -90,7 +90,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)
     out: list[list[int]] = [[] for _ in range(B)]
-    fed: list[list[int]] = [[] for _ in range(B)]  # every token after the prompt, padding of done rows included
+    fed: list[list[int]] = [[] for _ in range(B)]  # without a cache: every token after the prompt, padding included
     reasons = ["length"] * B
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_logits = []
@@ -110,12 +110,12 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         if bool(done.all()) or n == s.max_new_tokens - 1:
             break
         # rows already done keep decoding padding so the batch stays rectangular
-        tok = tok.masked_fill(done, PAD).tolist()
-        for i in range(B):
-            fed[i].append(tok[i])
+        tok = tok.masked_fill(done, PAD)
         if cache is not None:
-            logits = step([[t] for t in tok], with_images=False)
+            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1]
         else:
+            for row, t in zip(fed, tok.tolist()):
+                row.append(t)
             logits = step([p + f for p, f in zip(prompts, fed)], with_images=True)
     return (out, reasons, step_logits) if return_logits else (out, reasons)
 

@@ -8,8 +8,9 @@ right-padded once, and the padding past each row's length is overwritten by what
 The same object serves `generate_ids` (one batch of prompts) and the serving engine, which owns one
 cache of `max_batch` slots and runs each new prompt into a one-row view of it (`rows`).
 
-Once rows hold keys, one attention call covers every row: over the keys of the longest, rounded up
-to a multiple of 64 (`key_span`), with each row masked to its own. A row's numbers then do not
+Once rows hold keys, one attention call covers the rows from the first to the last with a new
+token: over the keys of the longest, rounded up to a multiple of 64 (`key_span`), each row masked
+to its own. A row's numbers then do not
 depend on the other rows: the extra keys are masked out, and a masked key adds an exact zero to
 sums that are laid out in multiples of the vector width (tests/test_cache.py checks the bits).
 """
