@@ -230,14 +230,17 @@ class LM(CausalLM):
         (None: causal, or the cache's own); with a cache, starts its forward."""
         B, T, _ = x.shape
         mask = None
+        # positions never exceed T - 1 without a cache, so only a cached forward reads them back to check
+        end = T
         if cache is not None:
             pos = cache.begin(T, n_new)
+            end = int(pos[:, -1].max()) + 1 if T else 0
         elif segments is not None:
             pos, mask = segment_positions(segments), segment_mask(segments)
         else:
             pos = torch.arange(T, device=x.device).expand(B, T)
-        if int(pos.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"{int(pos.max()) + 1} positions exceed the context of {self.cfg.max_seq_len} tokens")
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"{end} positions exceed the context of {self.cfg.max_seq_len} tokens")
         # rotate in the activations' dtype (bf16 under autocast), as Llama does
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return (self.rope_cos[pos].unsqueeze(1).to(dtype), self.rope_sin[pos].unsqueeze(1).to(dtype)), mask

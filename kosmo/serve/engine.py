@@ -13,7 +13,8 @@ A row's numbers never depend on who else is in the batch, so greedy decoding giv
 same tokens and log-probabilities whether it runs alone or beside fifteen others. Two things make
 that hold: every decode step has the same shape (all `max_batch` rows, idle ones included), because
 BLAS picks its kernel, and with it the order of its sums, by the shape of the product; and the
-cache's attention gives each row a key span set by its own length (see `kosmo.model.cache`). The
+cache's attention masks each row to its own keys, where a masked key adds an exact zero whatever the
+other rows hold (see `kosmo.model.cache`). The
 engine runs in bf16 autocast with a bf16 cache where `kosmo.hardware` finds native bf16, and in fp32
 elsewhere.
 """
