@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from kosmo.train.run import stages
 
 def cmd_world(args):
     from kosmo.data.world import World, WorldConfig, write_audio, write_world
+    if args.audio < 0:
+        raise KosmoError(f"--audio must be 0 or more, got {args.audio}")
+    if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
+        raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     if args.audio:
         world = World(WorldConfig(seed=args.seed, image_size=args.image_size))

@@ -114,6 +114,7 @@ BAD_FILES = {
     "rate 500 kHz": (lambda: wav_with_rate(500_000), "sample rate 500,000 Hz"),
     "NaN": (lambda: encode(np.full((100, 1), np.nan, np.float32), SAMPLE_RATE), "NaN"),
     "over the cap": (lambda: encode(noise_and_tones(31.0, SAMPLE_RATE), SAMPLE_RATE), "31.0 s of audio, over the 30 s"),
+    "9 channels": (lambda: encode(np.zeros((100, 9), np.float32), SAMPLE_RATE), "9 audio channels, over the limit of 8"),
 }
 
 
@@ -128,6 +129,13 @@ def test_bad_audio_is_a_one_line_error_naming_the_file(tmp_path, case):
             load()
         message = str(e.value)
         assert message.startswith(f"{name}: ") and words in message and "\n" not in message, message
+
+
+def test_a_streamed_wav_whose_header_leaves_the_size_open_is_read(tmp_path):
+    """What espeak-ng --stdout writes: 0x7FFFF000 for a data size it cannot know in advance."""
+    wav = encode(noise_and_tones(0.5, SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_16")
+    streamed = with_wav_field(wav, wav.index(b"data") + 4, 0x7FFFF000)
+    assert torch.equal(decode_audio_bytes(streamed), decode_audio_bytes(wav))
 
 
 def test_missing_file_and_a_custom_cap(tmp_path):

@@ -39,7 +39,9 @@ MAX_SECONDS = 30.0
 # Below 1 kHz nothing of speech survives, and a tiny file would resample into a huge one; libsndfile and
 # common hardware stop at 384 kHz, so a higher rate is a corrupt or forged header.
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000
-_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)  # what streaming writers put in a header they cannot go back to
+MAX_CHANNELS = 8  # 7.1 surround
+# what streaming writers (espeak-ng --stdout among them) put in a header they cannot go back to
+_UNKNOWN_WAV_SIZES = (0, 0x7FFFF000, 0xFFFFFFFF)
 
 
 def load_audio(path: str | Path, max_seconds: float = MAX_SECONDS) -> torch.Tensor:
@@ -114,6 +116,8 @@ def _decode(fp: BinaryIO, source: str, max_seconds: float) -> torch.Tensor:
         with soundfile.SoundFile(fp) as f:
             rate, frames = f.samplerate, f.frames
             _check_rate(rate, source)
+            if f.channels > MAX_CHANNELS:  # each is decoded in full before the downmix
+                raise KosmoError(f"{source}: {f.channels} audio channels, over the limit of {MAX_CHANNELS}")
             if frames > max_seconds * rate:
                 raise KosmoError(f"{source}: {frames / rate:.1f} s of audio, over the {max_seconds:g} s limit")
             samples = f.read(dtype="float32", always_2d=True)

@@ -131,11 +131,14 @@ def clip_config_from_hf(hf: dict, where: str = "config.json") -> CLIPConfig:
                       logit_scale_init=hf.get("logit_scale_init_value", math.log(1 / 0.07)))
 
 
-def _tower_state(hf: dict, prefix: str, global_map: dict, n_layers: int, path: Path) -> dict:
+def _tower_state(hf: dict, prefix: str, global_map: dict, n_layers: int, path, layer_map: dict = LAYER_MAP,
+                 layers: str = "encoder.layers") -> dict:
+    """kosmo's tower state from HF tensors: `global_map`'s names once, `layer_map`'s per layer (several HF
+    names are concatenated, q/k/v into one fused tensor)."""
     state = {k: _take(hf, prefix + name, path) for k, name in global_map.items()}
     for i in range(n_layers):
-        for kosmo_name, hf_names in LAYER_MAP.items():
-            parts = [_take(hf, f"{prefix}encoder.layers.{i}.{n}", path) for n in hf_names]
+        for kosmo_name, hf_names in layer_map.items():
+            parts = [_take(hf, f"{prefix}{layers}.{i}.{n}", path) for n in hf_names]
             state[f"blocks.{i}.{kosmo_name}"] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
     return state
 

@@ -1,11 +1,11 @@
 """Hugging Face Whisper checkpoints -> kosmo `AudioEncoder`, through an explicit name map.
 
-Reads the encoder of a `WhisperModel` or `WhisperForConditionalGeneration`, either a directory
-(config.json + *.safetensors) or a model in memory; the decoder is not read. kosmo stores q/k/v fused;
-import concatenates the three weights along the output dimension and keeps the query and value biases
-apart, as Whisper has no key bias. Tensor names are found under whichever prefix the checkpoint uses:
-`model.encoder.` in `WhisperForConditionalGeneration`, `encoder.` in `WhisperModel`, none in a bare
-`WhisperEncoder`.
+Takes the encoder of a `WhisperModel` or `WhisperForConditionalGeneration`, either a directory
+(config.json + *.safetensors, read whole) or a model in memory; the decoder's tensors are left unused.
+The encoder's blocks are the image tower's, with q/k/v fused: import concatenates the three weights,
+and the three biases with zeros for the key's, which Whisper does not have. Tensor names are found
+under whichever prefix the checkpoint uses: `model.encoder.` in `WhisperForConditionalGeneration`,
+`encoder.` in `WhisperModel`, none in a bare `WhisperEncoder`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch.nn as nn
 
 from kosmo import checkpoint
 from kosmo.errors import KosmoError
-from kosmo.interop.hf_clip import ACT_FROM_HF
-from kosmo.interop.hf_llama import _read_hf_tensors, _take
+from kosmo.interop.hf_clip import ACT_FROM_HF, _read, _tower_state
 from kosmo.model.audio import AudioConfig, AudioEncoder
 
 # kosmo name (per layer, after "blocks.{i}.") -> HF names (after "layers.{i}.") concatenated in order
@@ -26,8 +25,7 @@ LAYER_MAP = {
     "norm1.weight": ["self_attn_layer_norm.weight"],
     "norm1.bias": ["self_attn_layer_norm.bias"],
     "attn.qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "attn.q_bias": ["self_attn.q_proj.bias"],
-    "attn.v_bias": ["self_attn.v_proj.bias"],
+    "attn.qkv.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],  # k: zeros
     "attn.proj.weight": ["self_attn.out_proj.weight"],
     "attn.proj.bias": ["self_attn.out_proj.bias"],
     "norm2.weight": ["final_layer_norm.weight"],
@@ -78,18 +76,17 @@ def import_hf_whisper_encoder(source: str | Path | nn.Module) -> AudioEncoder:
     """The encoder of a `WhisperModel` / `WhisperForConditionalGeneration` directory (e.g. openai/whisper-tiny),
     or of such a model, or a `WhisperEncoder`, in memory."""
     if isinstance(source, nn.Module):
-        hf_cfg, tensors, where = source.config.to_dict(), source.state_dict(), type(source).__name__
-        cfg = audio_config_from_hf(hf_cfg, f"{where}.config")
+        where = type(source).__name__
+        cfg, tensors = audio_config_from_hf(source.config.to_dict(), f"{where}.config"), dict(source.state_dict())
     else:
         where = Path(source)
-        cfg = audio_config_from_hf(checkpoint.read_json(where / "config.json"), str(where / "config.json"))
-        tensors = _read_hf_tensors(where)
+        cfg, tensors = _read(where, audio_config_from_hf)
     prefix = _encoder_prefix(tensors, where)
-    state = {k: _take(tensors, prefix + name, where) for k, name in GLOBAL_MAP.items()}
-    for i in range(cfg.n_layers):
-        for kosmo_name, hf_names in LAYER_MAP.items():
-            parts = [_take(tensors, f"{prefix}layers.{i}.{n}", where) for n in hf_names]
-            state[f"blocks.{i}.{kosmo_name}"] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    for i in range(cfg.n_layers):  # Whisper's attention has no key bias
+        q_bias = tensors.get(f"{prefix}layers.{i}.self_attn.q_proj.bias")
+        if q_bias is not None:
+            tensors.setdefault(f"{prefix}layers.{i}.self_attn.k_proj.bias", torch.zeros_like(q_bias))
+    state = _tower_state(tensors, prefix, GLOBAL_MAP, cfg.n_layers, where, layer_map=LAYER_MAP, layers="layers")
     model = AudioEncoder(cfg)
     checkpoint.load_weights(model, {k: v.detach().float() for k, v in state.items()}, where)
     return model.eval()

@@ -2,8 +2,10 @@
 
 Log-mel features (B, n_mels, T) pass two convolutions of width 3 with GELU, the second of stride 2, so
 each output frame covers 20 ms of audio (two 10 ms mel hops). Fixed sinusoidal positions are added and
-the sequence runs through pre-norm blocks: LayerNorm -> multi-head self-attention -> residual,
-LayerNorm -> MLP -> residual, then a final LayerNorm. Whisper was trained on 30 s windows (3000 mel
+the sequence runs through pre-norm blocks, the image tower's (`kosmo.model.vision.Block`), then a
+final LayerNorm. Whisper's attention has no key bias; here the key bias is imported as zeros, and
+it stays harmless however it trains, as it adds the same amount to every score of a query, which the
+softmax cancels. Whisper was trained on 30 s windows (3000 mel
 frames); a shorter clip takes the first positions of the table, which is what Whisper would compute on a
 window truncated to that length. Weights map onto transformers' `WhisperModel` encoder
 (see `kosmo.interop.hf_whisper`).
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kosmo.model.vision import MLP, TowerConfig, init_tower
+from kosmo.model.vision import Block, TowerConfig, init_tower
 
 
 @dataclass
@@ -54,41 +56,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-class Attention(nn.Module):
-    """Whisper's self-attention: biases on queries, values and output but none on keys, since a key bias b
-    shifts every score of query q by the same q.b, which the softmax cancels."""
-
-    def __init__(self, dim: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, v = q + self.q_bias, v + self.v_bias
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: AudioConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.act)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x
-
-
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
@@ -97,7 +64,8 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
         # A buffer, not a parameter: fixed by the formula, but saved with the weights as Whisper saves it
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
+                                    for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         init_tower(self, cfg.dim, cfg.n_layers)
 

@@ -24,7 +24,14 @@ _POSITIONS = (("in the top left corner", "in the top middle", "in the top right 
               ("in the bottom left corner", "in the bottom middle", "in the bottom right corner"))
 # Every kind of item draws from a random stream of its own, so that drawing more for one kind never shifts another.
 _STREAMS = {"scene": 0, "text": 1, "vqa": 2, "interleaved": 3, "episode": 4, "chat": 5, "align": 6,
-            "heldout": 7, "render": 8, "caption": 9}
+            "heldout": 7, "render": 8, "caption": 9, "voice": 100, "sound": 101}
+
+
+def item_rng(seed: int, kind: str, split: str, index: int) -> np.random.Generator:
+    """The random stream for item `index` of a kind in a split of the world of `seed`."""
+    if split not in SPLITS:
+        raise KosmoError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return np.random.default_rng([seed, SPLITS[split], int(index), _STREAMS[kind]])
 
 
 @dataclass(frozen=True)
@@ -102,10 +109,7 @@ class Scenes:
         self._masks = self._build_masks()
 
     def _rng(self, kind: str, split: str, index: int) -> np.random.Generator:
-        """The stream for item `index` of a kind in a split."""
-        if split not in SPLITS:
-            raise KosmoError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return np.random.default_rng([self.config.seed, SPLITS[split], int(index), _STREAMS[kind]])
+        return item_rng(self.config.seed, kind, split, index)
 
     def _scene_rng(self, kind: str, scene: Scene, *extra: int) -> np.random.Generator:
         """The stream for what a kind derives from a scene itself, the same wherever the scene appears."""

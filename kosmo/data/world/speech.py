@@ -7,18 +7,15 @@ speeds, so evaluation measures voices and speeds the model has not heard.
 """
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile
-import soxr
 
-from kosmo.data.audio import SAMPLE_RATE
-from kosmo.data.world.scenes import SPLITS, pick
+from kosmo.data.audio import SAMPLE_RATE, decode_audio_bytes
+from kosmo.data.world.scenes import item_rng, pick
 from kosmo.errors import KosmoError
 
 # espeak-ng's own English voices (the mbrola ones need another package). A variant changes the formants,
@@ -29,10 +26,6 @@ WPM = (130, 145, 175, 190)
 HELDOUT_ACCENTS = ("en-gb-scotland", "en-029")
 HELDOUT_VARIANTS = ("m7", "f4")
 HELDOUT_WPM = (120, 160, 205)  # one speed between train's, one either side of them
-
-# Random streams of their own, far from scenes.py's, so that a clip never shares draws with a picture.
-_VOICE_STREAM, _SOUND_STREAM = 100, 101
-
 
 @dataclass(frozen=True)
 class Voice:
@@ -45,12 +38,6 @@ class Voice:
     @property
     def espeak_args(self) -> list[str]:
         return ["-v", f"{self.language}+{self.variant}", "-s", str(self.wpm), "-p", str(self.pitch)]
-
-
-def _rng(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
-    if split not in SPLITS:
-        raise KosmoError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return np.random.default_rng([seed, SPLITS[split], int(index), stream])
 
 
 def voice_for(rng: np.random.Generator, split: str) -> Voice:
@@ -67,30 +54,29 @@ def synthesise(text: str, voice: Voice) -> np.ndarray:
     if espeak is None:
         raise KosmoError("espeak-ng not found: install it (make test does) or run `apt-get install espeak-ng`")
     # "--" keeps a sentence that starts with "-" from being read as an option.
-    done = subprocess.run([espeak, *voice.espeak_args, "--stdout", "--", text], capture_output=True, check=False)
+    try:
+        done = subprocess.run([espeak, *voice.espeak_args, "--stdout", "--", text], capture_output=True,
+                              timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KosmoError(f"espeak-ng failed for voice {voice}: {e}") from None
     if done.returncode != 0 or not done.stdout:
-        raise KosmoError(f"espeak-ng failed for voice {voice}: {done.stderr.decode(errors='replace').strip()}")
-    # espeak streams its WAV with a placeholder size in the header, which libsndfile reads past but
-    # kosmo.data.audio (rightly, for untrusted files) refuses, so this trusted output is decoded here.
-    samples, rate = soundfile.read(io.BytesIO(done.stdout), dtype="float32")
-    return soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32)
+        why = " ".join(done.stderr.decode(errors="replace").split())  # one line, whatever espeak printed
+        raise KosmoError(f"espeak-ng failed for voice {voice}: {why}")
+    return decode_audio_bytes(done.stdout, f"espeak-ng {voice}").numpy()
 
 
-def with_noise(audio: np.ndarray, rng: np.random.Generator, peak: float, snr_db: float) -> np.ndarray:
-    """`audio` scaled to `peak` with white noise added `snr_db` below its mean power, clipped to [-1, 1]."""
+def _light_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`audio` scaled to a random peak, with white noise 20-35 dB below its mean power, clipped to [-1, 1]."""
+    peak, snr_db = rng.uniform(0.3, 0.9), rng.uniform(20.0, 35.0)
     audio = audio * (peak / max(float(np.abs(audio).max()), 1e-9))
     noise_power = float(np.mean(audio ** 2)) / 10 ** (snr_db / 10)
     noisy = audio + rng.normal(0.0, np.sqrt(noise_power), audio.shape)
     return np.clip(noisy, -1.0, 1.0).astype(np.float32)
 
 
-def _light_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return with_noise(audio, rng, peak=rng.uniform(0.3, 0.9), snr_db=rng.uniform(20.0, 35.0))
-
-
 def speak(text: str, seed: int, split: str, index: int) -> tuple[Voice, np.ndarray]:
     """Item `index` of a split read aloud: the voice chosen for it and the noisy 16 kHz clip."""
-    rng = _rng(seed, split, index, _VOICE_STREAM)
+    rng = item_rng(seed, "voice", split, index)
     voice = voice_for(rng, split)
     return voice, _light_noise(synthesise(text, voice), rng)
 
@@ -139,7 +125,7 @@ def sound_event(seed: int, split: str, index: int) -> tuple[str, np.ndarray]:
 
     Classes take turns by index, so any run of len(SOUND_CLASSES) items is balanced.
     """
-    rng = _rng(seed, split, index, _SOUND_STREAM)
+    rng = item_rng(seed, "sound", split, index)
     name = SOUND_CLASSES[index % len(SOUND_CLASSES)]
     t = np.arange(int(rng.uniform(0.5, 2.0) * SAMPLE_RATE)) / SAMPLE_RATE
     fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.005)  # 5 ms ramps: no click where a clip starts or ends

@@ -1,4 +1,5 @@
-"""The world on disk: a JSONL file per kind of item and split, the pictures as PNG files beside them."""
+"""The world on disk: a JSONL file per kind of item and split, the pictures as PNG files and the clips as
+WAV files beside them."""
 from __future__ import annotations
 
 import json
@@ -154,9 +155,9 @@ def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[
     """Spoken sentences and sound events: `n` training and `val` evaluation clips of each, as 16-bit 16 kHz WAV
     files under out_dir/audio/ and speech.jsonl, sounds.jsonl and their val_ files.
 
-    Both kinds are lines {"audio": path, "text": target}, the target a transcript or a sound's class name, so one
-    reader and one loss serve transcription and naming sounds; a speech line adds the voice that read it, a
-    sound line the class names to rank.
+    Both kinds are lines {"audio": path, "text": target}, the target a transcript or a sound's class name, so
+    transcription and naming sounds share one format; a speech line adds the voice that read it, a sound line
+    the class names to rank.
     """
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
