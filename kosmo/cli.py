@@ -102,9 +102,15 @@ def cmd_eval(args):
 
 
 def _evaluate(args, device, precision: str) -> dict:
+    from kosmo.eval.fewshot import parse_counts
     from kosmo.model.load import load_run
     if not args.data and args.kind != "copy":  # copying is measured on random tokens, not on a file
         raise KosmoError(f"eval {args.kind} needs --data")
+    if args.seq_len < 2:  # a row must hold a token and the next one to predict
+        raise KosmoError(f"--seq-len must be at least 2, got {args.seq_len}")
+    # the counts are checked before the model loads, so a typo fails at once
+    spans = parse_counts(args.spans, "--spans", 2, "20,48") if args.kind == "copy" else None
+    shots = parse_counts(args.shots, "--shots", 0, "0,2,4,8") if args.kind == "fewshot" else None
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
@@ -120,11 +126,10 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
     elif args.kind == "copy":
-        from kosmo.eval.copying import copy_accuracy, parse_spans
-        metrics = copy_accuracy(model, tok.vocab_size, spans=parse_spans(args.spans))
+        from kosmo.eval.copying import copy_accuracy
+        metrics = copy_accuracy(model, tok.vocab_size, spans=spans)
     elif args.kind == "fewshot":
-        from kosmo.eval.fewshot import fewshot, parse_shots, plot_curves
-        shots = parse_shots(args.shots)
+        from kosmo.eval.fewshot import fewshot, plot_curves
         results = {str(p): fewshot(model, tok, p, shots, limit=args.limit, blind=not args.no_blind) for p in args.data}
         if args.plot:
             plot_curves([(Path(p).stem, r) for p, r in results.items()], args.plot)

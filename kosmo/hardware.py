@@ -16,13 +16,21 @@ from pathlib import Path
 
 import torch
 
+from kosmo.errors import KosmoError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def pick_device(pref: str = "auto") -> torch.device:
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
+    try:
+        device = torch.device(pref)
+    except RuntimeError:
+        raise KosmoError(f"--device: {pref!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise KosmoError(f"--device: {pref} is not available on this machine")
+    return device
 
 
 def cpu_capability() -> str:

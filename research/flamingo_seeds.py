@@ -29,6 +29,7 @@ from pathlib import Path
 from kosmo.demo.flamingo import BUDGETS as SECTION
 from kosmo.errors import KosmoError
 from kosmo.eval.fewshot import fewshot
+from kosmo.eval.runs import metrics
 from kosmo.model.load import load_run
 from kosmo.train.run import run_stage
 
@@ -43,7 +44,7 @@ def sign_changes(run: Path) -> dict:
     """How often each attention gate changed sign during training, from the run's metrics.jsonl. Its
     cross-attention learns in the direction the gate's sign gives, so a gate that keeps flipping
     undoes what the cross-attention learnt before the flip."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run)
     out = {}
     for name in (k for k in rows[-1] if k.startswith("attn_gate.")):
         signs = [r[name] > 0 for r in rows if r.get(name)]
@@ -77,11 +78,11 @@ def main():
         p.error(f"--steps must be at least 1, got {args.steps}")
     data = demo / "data"
     files = [data / f"{name}.jsonl" for name in ("captions", "interleaved", "vqa_docs", "episodes", "recall")]
-    ffw = args.ffw_gate_lr is not None
+    ffw = args.ffw_gate_lr is not None or b["gated_ffw"]
     rates = [f"train.lr_scale.*attn_gate={args.attn_gate_lr}", f"gated_ffw={str(ffw).lower()}",
-             *([f"train.lr_scale.*ffw_gate={args.ffw_gate_lr}"] if ffw else [])]
+             *([f"train.lr_scale.*ffw_gate={args.ffw_gate_lr}"] if args.ffw_gate_lr is not None else [])]
     for seed in seeds:
-        name = f"attn{args.attn_gate_lr:g}" + (f"-ffw{args.ffw_gate_lr:g}" if ffw else "")
+        name = f"attn{args.attn_gate_lr:g}" + (f"-ffw{args.ffw_gate_lr:g}" if args.ffw_gate_lr is not None else "")
         out = demo / "runs" / f"flamingo-{args.lm}-{name}-seed{seed}"
         t0 = time.time()
         try:

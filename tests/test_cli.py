@@ -71,8 +71,21 @@ def test_eval_copy_prints_the_share_of_each_repeat_predicted(world, tmp_path):
     one_line_error(kosmo("eval", "copy", "--model", tmp_path / "copier", "--spans", "20,65", check=False),
                    "a span of 65 tokens and its repeat need 129 positions, more than the model's context of 128")
     one_line_error(kosmo("eval", "copy", "--model", tmp_path / "copier", "--spans", "20,1", check=False),
-                   "--spans: expected span lengths of at least 2 like 20,48, got '20,1'")
+                   "--spans: expected comma-separated whole numbers of at least 2 like 20,48, got '20,1'")
     one_line_error(kosmo("eval", "ppl", "--model", tmp_path / "copier", check=False), "eval ppl needs --data")
+
+
+def test_eval_refuses_bad_arguments_before_loading_and_bad_files_by_line(run, tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "a red circle"}\n')
+    binary = tmp_path / "picture.jsonl"
+    binary.write_bytes(b'{"text": "a"}\n\x89PNG\r\n\x1a\n\xff\xfe\n')
+    one_line_error(kosmo("eval", "ppl", "--model", run, "--data", text, "--seq-len", 0, check=False),
+                   "--seq-len must be at least 2, got 0")
+    one_line_error(kosmo("eval", "ppl", "--model", run, "--data", binary, check=False),
+                   f"{binary}:2: not UTF-8 text")
+    one_line_error(kosmo("eval", "copy", "--model", run, "--device", "bogus", check=False),
+                   "--device: 'bogus' is not a device")
 
 
 def test_generate_with_sampling_options(run):

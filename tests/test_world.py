@@ -381,9 +381,11 @@ def test_write_world(tmp_path):
     assert snapshot(tmp_path / "a") != snapshot(tmp_path / "c")
 
 
-
 def test_write_fewshot(tmp_path):
     paths = write_fewshot(World(image_size=36), tmp_path, episodes=6, shots=(1, 3), recall=5, val=5, val_shots=2)
+    counts = {key: len(paths[key].read_text().splitlines())
+              for key in ("episodes", "val_episodes", "recall", "val_recall")}
+    assert counts == {"episodes": 6, "val_episodes": 5, "recall": 5, "val_recall": 5}
 
     def pairs(content):
         assert all((tmp_path / a["image"]).is_file() for a in content[::2])

@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 from kosmo.demo import log
+from kosmo.eval.runs import metrics
 
 BUDGETS = {
     "default": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.8, rm_steps=150,
@@ -52,7 +53,7 @@ def plot_ppo(runs: dict[str, Path], out_png: Path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(7, 3))
     for name, run in runs.items():
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run)
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r["reward"] for r in rows], "o-", ms=2, lw=1, label=name)
         axes[1].plot(steps, [r["kl"] for r in rows], "o-", ms=2, lw=1, label=name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kosmo.data.world import World
 from kosmo.demo import log
+from kosmo.eval.runs import metrics
 
 SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 
@@ -73,7 +74,7 @@ def plot_losses(runs: dict[str, Path], out_png: Path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3))
     for ax, (name, run) in zip(axes, runs.items()):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run)
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
         ev = [r for r in rows if "eval_loss" in r]
         ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", ms=3, label="eval")

@@ -17,9 +17,11 @@ def copy_accuracy(model, vocab_size: int, spans=(20, 48), rows: int = 64, seed: 
     """{span: the share (%) of its repeat predicted} on rows of random tokens written twice, scored
     past the repeat's first token (which nothing before it predicts)."""
     for span in spans:
+        if span < 2:  # a span of one token has no token after its repeat's first to predict
+            raise KosmoError(f"a repeated span needs at least 2 tokens, got {span}")
         if 2 * span - 1 > model.context_length:
             raise KosmoError(f"a span of {span} tokens and its repeat need {2 * span - 1} positions, "
-                             f"more than the model's context of {model.context_length}")
+                             f"more than the model's context of {model.context_length}; pass shorter --spans")
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     scores = {}
@@ -29,13 +31,3 @@ def copy_accuracy(model, vocab_size: int, spans=(20, 48), rows: int = 64, seed: 
         predicted = model(ids[:, :-1]).argmax(-1)
         scores[str(span)] = round(100 * (predicted[:, span:] == ids[:, span + 1:]).float().mean().item(), 1)
     return scores
-
-
-def parse_spans(text: str) -> list[int]:
-    try:
-        spans = [int(s) for s in text.split(",")]
-    except ValueError:
-        spans = []
-    if not spans or min(spans) < 2:  # a span of one token has no token after its repeat's first to predict
-        raise KosmoError(f"--spans: expected span lengths of at least 2 like 20,48, got {text!r}")
-    return sorted(set(spans))

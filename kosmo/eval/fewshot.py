@@ -33,14 +33,16 @@ from kosmo.tokenizer import BOS, END_OF_TURN, EOS, IMAGE, PAD
 STOP = (EOS, END_OF_TURN, IMAGE)  # an answer ends where the next example would begin
 
 
-def parse_shots(text: str) -> list[int]:
+def parse_counts(text: str, flag: str, minimum: int, example: str) -> list[int]:
+    """A command-line list of counts like 0,2,4,8, sorted and without repeats, each at least `minimum`."""
     try:
-        shots = [int(s) for s in text.split(",")]
+        counts = [int(s) for s in text.split(",")]
     except ValueError:
-        shots = []
-    if not shots or min(shots) < 0:
-        raise KosmoError(f"--shots: expected numbers of examples like 0,2,4,8, got {text!r}")
-    return sorted(set(shots))
+        counts = []
+    if not counts or min(counts) < minimum:
+        raise KosmoError(f"{flag}: expected comma-separated whole numbers of at least {minimum} like {example}, "
+                         f"got {text!r}")
+    return sorted(set(counts))
 
 
 def task_of(obj: dict, where: str) -> str:

@@ -30,8 +30,8 @@ ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(
 
 @dataclass
 class TowerConfig(ModelConfig):
-    """The shape of a CLIP transformer tower, which the vision and the text tower share."""
-    key: ClassVar[str]  # the tower's key in a CLIP config, for messages about its fields
+    """The shape of a transformer tower, which the vision, text and audio towers share."""
+    key: ClassVar[str]  # the tower's key in its model's config, for messages about its fields
     dim: int = 192
     n_layers: int = 4
     n_heads: int = 4

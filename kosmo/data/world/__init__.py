@@ -16,12 +16,12 @@ from kosmo.data.world.documents import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WOR
 from kosmo.data.world.generator import World
 from kosmo.data.world.judge import Judgement, answer_matches, judge
 from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, WorldConfig
-from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, speak, synthesise
+from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, synthesise
 from kosmo.data.world.styles import STYLES, apply_style, complies
 from kosmo.data.world.text import FACTS, QTYPES
 from kosmo.data.world.writer import write_audio, write_fewshot, write_vqa_documents, write_world
 
 __all__ = ["COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "QTYPES", "REFUSAL", "SHAPES",
            "SIZES", "SOUND_CLASSES", "STYLES", "AlignPrompt", "Judgement", "Obj", "Scene", "Voice", "World",
-           "WorldConfig", "answer_matches", "apply_style", "complies", "judge", "sound_event", "speak", "synthesise",
+           "WorldConfig", "answer_matches", "apply_style", "complies", "judge", "sound_event", "synthesise",
            "system_prompt", "write_audio", "write_fewshot", "write_vqa_documents", "write_world"]
