@@ -115,3 +115,17 @@ def test_unsupported_activation_is_refused_by_name():
     hf = transformers.WhisperModel(whisper_config(activation_function="relu"))
     with pytest.raises(KosmoError, match="activation_function 'relu' is not supported"):
         import_hf_whisper_encoder(hf)
+
+
+@torch.no_grad()
+def test_clips_of_different_lengths_get_what_they_get_alone():
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioConfig(dim=32, n_layers=2, n_heads=4, mlp_dim=64, max_frames=300)).eval()
+    clips = [torch.randn(N_MELS, n) for n in (57, 200, 120)]  # an odd length too: the stride-2 edge case
+    batch = torch.zeros(3, N_MELS, 200)
+    for i, c in enumerate(clips):
+        batch[i, :, :c.shape[1]] = c
+    together = enc(batch, torch.tensor([c.shape[1] for c in clips]))
+    for i, c in enumerate(clips):
+        alone = enc(c[None])[0]
+        assert_close(together[i, :alone.shape[0]], alone, atol=1e-5, rtol=0)

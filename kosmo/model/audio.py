@@ -69,13 +69,23 @@ class AudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         init_tower(self, cfg.dim, cfg.n_layers)
 
-    def forward(self, mels):
-        """(B, n_mels, T) log-mel features, T <= max_frames -> (B, (T + 1) // 2, dim)."""
+    def forward(self, mels, lengths=None):
+        """(B, n_mels, T) log-mel features, T <= max_frames -> (B, (T + 1) // 2, dim).
+
+        `lengths` (B,): each clip's own mel frames, for clips of different lengths zero-padded to T. A clip
+        then gets what it gets alone: its padding is zeroed between the convolutions, as their own zero
+        padding would be, and no frame attends to it. Frames past `out_frames(length)` are padding.
+        """
         if mels.shape[-1] > self.cfg.max_frames:
             raise ValueError(f"{mels.shape[-1]} mel frames exceed audio.max_frames={self.cfg.max_frames}")
         x = F.gelu(self.conv1(mels.to(self.conv1.weight.dtype)))
+        key_mask = None
+        if lengths is not None:
+            x = x * (torch.arange(x.shape[-1], device=x.device) < lengths[:, None])[:, None, :]
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, frames, dim)
+        if lengths is not None:
+            key_mask = torch.arange(x.shape[1], device=x.device) < out_frames(lengths)[:, None]
         x = x + self.positions[:x.shape[1]].to(x.dtype)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_mask)
         return self.norm(x)
