@@ -8,7 +8,8 @@ import pytest
 import soundfile
 import torch
 
-from kosmo.data.audio import N_FRAMES, SAMPLE_RATE, decode_audio_bytes, load_audio, log_mel_spectrogram, mel_filters
+from kosmo.data.audio import (N_FRAMES, SAMPLE_RATE, AudioCache, clip_features, decode_audio_bytes, load_audio,
+                              log_mel_spectrogram, mel_filters)
 from kosmo.errors import KosmoError
 
 
@@ -152,3 +153,22 @@ def test_unpadded_clip_too_short_for_a_window():
     with pytest.raises(ValueError, match="more than 200 samples"):
         log_mel_spectrogram(torch.zeros(200), pad=False)
     assert log_mel_spectrogram(torch.zeros(200)).shape == (80, N_FRAMES)
+
+
+def test_clips_batch_keeps_each_clips_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, seconds in enumerate((0.5, 1.25)):
+        paths.append(tmp_path / f"c{i}.wav")
+        soundfile.write(paths[-1], rng.uniform(-0.5, 0.5, int(seconds * SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE)
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    cache = AudioCache()
+    clips, ok, skipped = cache.load([paths[0], tmp_path / "bad.wav", paths[1], paths[0]])
+    assert ok == [0, 2, 3] and len(skipped) == 1 and "bad.wav" in skipped[0][1]
+    assert clips.lengths.tolist() == [50, 125, 50] and clips.mels.shape == (3, 80, 125)
+    assert torch.equal(clips.mels[0, :, :50], cache.get(paths[0])) and not clips.mels[0, :, 50:].any()
+
+
+def test_a_clip_too_short_for_one_window_is_refused():
+    with pytest.raises(KosmoError, match=r"^voice.wav: 6.2 ms of audio is too short \(at least 12 ms\)$"):
+        clip_features(torch.zeros(100), source="voice.wav")

@@ -12,6 +12,13 @@
   does; `pad=False` keeps one frame per 10 ms of the clip.
 - `pad_or_trim(audio, length)`: zeros appended, or samples cut, to `length` samples on the last axis.
 - `mel_filters(n_mels)`: the (n_mels, 201) filterbank, the same as librosa's `norm="slaney"` one.
+- `clip_features(audio, n_mels, source)`: the unpadded features of one clip, one frame per 10 ms; too short a clip
+  is a one-line `KosmoError`.
+- `Clips(mels, lengths)`: features of clips of different lengths zero-padded to the longest, with each clip's own
+  frame count; `batch_clips(features)` builds one. The audio encoder takes both.
+- `AudioCache(n_mels, max_seconds)`: for data streams, as `ImageCache` is for pictures. `.get(path)` decodes each
+  file once (a bad file's error is remembered in `.skipped`); `.load(paths)` returns `(Clips, ok, skipped)`,
+  leaving bad files out instead of failing.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import soundfile
@@ -94,6 +102,70 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80, pad: bool = True)
     # A floor 80 dB below each clip's peak, so silence and padding do not stretch the range
     log_mel = torch.maximum(log_mel, log_mel.amax(dim=(-2, -1), keepdim=True) - 8.0)
     return (log_mel + 4.0) / 4.0
+
+
+def clip_features(audio: torch.Tensor, n_mels: int = 80, source: str = "audio") -> torch.Tensor:
+    """(n_mels, frames) log-mel features of one clip, unpadded: one frame per 10 ms."""
+    if audio.shape[-1] <= N_FFT // 2:
+        raise KosmoError(f"{source}: {audio.shape[-1] / SAMPLE_RATE * 1000:.1f} ms of audio is too short "
+                         f"(at least {(N_FFT // 2 + 1) * 1000 // SAMPLE_RATE} ms)")
+    return log_mel_spectrogram(audio, n_mels, pad=False)
+
+
+class Clips(NamedTuple):
+    """Log-mel features of M clips zero-padded to the longest, (M, n_mels, T), and each clip's frames (M,)."""
+    mels: torch.Tensor
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def to(self, device) -> "Clips":
+        return Clips(self.mels.to(device), self.lengths.to(device))
+
+
+def batch_clips(features: list[torch.Tensor], n_mels: int = 80) -> Clips:
+    """Clips of (n_mels, frames_i) features as one zero-padded batch."""
+    lengths = torch.tensor([f.shape[-1] for f in features], dtype=torch.long)
+    mels = torch.zeros(len(features), n_mels, int(lengths.max()) if features else 0)
+    for i, f in enumerate(features):
+        mels[i, :, :f.shape[-1]] = f
+    return Clips(mels, lengths)
+
+
+class AudioCache:
+    """Log-mel features by file, each file decoded once. A bad file is remembered too (in `skipped`: path ->
+    message), so a stream that meets it again pays for it once. Returned tensors are shared: do not modify them."""
+
+    def __init__(self, n_mels: int = 80, max_seconds: float = MAX_SECONDS):
+        self.n_mels, self.max_seconds = n_mels, max_seconds
+        self._items: dict[str, torch.Tensor | str] = {}  # a str is the error message
+        self.skipped: dict[str, str] = {}
+
+    def get(self, path: str | Path) -> torch.Tensor:
+        """(n_mels, frames) features of the clip at `path`, or the KosmoError it gives."""
+        key = os.path.realpath(path)
+        item = self._items.get(key)
+        if item is None:
+            try:
+                item = clip_features(load_audio(path, self.max_seconds), self.n_mels, str(path))
+            except KosmoError as e:
+                item = self.skipped[str(path)] = str(e)
+            self._items[key] = item
+        if isinstance(item, str):
+            raise KosmoError(item)
+        return item
+
+    def load(self, paths) -> tuple[Clips, list[int], list[tuple[str, str]]]:
+        """Every clip of `paths` that loads, batched; the others are listed in `skipped`, not raised."""
+        feats, ok, skipped = [], [], []
+        for i, path in enumerate(paths):
+            try:
+                feats.append(self.get(path))
+                ok.append(i)
+            except KosmoError as e:
+                skipped.append((str(path), str(e)))
+        return batch_clips(feats, self.n_mels), ok, skipped
 
 
 def _hz_to_mel(hz):
