@@ -8,8 +8,16 @@ import pytest
 import soundfile
 import torch
 
-from kosmo.data.audio import (N_FRAMES, SAMPLE_RATE, AudioCache, clip_features, decode_audio_bytes, load_audio,
-                              log_mel_spectrogram, mel_filters)
+from kosmo.data.audio import (
+    N_FRAMES,
+    SAMPLE_RATE,
+    AudioCache,
+    clip_features,
+    decode_audio_bytes,
+    load_audio,
+    log_mel_spectrogram,
+    mel_filters,
+)
 from kosmo.errors import KosmoError
 
 
