@@ -138,6 +138,12 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval import clip as E
         fn = E.zeroshot if args.kind == "zeroshot" else E.retrieval
         metrics = fn(model, tok, args.data[0], **({"template": args.template} if args.kind == "zeroshot" else {}))
+    elif args.kind in ("asr", "sounds"):
+        from kosmo.eval import audio as A
+        metrics = {}
+        for path in args.data:
+            result = A.evaluate(args.kind, model, tok, path, with_deaf=not args.no_blind, limit=args.limit)
+            metrics = result if len(args.data) == 1 else {**metrics, str(path): result}
     else:
         from kosmo.eval.vision import evaluate
         kw = {"limit": args.limit, **({"system": args.system} if args.kind == "vqa" else {})}
@@ -246,8 +252,8 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
-    e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "fewshot", "zeroshot", "retrieval",
-                                    "align"])
+    e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
+                                    "retrieval", "align"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
@@ -257,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
     e.add_argument("--shots", default="0,2,4,8", help="fewshot: numbers of in-context examples")
     e.add_argument("--plot", help="fewshot: write the curve to this PNG")
-    e.add_argument("--no-blind", action="store_true", help="skip the image-removed baseline")
+    e.add_argument("--no-blind", action="store_true",
+                   help="skip the image-removed baseline (asr, sounds: the audio-removed one)")
     e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)

@@ -62,8 +62,9 @@ def right_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
 @torch.no_grad()
 def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
                  use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None,
-                 images: torch.Tensor | None = None):
-    """The decode loop for any `CausalLM`. `images` go with the prompts' image markers in order.
+                 images: torch.Tensor | None = None, audio=None):
+    """The decode loop for any `CausalLM`. `images` go with the prompts' image markers in order, and
+    `audio` (a `kosmo.data.audio.Clips` batch) with their audio markers.
 
     Prompts of different lengths are right-padded and prefilled together; each row of the cache then
     continues from its own length. Returns per-row new token lists (stop token excluded), finish
@@ -80,12 +81,12 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
     cache = model.new_cache(B, width + s.max_new_tokens, cache_dtype or next(model.parameters()).dtype, device,
                             max_images) if use_cache else None
 
-    def step(rows: list[list[int]], with_images: bool) -> torch.Tensor:
+    def step(rows: list[list[int]]) -> torch.Tensor:
         """(B, V) logits after each row's last token, the rows right-padded: the prompts into the cache,
         or (without one) the whole sequences so far."""
         idx, lengths = right_pad(rows, device)
         last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
-        return model(idx, images if with_images else None, cache=cache, n_new=lengths, logits_at=last)
+        return model(idx, images, audio, cache=cache, n_new=lengths, logits_at=last)
 
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)
@@ -94,7 +95,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
     reasons = ["length"] * B
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_logits = []
-    logits = step(prompts, with_images=True)
+    logits = step(prompts)
     for n in range(s.max_new_tokens):
         if return_logits:
             step_logits.append(logits.float())
@@ -116,12 +117,12 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         else:
             for row, t in zip(fed, tok.tolist()):
                 row.append(t)
-            logits = step([p + f for p, f in zip(prompts, fed)], with_images=True)
+            logits = step([p + f for p, f in zip(prompts, fed)])
     return (out, reasons, step_logits) if return_logits else (out, reasons)
 
 
 def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
-             cache_dtype=None, images: torch.Tensor | None = None) -> list[Completion]:
+             cache_dtype=None, images: torch.Tensor | None = None, audio=None) -> list[Completion]:
     """Completions for a batch of tokenised prompts; stop strings are cut from the returned text."""
     # A stop string of L characters lies within the last L tokens (+3 for a character split into
     # bytes), so each step decodes a short tail instead of the whole completion.
@@ -132,7 +133,7 @@ def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(
         return any(st in tail for st in s.stop)
 
     out, reasons = generate_ids(model, prompts, s, stop_ids, cache_dtype=cache_dtype,
-                                should_stop=hits_stop if s.stop else None, images=images)
+                                should_stop=hits_stop if s.stop else None, images=images, audio=audio)
     results = []
     for toks, reason in zip(out, reasons):
         text = tokenizer.decode(toks)

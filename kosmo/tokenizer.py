@@ -28,9 +28,10 @@ SPECIAL_TOKENS = [
     "<|end|>",        # 9  end of a chat turn
     "<audio>",        # 10 opens an audio clip's embeddings
     "</audio>",       # 11
-] + [f"<|reserved_{i}|>" for i in range(12, 16)]
+    "<|audio_pad|>",  # 12 placeholder at the positions audio embeddings are spliced into
+] + [f"<|reserved_{i}|>" for i in range(13, 16)]
 
-PAD, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, AUDIO, AUDIO_END = range(12)
+PAD, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, AUDIO, AUDIO_END, AUDIO_PAD = range(13)
 ROLE_IDS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 

@@ -34,14 +34,15 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_cached_decoding_equals_uncached(model, prompts, images, max_new_tokens: int = 6) -> list:
+def assert_cached_decoding_equals_uncached(model, prompts, images, max_new_tokens: int = 6, audio=None) -> list:
     """Greedy decoding with the KV cache gives the uncached tokens and logits; returns the cached logits."""
     import torch
 
     from kosmo.generate import Sampling, generate_ids
     s = Sampling(max_new_tokens=max_new_tokens)
-    a, _, la = generate_ids(model, prompts, s, stop_ids=(), images=images, return_logits=True)
-    b, _, lb = generate_ids(model, prompts, s, stop_ids=(), images=images, use_cache=False, return_logits=True)
+    a, _, la = generate_ids(model, prompts, s, stop_ids=(), images=images, audio=audio, return_logits=True)
+    b, _, lb = generate_ids(model, prompts, s, stop_ids=(), images=images, audio=audio, use_cache=False,
+                            return_logits=True)
     assert a == b
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

@@ -72,10 +72,10 @@ def test_chat_loss_is_on_assistant_tokens_and_end_of_turn_only(tok):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what colour?"},
                 {"role": "assistant", "content": "red"}, {"role": "user", "content": "and now?"},
                 {"role": "assistant", "content": "blue"}]
-    ids, target, _ = chat.render(messages, tok, K)
+    ids, target, _, _ = chat.render(messages, tok, K)
     learned = [t for t, on in zip(ids, target) if on]
     assert learned == tok.encode("red") + [END_OF_TURN] + tok.encode("blue") + [END_OF_TURN]
-    prompt, _, _ = chat.render(messages[:2], tok, K, add_generation_prompt=True)
+    prompt = chat.render(messages[:2], tok, K, add_generation_prompt=True).ids
     assert prompt[-1] == ASSISTANT and prompt == ids[:len(prompt)]
 
 

@@ -14,7 +14,7 @@ from kosmo.model.load import load_run
 def reference(run, messages, images=None, max_tokens=10) -> str:
     """The same conversation through `generate`, the batch decode loop."""
     model, tok, _ = load_run(run)
-    ids, _, _ = render(messages, tok, model.cfg.tokens_per_image, add_generation_prompt=True)
+    ids = render(messages, tok, model.cfg.tokens_per_image, add_generation_prompt=True).ids
     return generate(model, tok, [ids], Sampling(max_new_tokens=max_tokens), images=images)[0].text
 
 

@@ -173,7 +173,7 @@ def build_sl(cfg: SLConfig, data: list, tok, init_model=None):
               file=sys.stderr)
     examples = []
     for p, answer in zip(prompts + helpful, answers):
-        ids, target, _ = chat.render(p.messages + [{"role": "assistant", "content": answer}], tok, k)
+        ids, target, _, _ = chat.render(p.messages + [{"role": "assistant", "content": answer}], tok, k)
         examples.append(Example(ids[:max_len], target[:max_len], p.images, "chat"))
     train = MultimodalDataset(examples, bank)
     return A.freeze_vision(init_model), (mllm_loss if k else lm_loss), train, None
@@ -228,8 +228,8 @@ def ai_feedback(policy, feedback, tok, con: Constitution, prompts: list[A.Prompt
         a, b = tok.decode(ta).strip(), tok.decode(tb).strip()
         if a == b:
             continue  # nothing to choose between
-        ids, _, _ = chat.render(choice_messages(p.messages, a, b, rng.choice(con.labelling)), tok, k,
-                                add_generation_prompt=True)
+        ids = chat.render(choice_messages(p.messages, a, b, rng.choice(con.labelling)), tok, k,
+                          add_generation_prompt=True).ids
         if len(ids) + 4 > max_len:
             continue  # the question does not fit the feedback model's context
         kept.append((p, a, b))

@@ -80,7 +80,7 @@ def _resolve_images(messages: list[dict], base: Path) -> list[dict]:
 
 
 def make_prompt(messages: list[dict], tok, k: int, max_len: int, record: dict, where: str) -> Prompt:
-    ids, _, images = chat.render(messages, tok, k, add_generation_prompt=True, where=where)
+    ids, _, images, _ = chat.render(messages, tok, k, add_generation_prompt=True, where=where)
     if images and not k:
         raise KosmoError(f"{where}: the prompt holds images but the model is text-only")
     if len(ids) >= max_len:

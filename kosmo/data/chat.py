@@ -1,6 +1,8 @@
-"""The chat template: system, user and assistant turns, where user turns may hold images.
+"""The chat template: system, user and assistant turns, where user turns may hold images and audio.
 
     <s><|system|>{system}<|end|><|user|><image>{K x <|image_pad|>}</image>{question}<|end|><|assistant|>{answer}<|end|>
+
+A clip is `<audio>{N x <|audio_pad|>}</audio>`, N following its length (the model's `audio_tokens`).
 
 Role markers and `<|end|>` are special tokens inserted by id, so no text can forge a turn. In
 training only the assistant's words and its `<|end|>` are targets: the model learns to answer and
@@ -9,17 +11,41 @@ to stop, never to write the user's side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from kosmo.errors import KosmoError
-from kosmo.tokenizer import ASSISTANT, BOS, END_OF_TURN, IMAGE, IMAGE_END, IMAGE_PAD, ROLE_IDS
+from kosmo.tokenizer import (
+    ASSISTANT,
+    AUDIO,
+    AUDIO_END,
+    AUDIO_PAD,
+    BOS,
+    END_OF_TURN,
+    IMAGE,
+    IMAGE_END,
+    IMAGE_PAD,
+    ROLE_IDS,
+)
 
 ROLES = tuple(ROLE_IDS)
 
 
-def vqa_messages(question: str, image, answer: str | None = None, system: str | None = None) -> list[dict]:
-    """A visual question as a one-turn chat. The question comes before the image, so that in a causal
-    LM the image's positions can already attend to what is asked about."""
+class Rendered(NamedTuple):
+    ids: list[int]
+    target: list[bool]  # is ids[i] a token to learn?
+    images: list        # image refs, in order of appearance
+    audio: list         # audio refs, in order of appearance
+
+
+def vqa_messages(question, image, answer: str | None = None, system: str | None = None,
+                 spoken: bool = False) -> list[dict]:
+    """A visual question as a one-turn chat: `question` typed, or with `spoken` an audio ref, the question
+    asked aloud. The question comes before the image, so that in a causal LM the image's positions can
+    already attend to what is asked about."""
+    asked = {"type": "audio", "audio": question} if spoken else {"type": "text", "text": question}
     messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": [{"type": "text", "text": question}, {"type": "image", "image": image}]})
+    messages.append({"role": "user", "content": [asked, {"type": "image", "image": image}]})
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
@@ -29,8 +55,14 @@ def image_block(tokens_per_image: int) -> list[int]:
     return [IMAGE] + [IMAGE_PAD] * tokens_per_image + [IMAGE_END]
 
 
-def content_parts(content, where: str) -> list[tuple[str, str]]:
-    """A message's content as [("text", str) | ("image", ref)], from a string or a list of parts."""
+def audio_block(n_tokens: int) -> list[int]:
+    return [AUDIO] + [AUDIO_PAD] * n_tokens + [AUDIO_END]
+
+
+def content_parts(content, where: str) -> list[tuple[str, object]]:
+    """A message's content as [("text", str) | ("image", ref) | ("audio", ref)], from a string or a list of
+    parts. An audio ref is a path ({"type": "audio", "audio": path}) or OpenAI's {"data": base64, "format"}
+    ({"type": "input_audio", "input_audio": {...}})."""
     if isinstance(content, str):
         return [("text", content)]
     if not isinstance(content, list):
@@ -43,17 +75,21 @@ def content_parts(content, where: str) -> list[tuple[str, str]]:
         elif kind in ("image", "image_url") and p.get(kind) is not None:
             ref = p[kind]
             parts.append(("image", ref["url"] if isinstance(ref, dict) else ref))
+        elif kind in ("audio", "input_audio") and p.get(kind) is not None:
+            parts.append(("audio", p[kind]))
         else:
-            raise KosmoError(f"{where}: a content part needs type 'text' with 'text', or 'image' with 'image'")
+            raise KosmoError(f"{where}: a content part needs type 'text' with 'text', 'image' with 'image' or "
+                             "'audio' with 'audio'")
     return parts
 
 
 def render(messages: list[dict], tokenizer, tokens_per_image: int, add_generation_prompt: bool = False,
-           where: str = "messages") -> tuple[list[int], list[bool], list]:
-    """(token ids, is-target flag per token, image refs in order of appearance)."""
+           where: str = "messages", audio_tokens: Callable[[object, str], int] | None = None) -> Rendered:
+    """The chat as tokens. `audio_tokens(ref, where)` gives the positions of a clip (it reads the clip);
+    without it, audio is refused."""
     if not isinstance(messages, list) or not messages:
         raise KosmoError(f"{where}: 'messages' must be a non-empty list")
-    ids, target, images = [BOS], [False], []
+    ids, target, images, audio = [BOS], [False], [], []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLE_IDS:
@@ -62,11 +98,16 @@ def render(messages: list[dict], tokenizer, tokens_per_image: int, add_generatio
         ids.append(ROLE_IDS[role])
         target.append(False)
         for kind, value in content_parts(m.get("content"), f"{where}: message {i}"):
+            if kind != "text" and learn:
+                raise KosmoError(f"{where}: message {i}: assistant turns cannot hold images or audio")
             if kind == "image":
-                if learn:
-                    raise KosmoError(f"{where}: message {i}: assistant turns cannot hold images")
                 block = image_block(tokens_per_image)
                 images.append(value)
+            elif kind == "audio":
+                if audio_tokens is None:
+                    raise KosmoError(f"{where}: message {i}: this model takes no audio")
+                block = audio_block(audio_tokens(value, f"{where}: message {i}"))
+                audio.append(value)
             else:
                 block = tokenizer.encode(value)
             ids += block
@@ -76,4 +117,4 @@ def render(messages: list[dict], tokenizer, tokens_per_image: int, add_generatio
     if add_generation_prompt:
         ids.append(ASSISTANT)
         target.append(False)
-    return ids, target, images
+    return Rendered(ids, target, images, audio)

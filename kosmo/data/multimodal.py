@@ -1,28 +1,33 @@
-"""Multimodal training examples: KOSMOS-1's three data kinds, VQA and chat, as token sequences with
-image slots, target flags and the images they need.
+"""Multimodal training examples: KOSMOS-1's three data kinds, audio, VQA and chat, as token sequences
+with image and audio slots, target flags and the images and clips they need.
 
     text         <s> text </s>
     captions     <s> <image> [K x <|image_pad|>] </image> caption </s>
-    interleaved  <s> text <image> … </image> text <image> … </image> … </s>
-    VQA, chat    the chat template of `kosmo.data.chat`
+    audio        <s> <audio> [N x <|audio_pad|>] </audio> transcript (or a sound's name) </s>
+    interleaved  <s> text <image> … </image> text <audio> … </audio> … </s>
+    VQA, chat    the chat template of `kosmo.data.chat`; a VQA line with `question_audio` asks it aloud
 
-Loss is on text only: no position is asked to predict an image token, and chat examples learn only
-the assistant's words. Each image is decoded once, however many examples use it.
+Loss is on text only: no position is asked to predict an image or audio token, and chat examples learn
+only the assistant's words. Each image and clip is decoded once, however many examples use it. A clip
+fills as many positions as the model gives its length (`audio_tokens`), so reading data with audio
+reads the clips.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kosmo.data import chat
+from kosmo.data.audio import AudioCache
 from kosmo.data.jsonl import read_jsonl
 from kosmo.errors import KosmoError
-from kosmo.tokenizer import BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
+from kosmo.tokenizer import AUDIO, AUDIO_END, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
 
-KINDS = ("text", "captions", "interleaved", "vqa", "chat")
+KINDS = ("text", "captions", "audio", "interleaved", "vqa", "chat")
 IMAGE_TOKENS = (IMAGE, IMAGE_PAD, IMAGE_END)
 
 
@@ -32,29 +37,63 @@ class Example:
     target: list[bool]          # is ids[i] a token the model should learn to predict?
     images: list[str] = field(default_factory=list)
     kind: str = "text"
+    audio: list[str] = field(default_factory=list)
 
 
 def kind_of(obj: dict) -> str:
     if "messages" in obj:
         return "chat"
-    if "question" in obj and "image" in obj:
+    if ("question" in obj or "question_audio" in obj) and "image" in obj:
         return "vqa"
     if "content" in obj:
         return "interleaved"
     if "image" in obj:
         return "captions"
+    if "audio" in obj:
+        return "audio"
     if "text" in obj:
         return "text"
     return "unknown"
 
 
-def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path, where: str) -> Example:
+class ClipLengths:
+    """Positions each clip fills, for a model whose `audio_tokens(frames)` is given: reads each clip once into
+    `cache`. An unreadable clip fills none here; the dataset then leaves its examples out, as it does an
+    example whose image cannot be read."""
+
+    def __init__(self, cache: AudioCache, audio_tokens: Callable[[int], int]):
+        self.cache, self.audio_tokens = cache, audio_tokens
+
+    def __call__(self, path: str, where: str) -> int:
+        try:
+            frames = self.cache.get(path).shape[-1]
+        except KosmoError:
+            return 0
+        try:
+            return self.audio_tokens(frames)
+        except ValueError as e:
+            raise KosmoError(f"{where}: {path}: {e}") from None
+
+
+def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path, where: str,
+                        audio_tokens: Callable[[str, str], int] | None = None) -> Example:
+    """One line as an example; `audio_tokens(path, where)` gives a clip's positions (without it, audio is refused)."""
     kind = kind_of(obj)
 
     def image_path(ref) -> str:
         if not isinstance(ref, str):
             raise KosmoError(f"{where}: an image must be a path string")
         return str((base / ref).resolve())
+
+    def clip_path(ref, where: str = where) -> str:
+        if not isinstance(ref, str):
+            raise KosmoError(f"{where}: an audio clip must be a path string")
+        if audio_tokens is None:
+            raise KosmoError(f"{where}: the data has audio but the model takes none")
+        return str((base / ref).resolve())
+
+    def clip_tokens(ref, where: str = where) -> int:
+        return audio_tokens(clip_path(ref, where), where)
 
     if kind == "text":
         ids = tokenizer.encode(_text(obj, "text", where))
@@ -64,32 +103,44 @@ def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path,
         block = chat.image_block(tokens_per_image)
         return Example([BOS, *block, *caption, EOS], [False] * (1 + len(block)) + [True] * (len(caption) + 1),
                        [image_path(obj["image"])], kind)
+    if kind == "audio":
+        text = tokenizer.encode(_text(obj, "text", where))
+        block = chat.audio_block(clip_tokens(obj["audio"]))
+        return Example([BOS, *block, *text, EOS], [False] * (1 + len(block)) + [True] * (len(text) + 1),
+                       kind=kind, audio=[clip_path(obj["audio"])])
     if kind == "interleaved":
-        ids, target, images = [BOS], [False], []
+        ids, target, images, clips = [BOS], [False], [], []
         if not isinstance(obj["content"], list):
-            raise KosmoError(f"{where}: 'content' must be a list of {{'text'}} / {{'image'}} parts")
+            raise KosmoError(f"{where}: 'content' must be a list of {{'text'}} / {{'image'}} / {{'audio'}} parts")
         for part in obj["content"]:
             if isinstance(part, dict) and "image" in part:
                 block = chat.image_block(tokens_per_image)
-                ids += block
-                target += [False] * len(block)
                 images.append(image_path(part["image"]))
+            elif isinstance(part, dict) and "audio" in part:
+                block = chat.audio_block(clip_tokens(part["audio"]))
+                clips.append(clip_path(part["audio"]))
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 toks = tokenizer.encode(part["text"])
                 ids += toks
                 target += [True] * len(toks)
+                continue
             else:
-                raise KosmoError(f"{where}: a content part must be {{'text': str}} or {{'image': path}}")
-        return Example(ids + [EOS], target + [True], images, kind)
+                raise KosmoError(f"{where}: a content part must be {{'text': str}}, {{'image': path}} or "
+                                 "{'audio': path}")
+            ids += block
+            target += [False] * len(block)
+        return Example(ids + [EOS], target + [True], images, kind, clips)
     if kind == "vqa":
         answers = obj.get("answers") or [obj.get("answer")]
         if not answers or not isinstance(answers[0], str):
             raise KosmoError(f"{where}: a VQA line needs 'answers': [str, …]")
-        obj = {"messages": chat.vqa_messages(_text(obj, "question", where), obj["image"], answers[0])}
+        spoken = "question_audio" in obj
+        question = obj["question_audio"] if spoken else _text(obj, "question", where)
+        obj = {"messages": chat.vqa_messages(question, obj["image"], answers[0], spoken=spoken)}
     if kind in ("vqa", "chat"):
-        ids, target, refs = chat.render(obj["messages"], tokenizer, tokens_per_image, where=where)
-        return Example(ids, target, [image_path(r) for r in refs], kind)
-    raise KosmoError(f"{where}: unknown record (expected a text, caption, interleaved, VQA or chat line)")
+        r = chat.render(obj["messages"], tokenizer, tokens_per_image, where=where, audio_tokens=clip_tokens)
+        return Example(r.ids, r.target, [image_path(i) for i in r.images], kind, [clip_path(a) for a in r.audio])
+    raise KosmoError(f"{where}: unknown record (expected a text, caption, audio, interleaved, VQA or chat line)")
 
 
 def _text(obj: dict, key: str, where: str) -> str:
@@ -99,22 +150,25 @@ def _text(obj: dict, key: str, where: str) -> str:
 
 
 def truncate(ex: Example, max_len: int) -> Example | None:
-    """Cuts to max_len tokens without splitting an image; None if nothing learnable is left."""
+    """Cuts to max_len tokens without splitting an image or a clip; None if nothing learnable is left."""
     if len(ex.ids) <= max_len:
         return ex
     ids, target = ex.ids[:max_len], ex.target[:max_len]
-    opened = [i for i, t in enumerate(ids) if t == IMAGE]
-    closed = sum(t == IMAGE_END for t in ids)
-    if len(opened) > closed:  # the cut fell inside an image: drop that image's tokens
-        ids, target = ids[:opened[closed]], target[:opened[closed]]
+    for start, end in ((IMAGE, IMAGE_END), (AUDIO, AUDIO_END)):
+        opened = [i for i, t in enumerate(ids) if t == start]
+        closed = sum(t == end for t in ids)
+        if len(opened) > closed:  # the cut fell inside a block: drop that block's tokens
+            ids, target = ids[:opened[closed]], target[:opened[closed]]
     if not any(target[1:]):
         return None
-    return Example(ids, target, ex.images[:sum(t == IMAGE_END for t in ids)], ex.kind)
+    return Example(ids, target, ex.images[:ids.count(IMAGE_END)], ex.kind, ex.audio[:ids.count(AUDIO_END)])
 
 
 def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
-                  kinds: tuple[str, ...] = KINDS) -> tuple[list[Example], int]:
-    """All examples of the given kinds in `paths`, truncated to max_len; also how many were dropped."""
+                  kinds: tuple[str, ...] = KINDS, audio_tokens: Callable[[str, str], int] | None = None
+                  ) -> tuple[list[Example], int]:
+    """All examples of the given kinds in `paths`, truncated to max_len; also how many were dropped.
+    `audio_tokens(path, where)`: a clip's positions (a `ClipLengths`), for a model that hears."""
     out, dropped = [], 0
     for path in paths:
         path = Path(path)
@@ -123,7 +177,8 @@ def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
             kind = kind_of(obj)
             if kind not in kinds:
                 raise KosmoError(f"{where}: a {kind} line, but this stage reads {', '.join(kinds)} data")
-            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where), max_len)
+            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where, audio_tokens),
+                          max_len)
             if ex is None:
                 dropped += 1
             else:
@@ -148,16 +203,19 @@ class ImageBank:
 
 
 class MultimodalDataset:
-    """Examples plus their images, mixed by kind with weights; implements the trainer's Dataset."""
+    """Examples plus their images and clips, mixed by kind with weights; implements the trainer's Dataset."""
 
     def __init__(self, examples: list[Example], bank: ImageBank, mix: dict[str, float] | None = None,
-                 seed: int = 0, pack_len: int = 0):
+                 seed: int = 0, pack_len: int = 0, audio: AudioCache | None = None):
         self.pack_len = pack_len  # >0: pack a batch's examples into rows of this many tokens
-        self.examples = [e for e in examples if all(p in bank for p in e.images)]
-        self.skipped = len(examples) - len(self.examples)  # examples whose image could not be read
+        self.audio = audio  # the clips' features, read by `ClipLengths` when the examples were made
+        bad_clips = audio.skipped if audio else {}
+        self.examples = [e for e in examples if all(p in bank for p in e.images)
+                         and not any(p in bad_clips for p in e.audio)]
+        self.skipped = len(examples) - len(self.examples)  # examples whose image or clip could not be read
         self.bank = bank
         if not self.examples:
-            raise KosmoError("no usable examples (every one was empty or had an unreadable image)")
+            raise KosmoError("no usable examples (every one was empty or had an unreadable image or clip)")
         self.order = self._mix(mix or {}, seed)
 
     def _mix(self, mix: dict[str, float], seed: int) -> list[int]:
@@ -207,7 +265,10 @@ class MultimodalDataset:
                 segments[r, t:t + n] = doc
                 t += n
         images = self.bank.get([p for row in rows for e in row for p in e.images])
-        batch = {"input": inp, "labels": labels, "images": images, "n_targets": int((labels != -100).sum())}
+        clips = [p for row in rows for e in row for p in e.audio]
+        audio = self.audio.load(clips)[0] if clips else None
+        batch = {"input": inp, "labels": labels, "images": images, "audio": audio,
+                 "n_targets": int((labels != -100).sum())}
         return {**batch, "segments": segments} if self.pack_len else batch
 
 

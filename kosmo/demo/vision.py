@@ -106,7 +106,7 @@ def sample_gallery(model, tok, world: World, d: Path, out: Path, n: int = 4) -> 
         caption = generate(model, tok, [[BOS, *chat.image_block(k)]], Sampling(max_new_tokens=32), images=pixels)[0]
         qa = []
         for item in world.vqa(scene, i)[:3]:
-            ids, _, _ = chat.render(chat.vqa_messages(item.question, "x"), tok, k, add_generation_prompt=True)
+            ids = chat.render(chat.vqa_messages(item.question, "x"), tok, k, add_generation_prompt=True).ids
             answer = generate(model, tok, [ids], Sampling(max_new_tokens=8), images=pixels)[0]
             qa.append({"question": item.question, "answer": answer.text.strip(), "truth": item.answer})
         gallery.append({"image": name, "caption": caption.text.strip(), "truth": world.captions(scene)[0], "qa": qa})

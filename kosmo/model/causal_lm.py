@@ -7,13 +7,16 @@ and evaluation use this interface and nothing else of a model.
     tokens_per_image   positions one image fills in the sequence (`<|image_pad|>` ids); 0 where an
                        image fills none (a text model, or Flamingo, which cross-attends to images)
     image_size         the side of the square pictures the model reads; 0 for a text-only model
-    embed_inputs(idx, images)  the input embeddings, images spliced in where the model puts them there
-    hidden(idx, images, cache=..., ...)   the final norm's hidden states (a reward model reads these)
-    forward(idx, images, cache=..., ...)  the vocabulary logits
+    n_mels             the mel bins of the log-mel features the model hears; 0 for a model without ears
+    audio_tokens(frames)       positions a clip of that many mel frames fills (`<|audio_pad|>` ids)
+    embed_inputs(idx, images, audio)  the input embeddings, images and audio spliced in where the model
+                       puts them there; `audio` is a `kosmo.data.audio.Clips` batch
+    hidden(idx, images, audio, cache=..., ...)   the final norm's hidden states (a reward model reads these)
+    forward(idx, images, audio, cache=..., ...)  the vocabulary logits
     new_cache(batch, max_len, ...)        a KV cache this model's forward can extend
 
-Images come with the first chunk of a sequence; what a cached sequence continues with is text, even
-an `<|image_pad|>` the model generated, which has no picture to show.
+Images and audio come with the first chunk of a sequence; what a cached sequence continues with is
+text, even an `<|image_pad|>` the model generated, which has no picture to show.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kosmo.model.cache import KVCache
 class CausalLM(nn.Module):
     tokens_per_image: int = 0
     image_size: int = 0
+    n_mels: int = 0
 
     @property
     def decoder(self):
@@ -40,18 +44,22 @@ class CausalLM(nn.Module):
     def vocab_size(self) -> int:
         return self.decoder.cfg.vocab_size
 
-    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def audio_tokens(self, frames: int) -> int:
+        raise ValueError("this model takes no audio")
+
+    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def hidden(self, idx: torch.Tensor, images: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None, **kw) -> torch.Tensor:
         """The final norm's hidden states; the keywords are `LM.transform`'s."""
         raise NotImplementedError
 
-    def forward(self, idx: torch.Tensor, images: torch.Tensor | None = None, **kw) -> torch.Tensor:
-        """Logits for ids (B, T) and the images their markers call for; see `LM.transform` for the keywords."""
+    def forward(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None, **kw) -> torch.Tensor:
+        """Logits for ids (B, T) and the images and audio clips their markers call for; see `LM.transform`
+        for the keywords."""
         if self.decoder.lm_head is None:
             raise TypeError("this model was built without a vocabulary head (a reward model's backbone)")
-        return self.decoder.lm_head(self.hidden(idx, images, **kw))
+        return self.decoder.lm_head(self.hidden(idx, images, audio, **kw))
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None, max_images: int = 0) -> KVCache:
         """A cache of `batch` rows of `max_len` positions; `max_images`: the most images a row brings

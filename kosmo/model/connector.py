@@ -1,6 +1,7 @@
-"""Connectors: image-encoder features -> vectors in the language model's embedding space (MetaLM's
-"connector layer"). `linear` and `mlp` (LLaVA-1.5's two layers with GELU) keep one token per patch;
-`resampler` compresses any number of patches into a fixed number of tokens with learned queries."""
+"""Connectors: encoder features -> vectors in the language model's embedding space (MetaLM's
+"connector layer"). For images, `linear` and `mlp` (LLaVA-1.5's two layers with GELU) keep one token
+per patch; `resampler` compresses any number of patches into a fixed number of tokens with learned
+queries. For audio, `FrameStacker` turns every few encoder frames into one token."""
 
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def make_connector(kind: str, in_dim: int, out_dim: int, n_tokens: int = 16, n_h
     if kind == "resampler":
         return Resampler(in_dim, out_dim, n_tokens, n_heads)
     raise ValueError(f"connector must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+class FrameStacker(nn.Module):
+    """Ultravox's audio projector: `stack` consecutive encoder frames side by side, then LLaVA's MLP. Whisper's
+    frames come every 20 ms, far denser than speech carries words; stacking 4 gives one LM position per
+    80 ms, about one per spoken character, without discarding any frame's features as pooling would."""
+
+    def __init__(self, in_dim: int, out_dim: int, stack: int):
+        super().__init__()
+        self.stack = stack
+        self.mlp = make_connector("mlp", in_dim * stack, out_dim)
+
+    def forward(self, frames, n_frames):
+        """(M, F, in_dim) frames of which the first n_frames (M,) are each clip's own -> (M, ceil(F / stack),
+        out_dim). Frames past a clip's end are zeroed, so its last group is what it would be alone."""
+        M, F_, D = frames.shape
+        frames = frames * (torch.arange(F_, device=frames.device) < n_frames[:, None])[..., None]
+        frames = F.pad(frames, (0, 0, 0, -F_ % self.stack))
+        return self.mlp(frames.reshape(M, -1, self.stack * D))

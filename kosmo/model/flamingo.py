@@ -223,21 +223,23 @@ class Flamingo(CausalLM):
         """(M, 3, H, W) -> (M, latents, vision.dim)."""
         return self.resampler(self.vision.features(pixels, self.cfg.feature_layer))
 
-    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_inputs(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None) -> torch.Tensor:
         """The token embeddings, with the markers' own; the images enter through cross-attention."""
+        if audio is not None:
+            raise ValueError("a Flamingo model takes no audio")
         x = self.lm.embed(idx)
         for row, token in zip(self.marker_embed, (IMAGE, IMAGE_END)):
             x = torch.where((idx == token)[..., None], row.to(x.dtype), x)
         return x
 
-    def hidden(self, idx, images=None, *, cache: FlamingoCache | None = None, n_new=None, segments=None,
-               last_only: bool = False, logits_at=None):
+    def hidden(self, idx, images=None, audio=None, *, cache: FlamingoCache | None = None, n_new=None,
+               segments=None, last_only: bool = False, logits_at=None):
         """The LM's own pass over ids (B, T) whose `<image>` markers take `images` (M, 3, H, W) in
         order, rows first, with the gated blocks between its layers; the keywords are `LM.transform`'s.
         With a cache, images come with the first chunk and later chunks keep attending to them. In
         packed rows (`segments`) a document sees only its own images.
         """
-        x = self.embed_inputs(idx)
+        x = self.embed_inputs(idx, audio=audio)
         media = self.media_for(idx, images, cache, segments)
         rope, mask = self.lm.context(x, cache, n_new, segments)
         for i, block in enumerate(self.lm.blocks):

@@ -202,13 +202,13 @@ class LM(CausalLM):
     def decoder(self) -> LM:
         return self
 
-    def embed_inputs(self, idx, images=None):
-        if images is not None:
-            raise ValueError("a text-only LM takes no images")
+    def embed_inputs(self, idx, images=None, audio=None):
+        if images is not None or audio is not None:
+            raise ValueError("a text-only LM takes no images or audio")
         return self.embed(idx)
 
-    def hidden(self, idx, images=None, **kw):
-        return self.transform(self.embed_inputs(idx, images), **kw)
+    def hidden(self, idx, images=None, audio=None, **kw):
+        return self.transform(self.embed_inputs(idx, images, audio), **kw)
 
     def transform(self, x, *, cache: KVCache | None = None, n_new=None, segments=None, last_only: bool = False,
                   logits_at=None):

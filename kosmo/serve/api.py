@@ -174,7 +174,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise APIError(400, "'messages' must not be empty", param="messages")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            ids, _, refs = render(messages, tokenizer, engine.model.tokens_per_image, add_generation_prompt=True)
+            ids, _, refs, _ = render(messages, tokenizer, engine.model.tokens_per_image, add_generation_prompt=True)
         except KosmoError as e:
             raise APIError(400, str(e).removeprefix("messages: "), param="messages") from None
         images = await load_images(messages, refs, engine, media, limits)

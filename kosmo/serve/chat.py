@@ -44,7 +44,7 @@ class Conversation:
         content = [{"type": "text", "text": text}] + [{"type": "image", "image": p} for p in self.attached]
         messages = self.messages + [{"role": "user", "content": content}]
         system = [{"role": "system", "content": self.system}] if self.system else []
-        ids, _, refs = render(system + messages, self.tokenizer, self.engine.model.tokens_per_image,
+        ids, _, refs, _ = render(system + messages, self.tokenizer, self.engine.model.tokens_per_image,
                               add_generation_prompt=True)
         room = self.engine.context - len(ids)
         if room < 1:

@@ -1,26 +1,32 @@
-"""The KOSMOS-1 multimodal stage: text, image-caption pairs and interleaved documents, loss on text.
+"""The KOSMOS-1 multimodal stage: text, image-caption pairs, audio-transcript pairs and interleaved
+documents, loss on text.
 
     kosmo train mllm --init runs/lm vision=runs/clip --data text.jsonl captions.jsonl interleaved.jsonl
     kosmo train mllm --init runs/mllm-stage1 freeze=connector+lm --data …    # LLaVA's stage 2
+    kosmo train mllm --init runs/sft audio=runs/ctc --data speech.jsonl …     # ears for a model that sees
 
 With `--init` an LM run, the image encoder comes from `vision` (a kosmo CLIP run or a Hugging Face
-CLIPModel / CLIPVisionModel directory); with `--init` a multimodal run, everything comes from it.
+CLIPModel / CLIPVisionModel directory); with `--init` a multimodal run, everything comes from it. `audio`
+(a kosmo `train audio` run or a Hugging Face Whisper directory) gives a model without ears its audio
+encoder, with a new frame stacker to connect it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from kosmo.data.multimodal import ImageBank, MultimodalDataset, read_examples
+from kosmo.data.audio import AudioCache
+from kosmo.data.multimodal import ClipLengths, ImageBank, MultimodalDataset, read_examples
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.train.lm import lm_config, token_loss
 from kosmo.train.trainer import TrainConfig
 
-KINDS = ("text", "captions", "interleaved")
+KINDS = ("text", "captions", "audio", "interleaved")
 
 
 @dataclass
@@ -29,6 +35,8 @@ class StageConfig:
     seq_len: int = 256
     val_fraction: float = 0.02
     vision: str = ""                   # image encoder source, when --init is a text-only LM
+    audio: str = ""                    # audio encoder source, to give a model without one ears
+    audio_stack: int = 4               # encoder frames (20 ms each) per LM position, for a new audio connector
     connector: str = "mlp"             # linear, mlp or resampler
     feature_layer: int = -2
     use_cls: bool = False
@@ -58,38 +66,76 @@ def load_vision(source: str):
     return import_hf_vision(path)
 
 
+def load_audio_encoder(source: str):
+    """An AudioEncoder from a kosmo run that has one (`train audio`, or a model that hears) or a Hugging Face
+    Whisper checkpoint directory."""
+    from pathlib import Path
+
+    from kosmo import checkpoint
+    path = Path(source)
+    if (path / "config.json").is_file() and "arch" in checkpoint.read_json(path / "config.json"):
+        from kosmo.model.load import load_run
+        model, _, _ = load_run(path)
+        if getattr(model, "audio", None) is None:
+            raise KosmoError(f"audio={source}: that run has no audio encoder")
+        return model.audio
+    from kosmo.interop.hf_whisper import import_hf_whisper_encoder
+    return import_hf_whisper_encoder(path)
+
+
 def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
     if isinstance(init_model, MLLM):
-        return init_model
-    lm = init_model if isinstance(init_model, LM) else LM(lm_config(cfg.model, tokenizer.vocab_size))
-    vision = load_vision(cfg.vision)
-    mcfg = MLLMConfig(vision=vision.cfg, lm=lm.cfg, connector=cfg.connector, feature_layer=cfg.feature_layer,
-                      use_cls=cfg.use_cls, resampler_tokens=cfg.resampler_tokens)
+        model = init_model
+    else:
+        lm = init_model if isinstance(init_model, LM) else LM(lm_config(cfg.model, tokenizer.vocab_size))
+        vision = load_vision(cfg.vision)
+        mcfg = MLLMConfig(vision=vision.cfg, lm=lm.cfg, connector=cfg.connector, feature_layer=cfg.feature_layer,
+                          use_cls=cfg.use_cls, resampler_tokens=cfg.resampler_tokens)
+        try:
+            model = MLLM(mcfg, vision=vision, lm=lm)
+        except ValueError as e:
+            raise KosmoError(f"invalid config: {e}") from None
+    if cfg.audio:
+        model = with_ears(model, load_audio_encoder(cfg.audio), cfg.audio_stack)
+    return model
+
+
+def with_ears(model: MLLM, encoder, stack: int) -> MLLM:
+    """`model` with `encoder` and a new frame stacker: everything it had is kept, weights and all."""
+    if model.audio is not None:
+        raise KosmoError("audio=…: the --init model already has an audio encoder")
     try:
-        return MLLM(mcfg, vision=vision, lm=lm)
+        heard = MLLM(dataclasses.replace(model.cfg, audio=encoder.cfg, audio_stack=stack), model.vision, model.lm)
     except ValueError as e:
         raise KosmoError(f"invalid config: {e}") from None
+    heard.connector.load_state_dict(model.connector.state_dict())
+    heard.audio.load_state_dict(encoder.state_dict())
+    return heard
 
 
 def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    return token_loss(model, batch, images=batch["images"]), {}
+    return token_loss(model, batch, images=batch["images"], audio=batch.get("audio")), {}
 
 
 def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
-    examples, dropped = read_examples(data, tokenizer, model.tokens_per_image, cfg.seq_len + 1, kinds)
+    audio = AudioCache(model.n_mels) if model.n_mels else None
+    lengths = ClipLengths(audio, model.audio_tokens) if audio else None
+    examples, dropped = read_examples(data, tokenizer, model.tokens_per_image, cfg.seq_len + 1, kinds, lengths)
     if not examples:
         raise KosmoError(f"no example fits seq_len={cfg.seq_len} with {model.tokens_per_image} tokens per image "
                          f"({dropped} had nothing left to learn after truncation); raise seq_len")
     bank = ImageBank([p for e in examples for p in e.images], model.image_size, cfg.image_mode)
-    for path, message in bank.skipped[:5]:
-        print(f"skipped image: {message}", flush=True)
+    bad_clips = list(audio.skipped.values()) if audio else []
+    for message in [m for _, m in bank.skipped[:5]] + bad_clips[:5]:
+        print(f"skipped: {message}", flush=True)
     n_val = int(len(examples) * cfg.val_fraction)
     pack_len = cfg.seq_len if cfg.pack else 0
-    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed, pack_len)
-    val = MultimodalDataset(examples[len(examples) - n_val:], bank, pack_len=pack_len) if n_val else None
-    if bank.skipped or dropped:
-        print(f"data: {len(bank.skipped)} unreadable images skipped, {train.skipped} examples without their "
-              f"images, {dropped} examples with nothing to learn after truncation", flush=True)
+    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed, pack_len, audio)
+    val = MultimodalDataset(examples[len(examples) - n_val:], bank, pack_len=pack_len, audio=audio) if n_val else None
+    if bank.skipped or bad_clips or dropped:
+        print(f"data: {len(bank.skipped)} unreadable images and {len(bad_clips)} unreadable clips skipped, "
+              f"{train.skipped} examples without them, {dropped} examples with nothing to learn after truncation",
+              flush=True)
     return train, val
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from kosmo import checkpoint, hardware
+from kosmo.data.audio import Clips
 from kosmo.errors import KosmoError
 from kosmo.train import distributed as D
 
@@ -96,7 +97,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors and `Clips` (a batch's audio) to `device`; everything else as it is."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v.to(device) if isinstance(v, Clips) else v
+            for k, v in batch.items()}
 
 
 class Trainer:
