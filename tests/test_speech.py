@@ -32,7 +32,8 @@ def test_same_seed_writes_identical_files(written, tmp_path):
     for key, path in paths.items():
         assert again[key].read_bytes() == path.read_bytes()
         for line in _lines(path):
-            assert (tmp_path / line["audio"]).read_bytes() == (out / line["audio"]).read_bytes()
+            clip = line.get("audio", line.get("question_audio"))
+            assert (tmp_path / clip).read_bytes() == (out / clip).read_bytes()
     other = write_audio(World(seed=4), tmp_path / "other", n=2, val=1)
     first = _lines(other["speech"])[0]["audio"]
     assert (tmp_path / "other" / first).read_bytes() != (out / first).read_bytes()
@@ -41,19 +42,35 @@ def test_same_seed_writes_identical_files(written, tmp_path):
 @needs_espeak
 def test_lines_pair_a_16k_clip_with_its_transcript_or_class(written):
     out, paths = written
-    assert set(paths) == {"speech", "val_speech", "sounds", "val_sounds"}
+    assert set(paths) == {"speech", "val_speech", "spoken_vqa", "val_spoken_vqa", "sounds", "val_sounds"}
     for key, path in paths.items():
         for line in _lines(path):
-            info = soundfile.info(out / line["audio"])
+            clip = out / line.get("audio", line.get("question_audio"))
+            info = soundfile.info(clip)
             assert (info.samplerate, info.channels, info.subtype) == (SAMPLE_RATE, 1, "PCM_16")
-            audio = load_audio(out / line["audio"])
+            audio = load_audio(clip)
             assert audio.shape == (info.frames,)
             if key.endswith("sounds"):
                 assert line["text"] in SOUND_CLASSES and line["labels"] == list(SOUND_CLASSES)
             else:
                 # The clip lasts about as long as its words take at the voice's words per minute.
-                nominal = 60 * len(line["text"].split()) / line["voice"]["wpm"]
-                assert line["text"].endswith((".", "?")) and 0.5 < info.duration / nominal < 2
+                said = line.get("text", line.get("question"))
+                nominal = 60 * len(said.split()) / line["voice"]["wpm"]
+                assert said.endswith((".", "?")) and 0.5 < info.duration / nominal < 2
+
+
+@needs_espeak
+def test_spoken_questions_are_the_vqa_lines_of_the_same_split_read_aloud(written, tmp_path):
+    from kosmo.data.world import write_world
+    out, paths = written
+    typed = write_world(tmp_path, 20, seed=3)
+    spoken = _lines(paths["val_spoken_vqa"])
+    for line, twin in zip(spoken, _lines(typed["val_vqa"])):
+        assert {k: v for k, v in line.items() if k not in ("question_audio", "voice")} == twin
+        assert (out / twin["image"]).is_file()
+    train = _lines(paths["spoken_vqa"])
+    assert len(train) == 10 and len(spoken) == 5
+    assert [Voice(**x["voice"]) for x in train] != [Voice(**x["voice"]) for x in _lines(paths["speech"])]
 
 
 @needs_espeak

@@ -74,9 +74,10 @@ def _light_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(noisy, -1.0, 1.0).astype(np.float32)
 
 
-def speak(text: str, seed: int, split: str, index: int) -> tuple[Voice, np.ndarray]:
-    """Item `index` of a split read aloud: the voice chosen for it and the noisy 16 kHz clip."""
-    rng = item_rng(seed, "voice", split, index)
+def speak(text: str, seed: int, split: str, index: int, stream: str = "voice") -> tuple[Voice, np.ndarray]:
+    """Item `index` of a split read aloud: the voice chosen for it and the noisy 16 kHz clip. Each kind of
+    spoken item has its own `stream` of voices, so that item i of one kind is not read as item i of another."""
+    rng = item_rng(seed, stream, split, index)
     voice = voice_for(rng, split)
     return voice, _light_noise(synthesise(text, voice), rng)
 

@@ -59,6 +59,15 @@ def _question(pictures: Pictures, item: Episode | Recall) -> dict:
     return {"content": pictures.parts(segments), "answer": answer, "labels": item.labels}
 
 
+def _vqa(world: World, pictures: Pictures, split: str, i: int) -> dict:
+    """VQA line `i` of a split: the scenes are the captions', so both files share images, and the question
+    types take turns."""
+    scene = world.scene(i, split)
+    items = world.vqa(scene, i)
+    it = next((x for x in items if x.qtype == QTYPES[i % len(QTYPES)]), items[0])
+    return {"image": pictures.path(scene), "question": it.question, "answers": [it.answer] * 10, "qtype": it.qtype}
+
+
 def write_world(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 32) -> dict[str, Path]:
     """Write n items of every kind as JSONL plus smaller val_/heldout_ files; the work of `kosmo world`.
 
@@ -73,12 +82,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 32
         caps = world.captions(scene)
         return {"image": pictures.path(scene), "text": caps[0], "captions": caps}
 
-    def vqa(split: str, i: int) -> dict:  # same scenes as captions, so both files share images
-        scene = world.scene(i, split)
-        items = world.vqa(scene, i)
-        it = next((x for x in items if x.qtype == QTYPES[i % len(QTYPES)]), items[0])
-        return {"image": pictures.path(scene), "question": it.question, "answers": [it.answer] * 10,
-                "qtype": it.qtype}
+    def vqa(split: str, i: int) -> dict:
+        return _vqa(world, pictures, split, i)
 
     def fewshot(split: str, i: int) -> dict:
         cycle = (2, 3, 4) if split == "train" else (0, 1, 2, 4)  # evaluation wants a curve over shots
@@ -152,21 +157,30 @@ def _sentence(world: World, split: str, index: int) -> str:
 
 
 def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
-    """Spoken sentences and sound events: `n` training and `val` evaluation clips of each, as 16-bit 16 kHz WAV
-    files under out_dir/audio/ and speech.jsonl, sounds.jsonl and their val_ files.
+    """Spoken sentences, spoken questions and sound events: `n` training and `val` evaluation clips of each, as
+    16-bit 16 kHz WAV files under out_dir/audio/ and speech.jsonl, spoken_vqa.jsonl, sounds.jsonl and their
+    val_ files.
 
-    Both kinds are lines {"audio": path, "text": target}, the target a transcript or a sound's class name, so
-    transcription and naming sounds share one format; a speech line adds the voice that read it, a sound line
-    the class names to rank.
+    Speech and sounds are lines {"audio": path, "text": target}, the target a transcript or a sound's class
+    name, so transcription and naming sounds share one format; a speech line adds the voice that read it, a
+    sound line the class names to rank. A spoken question is write_world's VQA line of the same split and
+    index (the same picture and question) with the question read aloud in `question_audio`: the first `val`
+    lines of val_vqa.jsonl, asked aloud, are val_spoken_vqa.jsonl.
     """
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     seed = world.config.seed
+    pictures = Pictures(world, out)
 
     def spoken(split: str, i: int) -> tuple[np.ndarray, dict]:
         text = _sentence(world, split, i)
         voice, audio = speak(text, seed, split, i)
         return audio, {"text": text, "voice": asdict(voice)}
+
+    def question(split: str, i: int) -> tuple[np.ndarray, dict]:
+        line = _vqa(world, pictures, split, i)
+        voice, audio = speak(line["question"], seed, split, i, stream="question_voice")
+        return audio, {**line, "voice": asdict(voice)}
 
     def sound(split: str, i: int) -> tuple[np.ndarray, dict]:
         name, audio = sound_event(seed, split, i)
@@ -177,12 +191,13 @@ def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[
             audio, fields = make(split, i)
             rel = f"audio/{key}_{i:05d}.wav"
             soundfile.write(out / rel, audio, SAMPLE_RATE, subtype="PCM_16")
-            return {"audio": rel, **fields}
+            return {"question_audio": rel, **fields} if "question" in fields else {"audio": rel, **fields}
         # espeak-ng runs as a subprocess and numpy releases the GIL, so threads keep every core busy.
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             return list(pool.map(line, range(count)))
 
     plan = {"speech": (spoken, "train", n), "val_speech": (spoken, "val", val),
+            "spoken_vqa": (question, "train", n), "val_spoken_vqa": (question, "val", val),
             "sounds": (sound, "train", n), "val_sounds": (sound, "val", val)}
     return {key: _write_jsonl(out / f"{key}.jsonl", clips(key, make, split, count))
             for key, (make, split, count) in plan.items()}
