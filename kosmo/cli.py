@@ -64,12 +64,13 @@ def cmd_generate(args):
         raise KosmoError("give at least one --prompt or a --prompts-file")
     from kosmo.tokenizer import BOS
     pictures, images = _pictures(args, model, config, len(prompts))
-    ids = [[BOS] + pictures + tok.encode(p) for p in prompts]
+    sounds, audio = _clips(args, model, config, len(prompts))
+    ids = [[BOS] + pictures + sounds + tok.encode(p) for p in prompts]
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s, images=images)
+            results = generate(model, tok, ids, s, images=images, audio=audio)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
@@ -91,6 +92,23 @@ def _pictures(args, model, config: dict, n_prompts: int):
         raise KosmoError(skipped[0][1])
     markers = [t for _ in args.image for t in image_block(model.tokens_per_image)]
     return markers, pixels.repeat(n_prompts, 1, 1, 1).to(next(model.parameters()).device)
+
+
+def _clips(args, model, config: dict, n_prompts: int):
+    """The --audio clips: their markers, after the pictures in every prompt, and the clips of all prompts."""
+    if not args.audio:
+        return [], None
+    if not model.n_mels:
+        raise KosmoError(f"{args.model}: this {config.get('arch', 'lm')} run does not hear; it takes no --audio")
+    from kosmo.data.audio import AudioCache, batch_clips
+    from kosmo.data.chat import audio_block
+    cache = AudioCache(model.n_mels)
+    feats = [cache.get(path) for path in args.audio]
+    try:
+        markers = [t for f in feats for t in audio_block(model.audio_tokens(f.shape[-1]))]
+    except ValueError as e:
+        raise KosmoError(str(e)) from None
+    return markers, batch_clips(feats * n_prompts, model.n_mels).to(next(model.parameters()).device)
 
 
 def cmd_eval(args):
@@ -242,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="a picture before the text of every prompt (repeatable; KOSMOS and Flamingo runs)")
+    g.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="a clip after the pictures of every prompt (repeatable; runs that hear); with an empty "
+                        "--prompt, the model transcribes it")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
