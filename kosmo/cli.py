@@ -210,7 +210,9 @@ def cmd_serve(args):
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
-          args.max_batch, args.max_queue, media, Limits(args.max_body_bytes, args.max_images), args.precision)
+          args.max_batch, args.max_queue, media,
+          Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
+                 max_audio_seconds=args.max_audio_seconds), args.precision)
 
 
 def cmd_chat(args):
@@ -313,11 +315,14 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
     sv.add_argument("--max-image-bytes", type=int, default=8 * 2**20)
     sv.add_argument("--max-image-pixels", type=int, default=16_000_000)
+    sv.add_argument("--max-audio-clips", type=int, default=4, help="audio clips per chat request")
+    sv.add_argument("--max-audio-seconds", type=float, default=30.0,
+                    help="longest clip decoded (the model may hear less at once)")
     sv.add_argument("--allowed-media-domains", help="comma-separated domains whose http(s) image URLs may be fetched")
     sv.add_argument("--allowed-local-media-path", help="folder whose files file:// image URLs may name")
     sv.set_defaults(fn=cmd_serve)
 
-    ch = sub.add_parser("chat", help="chat with a run in the terminal (/image PATH, /system TEXT, /reset)")
+    ch = sub.add_parser("chat", help="chat with a run in the terminal (/image PATH, /audio PATH, /system TEXT, /reset)")
     ch.add_argument("--model", required=True)
     add_device_args(ch)
     ch.add_argument("--max-tokens", type=int, default=256)

@@ -1,4 +1,4 @@
-"""Tiny random runs to serve and a real `kosmo serve` in a subprocess, for the serving tests."""
+"""Tiny random runs to serve, sound clips, and a real `kosmo serve` in a subprocess, for the serving tests."""
 
 from __future__ import annotations
 
@@ -12,22 +12,27 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import soundfile
 import torch
 from PIL import Image
 
 IMAGE_SIZE = 16
+HEARS_SECONDS = 3  # the longest clip the `hearing` run takes at once
 
 
 def build_runs(root: Path) -> dict[str, Path]:
-    """A text-only LM run and a KOSMOS MLLM run with random weights (large enough init to vary its words)."""
+    """A text-only LM run, a KOSMOS MLLM run and one that also hears, with random weights (large enough init to
+    vary its words)."""
     from kosmo.data.world import World
+    from kosmo.model.audio import AudioConfig
     from kosmo.model.lm import LM, LMConfig
     from kosmo.model.load import save_run
     from kosmo.model.mllm import MLLM, MLLMConfig
     from kosmo.model.vision import VisionConfig
     from kosmo.tokenizer import Tokenizer
 
-    runs = {"lm": root / "lm", "mllm": root / "mllm"}
+    runs = {"lm": root / "lm", "mllm": root / "mllm", "hearing": root / "hearing"}
     if all((r / "model.safetensors").is_file() for r in runs.values()):
         return runs
     world = World()
@@ -39,7 +44,20 @@ def build_runs(root: Path) -> dict[str, Path]:
     cfg = MLLMConfig(vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=8, dim=32, n_layers=1, n_heads=2,
                                          mlp_dim=64), lm=lm_cfg)
     save_run(runs["mllm"], MLLM(cfg), tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
+    cfg = MLLMConfig(vision=cfg.vision, lm=lm_cfg, audio=AudioConfig(dim=32, n_layers=1, n_heads=2, mlp_dim=64,
+                                                                     max_frames=HEARS_SECONDS * 100))
+    save_run(runs["hearing"], open_ears(MLLM(cfg)), tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
     return runs
+
+
+def open_ears(model):
+    """At its small init a random audio encoder hears mostly its own position table; larger convolution and
+    connector weights let the clip itself change the answers, so parity checks cover the audio path."""
+    with torch.no_grad():
+        for conv in (model.audio.conv1, model.audio.conv2):
+            conv.weight.mul_(20)
+        model.audio_connector.mlp[2].weight.mul_(5)
+    return model
 
 
 def free_port() -> int:
@@ -85,6 +103,18 @@ class Server:
 def png_bytes(w: int = IMAGE_SIZE, h: int = IMAGE_SIZE, colour=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float = 1.0, rate: int = 16_000, seed: int = 0, fmt: str = "WAV",
+              subtype: str | None = "PCM_16") -> bytes:
+    """A clip of tones over quiet noise, different for each seed."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    tones = sum(0.3 * np.sin(2 * np.pi * f * t) for f in rng.uniform(80, 4000, 3))
+    samples = 0.05 * rng.standard_normal(len(t)) + tones
+    buf = io.BytesIO()
+    soundfile.write(buf, samples.astype(np.float32), rate, format=fmt, subtype=subtype)
     return buf.getvalue()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from serve_helpers import free_port, png_bytes
+from serve_helpers import free_port, open_ears, png_bytes
 
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LM, LMConfig
@@ -41,11 +41,11 @@ def model(request):
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51], [1, 60, 61, 62, 63, 64], [1, 7, 8], [1, 30, 31]]
 
 
-def collect(engine, prompts, params, images=None):
-    """Submits every prompt (with its images) at once; each one's events, in order."""
+def collect(engine, prompts, params, images=None, audio=None):
+    """Submits every prompt (with its images and clips) at once; each one's events, in order."""
     events = queue.Queue()
-    for i, (p, im) in enumerate(zip(prompts, images or [None] * len(prompts))):
-        engine.submit(Request(p, params, lambda e, i=i: events.put((i, e)), im))
+    for i, (p, im, au) in enumerate(zip(prompts, images or [None] * len(prompts), audio or [None] * len(prompts))):
+        engine.submit(Request(p, params, lambda e, i=i: events.put((i, e)), im, au))
     out, done = [[] for _ in prompts], 0
     while done < len(prompts):
         i, e = events.get(timeout=30)
@@ -69,15 +69,16 @@ def test_engine_decodes_like_generate_ids_with_more_prompts_than_slots(model, ma
         assert "".join(e.text for e in evs) == Letters().decode(ref[0])
 
 
-def assert_engine_decodes_like_generate_ids(model, prompts, images):
-    """Three requests with pictures or none through two slots: each alone, then beside another."""
+def assert_engine_decodes_like_generate_ids(model, prompts, images, audio=None):
+    """Three requests with pictures (or clips) or none through two slots: each alone, then beside another."""
     engine = Engine(model, Letters(), max_batch=2, precision="fp32").start()
+    audio = audio or [None] * len(prompts)
     try:
-        out = collect(engine, prompts, Params(max_tokens=12, temperature=0), images)
+        out = collect(engine, prompts, Params(max_tokens=12, temperature=0), images, audio)
     finally:
         engine.stop()
-    for p, im, evs in zip(prompts, images, out):
-        ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=12), images=im)
+    for p, im, au, evs in zip(prompts, images, audio, out):
+        ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=12), images=im, audio=au)
         assert [e.token for e in evs][:len(ref[0])] == ref[0]
 
 
@@ -116,6 +117,31 @@ def test_a_kosmos_model_decodes_like_generate_ids_alone_and_beside_others():
     prompts = [[1, *block, 40, 41, *block, 42], [1, 50, 51], [1, 60, *block, 61]]
     images = [torch.randn(2, 3, 16, 16), None, torch.randn(1, 3, 16, 16)]
     assert_engine_decodes_like_generate_ids(model, prompts, images)
+
+
+def test_a_hearing_model_decodes_like_generate_ids_alone_and_beside_others():
+    from kosmo.data.audio import batch_clips
+    from kosmo.data.chat import audio_block, image_block
+    from kosmo.model.audio import AudioConfig
+    from kosmo.model.mllm import MLLM, MLLMConfig
+    from kosmo.model.vision import VisionConfig
+    torch.manual_seed(0)
+    cfg = MLLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=2, mlp_dim=64),
+                     lm=LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                                 init_std=0.1),
+                     audio=AudioConfig(dim=32, n_layers=1, n_heads=2, mlp_dim=64, max_frames=200))
+    model = open_ears(MLLM(cfg)).eval()
+    mels = [torch.randn(80, 120), torch.randn(80, 37), torch.randn(80, 200)]
+    spoken = [audio_block(model.audio_tokens(m.shape[-1])) for m in mels]
+    # two clips of different lengths and a picture; text alone; the longest clip the model hears
+    prompts = [[1, *spoken[0], 40, *image_block(cfg.tokens_per_image), *spoken[1], 41], [1, 50, 51],
+               [1, *spoken[2], 61]]
+    audio = [batch_clips(mels[:2]), None, batch_clips(mels[2:])]
+    assert_engine_decodes_like_generate_ids(model, prompts, [torch.randn(1, 3, 16, 16), None, None], audio)
+    with torch.no_grad():
+        heard = model(torch.tensor([prompts[2]]), audio=audio[2])[0, -1]
+        other = model(torch.tensor([prompts[2]]), audio=batch_clips([torch.randn(80, 200)]))[0, -1]
+    assert (heard - other).abs().max() > 1  # the clip matters, so the parity above covers the audio path
 
 
 def test_a_cancelled_request_frees_its_slot_and_hears_no_more(model):

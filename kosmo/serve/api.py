@@ -1,10 +1,15 @@
-"""The OpenAI-compatible HTTP API: chat and text completions (streamed or not), models, health,
-and the playground page, over one continuous-batching `Engine`.
+"""The OpenAI-compatible HTTP API: chat and text completions (streamed or not), audio transcriptions,
+models, health, and the playground page, over one continuous-batching `Engine`.
+
+Chat messages may hold `image_url` parts and `input_audio` parts ({"data": base64, "format": "wav"}); a
+transcription request is a multipart form with the clip as `file`. A clip is decoded by libsndfile (WAV,
+FLAC, OGG, MP3), turned into log-mels and spliced into the prompt like a picture, as many positions as it
+is long. Transcription runs the pretraining prompt `<s><audio>…</audio>`, and the model writes the rest.
 
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
-bad values are 400, values of the wrong type 422, a wrong key 401, an unknown model 404, an oversized
-body or image 413, a full queue 429, an engine that is not running 503. Nothing a client sends leads
-to a 500.
+bad values (bad audio among them) are 400, values of the wrong type 422, a wrong key 401, an unknown
+model 404, an oversized body or image 413, a full queue 429, an engine that is not running 503. Nothing
+a client sends leads to a 500.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from typing import Annotated, Literal
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from kosmo.data.chat import render
+from kosmo.data.audio import HOP_LENGTH, MAX_SECONDS, SAMPLE_RATE, Clips, batch_clips, clip_features, decode_audio_bytes
+from kosmo.data.chat import audio_block, render
 from kosmo.data.images import preprocess
 from kosmo.errors import KosmoError
 from kosmo.serve.engine import Engine, Event, Params, QueueFull
@@ -42,6 +50,8 @@ class Limits:
     max_body_bytes: int = 16 * 2**20
     max_images: int = 4
     max_n: int = 8
+    max_audio_clips: int = 4  # per chat request
+    max_audio_seconds: float = MAX_SECONDS  # decoding stops here; the model may hear less at once
 
 
 class APIError(Exception):
@@ -75,9 +85,19 @@ class ImagePart(Schema):
     image_url: ImageURL
 
 
+class InputAudio(Schema):
+    data: str  # base64
+    format: str  # "wav", "mp3", ...: informative only, libsndfile reads the format from the bytes
+
+
+class AudioPart(Schema):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class Message(Schema):
     role: Literal["system", "user", "assistant"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+    content: str | list[Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]]
 
 
 class StreamOptions(Schema):
@@ -173,14 +193,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if not body.messages:
             raise APIError(400, "'messages' must not be empty", param="messages")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        clips = await load_clips(messages, engine, limits)
+        sizes = iter([engine.model.audio_tokens(c.shape[-1]) for c in clips])  # render meets the clips in order
         try:
-            ids, _, refs, _ = render(messages, tokenizer, engine.model.tokens_per_image, add_generation_prompt=True)
+            ids, _, refs, _ = render(messages, tokenizer, engine.model.tokens_per_image, add_generation_prompt=True,
+                                     audio_tokens=lambda ref, where: next(sizes))
         except KosmoError as e:
             raise APIError(400, str(e).removeprefix("messages: "), param="messages") from None
         images = await load_images(messages, refs, engine, media, limits)
+        audio = batch_clips(clips, engine.model.n_mels) if clips else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = make_params(body, ids, max_tokens, engine, (body.top_logprobs or 0) if body.logprobs else None)
-        return await respond(request, engine, tokenizer, body, ids, images, params, model_name, chat=True)
+        return await respond(request, engine, tokenizer, body, ids, images, params, model_name, chat=True,
+                             audio=audio)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
@@ -189,6 +214,45 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         ids = [BOS] + tokenizer.encode(body.prompt)
         params = make_params(body, ids, body.max_tokens, engine, body.logprobs)
         return await respond(request, engine, tokenizer, body, ids, None, params, model_name, chat=False)
+
+    @app.post("/v1/audio/transcriptions", dependencies=auth)
+    async def transcriptions(request: Request):
+        form = await read_form(request, limits.max_body_bytes)
+        check_model(form.get("model"), model_name)
+        response_format = form.get("response_format", "json")
+        if response_format not in ("json", "text", "verbose_json"):
+            raise APIError(400, f"response_format {response_format!r} is not supported (json, text or verbose_json)",
+                           param="response_format")
+        try:
+            temperature = float(form.get("temperature", 0))
+        except (TypeError, ValueError):  # a TypeError: sent as a file
+            raise APIError(422, "temperature: must be a number", code="invalid_type", param="temperature") from None
+        if not 0 <= temperature <= 2:
+            raise APIError(400, "temperature must be between 0 and 2", param="temperature")
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "file: an audio file is required", code="missing_parameter", param="file")
+        if not engine.model.n_mels:
+            raise APIError(400, "this model has no ears; it does not take audio", code="audio_not_supported",
+                           param="file")
+        clip = await asyncio.to_thread(hear, await upload.read(), "file", engine, limits)
+        # `language` and `prompt` are taken but unused: the model was taught one format, the clip then its words
+        ids = [BOS, *audio_block(engine.model.audio_tokens(clip.shape[-1]))]
+        params = Params(max_tokens=engine.context - len(ids), temperature=temperature)
+        requests, events = submit(engine, ids, params, 1, None, batch_clips([clip], engine.model.n_mels))
+        reply = Reply(tokenizer, model_name, len(ids), 1, chat=False)
+        whole = await collect(request, reply, events, requests)
+        if isinstance(whole, JSONResponse):
+            return whole
+        text = whole["choices"][0]["text"].strip()
+        if response_format == "text":
+            return PlainTextResponse(text)
+        usage = {"type": "tokens", "input_tokens": len(ids), "output_tokens": reply.tokens[0],
+                 "total_tokens": len(ids) + reply.tokens[0]}
+        if response_format == "json":
+            return {"text": text, "usage": usage}
+        return {"task": "transcribe", "language": form.get("language") or "unknown",
+                "duration": clip.shape[-1] * HOP_LENGTH / SAMPLE_RATE, "text": text, "segments": [], "usage": usage}
 
     return app
 
@@ -206,16 +270,34 @@ async def read_body(request: Request, cap: int) -> bytes:
     return bytes(body)
 
 
+async def read_form(request: Request, cap: int):
+    """A multipart form read under the body cap (Starlette's own parser would spool any size to disk)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "the body must be multipart/form-data with the audio as 'file'", code="invalid_form")
+    body = await read_body(request, cap)
+
+    async def chunks():
+        yield body
+
+    try:
+        return await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16).parse()
+    except MultiPartException as e:
+        raise APIError(400, f"malformed multipart form ({e.message})", code="invalid_form") from None
+
+
 def parse(schema: type[Schema], body: bytes) -> Schema:
     try:
         return schema.model_validate_json(body)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        # the deepest error names the field: in a content part, not the union of str and list it is part of
+        err = max(e.errors(include_url=False), key=lambda err: len(err["loc"]))
         if err["type"] == "json_invalid":
             raise APIError(400, f"malformed JSON body ({err['msg']})", code="invalid_json") from None
         if err["type"] == "model_type":
             raise APIError(400, "the body must be a JSON object", code="invalid_json") from None
-        param = ".".join(str(x) for x in err["loc"] if not _is_type_tag(x))
+        loc = [x for x in err["loc"] if not _is_type_tag(x)]
+        # a content part's tag ('input_audio') comes before its field of the same name: name the field once
+        param = ".".join(str(x) for i, x in enumerate(loc) if i == 0 or x != loc[i - 1])
         status, code = (400, "missing_parameter") if err["type"] == "missing" else (422, "invalid_type")
         raise APIError(status, f"{param}: {err['msg']}", code=code, param=param) from None
 
@@ -225,10 +307,14 @@ def _is_type_tag(loc) -> bool:
     return isinstance(loc, str) and (loc in ("str", "int", "float", "bool") or "[" in loc or "-" in loc)
 
 
-def check_common(body: Sampled, model_name: str, limits: Limits):
-    if body.model not in (None, model_name):
-        raise APIError(404, f"model {body.model!r} does not exist (this server serves {model_name!r})",
+def check_model(model: str | None, model_name: str):
+    if model not in (None, model_name):
+        raise APIError(404, f"model {model!r} does not exist (this server serves {model_name!r})",
                        code="model_not_found", param="model")
+
+
+def check_common(body: Sampled, model_name: str, limits: Limits):
+    check_model(body.model, model_name)
     if body.n > limits.max_n:
         raise APIError(400, f"'n' must be at most {limits.max_n}", param="n")
 
@@ -270,20 +356,70 @@ async def load_images(messages: list[dict], refs: list[str], engine: Engine, med
     return torch.stack(await asyncio.to_thread(lambda: [preprocess(p, size, engine.image_mode) for p in pictures]))
 
 
+async def load_clips(messages: list[dict], engine: Engine, limits: Limits) -> list[torch.Tensor]:
+    """The (n_mels, frames) features of every input_audio part, in order."""
+    parts = [(f"messages[{i}].content[{j}].input_audio", p["input_audio"]["data"]) for i, m in enumerate(messages)
+             if isinstance(m["content"], list) for j, p in enumerate(m["content"]) if p["type"] == "input_audio"]
+    if not parts:
+        return []
+    if not engine.model.n_mels:
+        raise APIError(400, "this model has no ears; it does not take audio", code="audio_not_supported",
+                       param="messages")
+    if len(parts) > limits.max_audio_clips:
+        raise APIError(400, f"{len(parts)} audio clips in the request; the limit is {limits.max_audio_clips}",
+                       code="too_many_audio_clips", param="messages")
+
+    def decode(where: str, data: str) -> torch.Tensor:
+        try:
+            encoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{where}: the base64 data is invalid or truncated", code="invalid_audio",
+                           param=where) from None
+        return hear(encoded, where, engine, limits)
+
+    return await asyncio.to_thread(lambda: [decode(where, data) for where, data in parts])
+
+
+def hear(data: bytes, where: str, engine: Engine, limits: Limits) -> torch.Tensor:
+    """(n_mels, frames) features of one encoded clip the model can hear at once, or a 400 naming `where`."""
+    try:
+        features = clip_features(decode_audio_bytes(data, where, limits.max_audio_seconds), engine.model.n_mels, where)
+    except KosmoError as e:
+        code = "audio_too_long" if "s limit" in str(e) else "invalid_audio"
+        raise APIError(400, str(e), code=code, param=where) from None
+    try:
+        engine.model.audio_tokens(features.shape[-1])
+    except ValueError as e:
+        raise APIError(400, f"{where}: {e}", code="audio_too_long", param=where) from None
+    return features
+
+
 # ---- responses
 
 async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: list[int], images, params: Params,
-                  model_name: str, chat: bool):
+                  model_name: str, chat: bool, audio: Clips | None = None):
+    requests, events = submit(engine, ids, params, body.n, images, audio)
+    reply = Reply(tokenizer, model_name, len(ids), body.n, chat)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await collect(http, reply, events, requests)
+
+
+def submit(engine: Engine, ids: list[int], params: Params, n: int, images,
+           audio: Clips | None) -> tuple[list[EngineRequest], asyncio.Queue]:
+    """n samples of one prompt into the engine; their events arrive on the queue as (choice, event)."""
     if not engine.alive:
         raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     requests = []
-    for i in range(body.n):
+    for i in range(n):
         seed = None if params.seed is None else params.seed + i  # n samples of one seed still differ
         choice = dataclasses.replace(params, seed=seed)
         emit = (lambda i: lambda e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))(i)
-        requests.append(EngineRequest(ids, choice, emit, images))
+        requests.append(EngineRequest(ids, choice, emit, images, audio))
     try:
         for r in requests:
             engine.submit(r)
@@ -291,15 +427,15 @@ async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: 
         for r in requests:
             r.cancel()
         raise APIError(429, str(e), code="queue_full", type="server_busy") from None
-    reply = Reply(tokenizer, model_name, len(ids), body.n, chat)
-    if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+    return requests, events
+
+
+async def collect(http: Request, reply: "Reply", events: asyncio.Queue, requests: list[EngineRequest]):
+    """Waits for every choice to finish: the whole response, or a 499 if the client went away first."""
     watcher = asyncio.create_task(watch_disconnect(http, events))
     try:
         finished = 0
-        while finished < body.n:
+        while finished < reply.n:
             i, event = await events.get()
             if i is None:
                 return JSONResponse({}, status_code=499)  # nobody is listening; the slots are freed below

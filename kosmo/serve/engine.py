@@ -7,7 +7,7 @@ one at once. Requests therefore join and leave the running batch at every step.
 
 The engine owns the scheduling and the cache memory; the model owns the maths. Every model kind
 (`lm`, `mllm`, `flamingo`) is served by calling its own forward over the cache: prefill through a
-one-slot view of it, decoding over all slots at once.
+one-slot view of it, with the request's images and audio clips, decoding over all slots at once.
 
 A row's numbers never depend on who else is in the batch, so greedy decoding gives each request the
 same tokens and log-probabilities whether it runs alone or beside fifteen others. Two things make
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmo import hardware
+from kosmo.data.audio import Clips
 from kosmo.generate import Sampling, next_tokens
 from kosmo.model.causal_lm import CausalLM
 from kosmo.tokenizer import END_OF_TURN, EOS, PAD
@@ -68,6 +69,7 @@ class Request:
     params: Params
     emit: Callable[[Event | Exception], None]  # called from the engine thread
     images: torch.Tensor | None = None
+    audio: Clips | None = None  # the clips that fill the prompt's <|audio_pad|> runs, in order
     cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
 
     def cancel(self):
@@ -210,7 +212,7 @@ class Engine:
                 self.slots[slot] = _Running(request, TextStream(self.tokenizer, request.params.stop),
                                             torch.Generator(device=self.device).manual_seed(seed % 2**64))
                 try:
-                    logits = self._prefill(slot, request.prompt, request.images)
+                    logits = self._prefill(slot, request.prompt, request.images, request.audio)
                     self._advance(slot, logits)
                 except Exception as e:  # a bad request must not take the others down
                     self._fail(slot, e)
@@ -235,13 +237,14 @@ class Engine:
             self._advance(slot, logits[slot])
 
     @torch.no_grad()
-    def _prefill(self, slot: int, ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
-        """Runs a prompt (and its pictures, in order) into an emptied slot; the (V,) logits after it."""
+    def _prefill(self, slot: int, ids: list[int], images: torch.Tensor | None, audio: Clips | None) -> torch.Tensor:
+        """Runs a prompt (and its pictures and clips, in order) into an emptied slot; the (V,) logits after it."""
         cache = self.cache.rows(slot, slot + 1)
         cache.reset()
         idx = torch.tensor([ids], device=self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.model(idx, None if images is None else images.to(self.device), cache=cache, last_only=True)
+            logits = self.model(idx, None if images is None else images.to(self.device),
+                                None if audio is None else audio.to(self.device), cache=cache, last_only=True)
         return logits[0, -1].float()
 
     @torch.no_grad()
