@@ -55,6 +55,8 @@ def cmd_generate(args):
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "clip":
         raise KosmoError(f"{args.model}: a CLIP run embeds images and text; it does not generate")
+    if config.get("arch") == "ctc":
+        raise KosmoError(f"{args.model}: an audio (CTC) run transcribes speech; it does not generate text")
     prompts = list(args.prompt)
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
@@ -132,6 +134,8 @@ def _evaluate(args, device, precision: str) -> dict:
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
+    if config.get("arch") == "ctc":  # its CER and WER are measured by `kosmo train audio` itself
+        raise KosmoError(f"{args.model}: an audio (CTC) run transcribes speech; eval {args.kind} needs a text model")
     is_clip = config.get("arch") == "clip"
     if is_clip != (args.kind in ("zeroshot", "retrieval")):
         raise KosmoError(f"{args.model}: eval {args.kind} needs "

@@ -1,7 +1,6 @@
 """Hearing, measured beside a deaf baseline (the same model and prompts with the audio removed):
 
-- `eval_asr`: transcription of {"audio", "text"} lines, as word and character error rates (jiwer) after
-  both sides are normalised alike: lower case, punctuation dropped, whitespace collapsed.
+- `eval_asr`: transcription of {"audio", "text"} lines, as word and character error rates (`kosmo.eval.asr`).
 - `eval_sounds`: naming sound events, {"audio", "text": class} lines, as accuracy overall and per class.
 
 The prompt is the pretraining format, `<s><audio>…</audio>`, and the model writes the rest.
@@ -9,31 +8,16 @@ The prompt is the pretraining format, `<s><audio>…</audio>`, and the model wri
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 
-import jiwer
 import torch
 
 from kosmo.data import chat
 from kosmo.errors import KosmoError
+from kosmo.eval.asr import cer, normalise_transcript, wer
 from kosmo.eval.vision import ClipReader, complete, records, resolve
 from kosmo.tokenizer import BOS
-
-
-def normalise(text: str) -> str:
-    """Lower case, letters, digits and apostrophes only, single spaces: what a transcript is scored on."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
-
-
-def error_rates(predictions: list[str], references: list[str]) -> dict:
-    """Corpus WER and CER in %, over normalised text (an empty prediction counts every reference word as deleted)."""
-    refs = [normalise(r) for r in references]
-    hyps = [normalise(p) for p in predictions]
-    if not all(refs):
-        raise KosmoError("a reference transcript is empty after normalisation")
-    return {"wer": round(100 * jiwer.wer(refs, hyps), 2), "cer": round(100 * jiwer.cer(refs, hyps), 2)}
 
 
 def _clip_prompts(model, tok, path, limit):
@@ -56,7 +40,11 @@ def eval_asr(model, tok, path, deaf=False, batch_size=32, limit=None, max_new_to
     clips, prompts, heard, truth = _clip_prompts(model, tok, path, limit)
     preds = complete(model, tok, prompts, [[] for _ in prompts], False, max_new_tokens, batch_size, clips=clips,
                      audio_paths=heard, deaf=deaf)
-    return {**error_rates(preds, truth), "n": len(preds),
+    try:
+        rates = {"wer": round(100 * wer(truth, preds), 2), "cer": round(100 * cer(truth, preds), 2)}
+    except ValueError as e:
+        raise KosmoError(f"{path}: {e}") from None
+    return {**rates, "n": len(preds),
             "samples": [{"prediction": p, "truth": t} for p, t in zip(preds[:4], truth)]}
 
 
@@ -66,7 +54,7 @@ def eval_sounds(model, tok, path, deaf=False, batch_size=32, limit=None) -> dict
                      audio_paths=heard, deaf=deaf)
     by_class = defaultdict(list)
     for p, t in zip(preds, truth):
-        by_class[t].append(normalise(p) == normalise(t))
+        by_class[t].append(normalise_transcript(p) == normalise_transcript(t))
     hits = [h for v in by_class.values() for h in v]
     return {"accuracy": round(100 * sum(hits) / len(hits), 2), "n": len(hits),
             "by_class": {c: round(100 * sum(v) / len(v), 2) for c, v in sorted(by_class.items())},

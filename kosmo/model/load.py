@@ -9,6 +9,7 @@ import torch
 from kosmo import checkpoint, hardware
 from kosmo.errors import KosmoError
 from kosmo.model.clip import CLIP, CLIPConfig
+from kosmo.model.ctc import AudioCTC, CTCConfig
 from kosmo.model.flamingo import Flamingo, FlamingoConfig
 from kosmo.model.lm import LM, LMConfig
 from kosmo.model.mllm import MLLM, MLLMConfig
@@ -16,7 +17,8 @@ from kosmo.model.reward import RewardConfig, RewardModel
 from kosmo.tokenizer import Tokenizer
 
 ARCHS = {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig),
-         "flamingo": (Flamingo, FlamingoConfig), "reward": (RewardModel, RewardConfig)}
+         "flamingo": (Flamingo, FlamingoConfig), "reward": (RewardModel, RewardConfig),
+         "ctc": (AudioCTC, CTCConfig)}
 
 
 def arch_of(model: torch.nn.Module) -> str:
@@ -50,8 +52,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu",
     model = build_model(config, str(run / "config.json"))
     checkpoint.load_weights(model, checkpoint.load_tensors(run / "model.safetensors"), run / "model.safetensors")
     tokenizer = Tokenizer.load(run / "tokenizer.json")
-    vocab = model.cfg.text.vocab_size if isinstance(model, CLIP) else model.vocab_size
-    if tokenizer.vocab_size > vocab:
+    # a CTC model writes characters: the run's tokenizer is there for the stages that chain from it
+    vocab = model.cfg.text.vocab_size if isinstance(model, CLIP) else getattr(model, "vocab_size", None)
+    if vocab is not None and tokenizer.vocab_size > vocab:
         raise KosmoError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab}")
     device = torch.device(device)
     dtype = torch.bfloat16 if hardware.resolve_precision(precision, device) == "bf16" else None

@@ -20,9 +20,9 @@ def stages() -> dict:
     from types import SimpleNamespace
 
     from kosmo.align import cai, dpo, ppo, reward
-    from kosmo.train import clip, flamingo, lm, mllm, sft
+    from kosmo.train import audio, clip, flamingo, lm, mllm, sft
     return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft, "flamingo": flamingo,
-            "reward": reward, "ppo": ppo, "dpo": dpo,
+            "reward": reward, "ppo": ppo, "dpo": dpo, "audio": audio,
             "cai-sl": SimpleNamespace(StageConfig=cai.SLConfig, build=cai.build_sl),
             "cai-rl": SimpleNamespace(StageConfig=cai.RLConfig, build=cai.build_rl, report=reward.report)}
 

@@ -77,7 +77,12 @@ class TrainConfig:
 
 class Dataset(Protocol):
     """Examples addressed by index; `collate` builds a batch dict holding `n_targets`, the number of
-    loss terms in it, so that the loss of a step is a mean over all of its targets on all ranks."""
+    loss terms in it, so that the loss of a step is a mean over all of its targets on all ranks.
+
+    A dataset may also have `arrange(order, batch_size, head, generator) -> order`, which rearranges an
+    epoch's random order so that each micro-batch (`batch_size` consecutive rows, after the first `head`,
+    which complete the previous epoch's last batch) batches well, e.g. clips of similar lengths together.
+    """
 
     def __len__(self) -> int: ...
 
@@ -172,6 +177,8 @@ class Trainer:
             if epoch != self._perm_epoch:
                 gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
                 self._perm, self._perm_epoch = torch.randperm(n, generator=gen).tolist(), epoch
+                if hasattr(self.train_set, "arrange"):
+                    self._perm = self.train_set.arrange(self._perm, B, (-epoch * n) % B, gen)
             rows.append(self._perm[g % n])
         return rows
 
