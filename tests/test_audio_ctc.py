@@ -126,9 +126,10 @@ def test_arrange_batches_similar_lengths_and_keeps_every_row():
 def test_augment_changes_a_copy_and_speed_changes_the_length():
     feats = torch.randn(16, 200)
     before = feats.clone()
-    out = stage.Augment(speed=0.3, freq_masks=2, freq_width=4, time_masks=2, time_width=0.1)(feats)
+    out = stage.Augment(speed=0.3, warp=0.2, freq_masks=2, freq_width=4, time_masks=2, time_width=0.1)(feats)
     assert torch.equal(feats, before) and out.shape[0] == 16 and 150 <= out.shape[1] <= 290
-    assert torch.equal(stage.Augment()(feats), feats)
+    off = stage.Augment(speed=0, warp=0, freq_masks=0, time_masks=0)(feats)
+    assert torch.equal(off, feats) and off is not feats
 
 
 def test_error_rates_normalise_both_sides():
