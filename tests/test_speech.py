@@ -70,6 +70,8 @@ def test_spoken_questions_are_the_vqa_lines_of_the_same_split_read_aloud(written
         assert (out / twin["image"]).is_file()
     train = _lines(paths["spoken_vqa"])
     assert len(train) == 10 and len(spoken) == 5
+    assert [x["qtype"] for x in train[:6]] == ["colour", "shape", "count", "exist", "spatial", "size"]
+    assert len({x["image"] for x in train[:6]}) == 1 and train[6]["image"] != train[0]["image"]
     assert [Voice(**x["voice"]) for x in train] != [Voice(**x["voice"]) for x in _lines(paths["speech"])]
 
 

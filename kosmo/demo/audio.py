@@ -19,16 +19,17 @@ from kosmo.demo import log
 
 # The recipe and its budget; docs/performance.md gives the default's timings.
 BUDGETS = {
-    "default": dict(audio_n=3000, audio_eval_n=200, ctc_steps=1000, ctc_dim=192, ctc_layers=4, ctc_lr=2e-3,
-                    hear1_steps=200, hear2_steps=1200, hear_batch=32, hear_lr=5e-4, audio_stack=4),
-    "quick": dict(audio_n=40, audio_eval_n=8, ctc_steps=10, ctc_dim=64, ctc_layers=2, ctc_lr=2e-3,
-                  hear1_steps=5, hear2_steps=10, hear_batch=8, hear_lr=1e-3, audio_stack=4),
+    "default": dict(audio_n=3000, audio_questions=9000, audio_eval_n=200, ctc_steps=1000, ctc_dim=192,
+                    ctc_layers=4, ctc_lr=2e-3, hear1_steps=200, hear2_steps=2000, hear_batch=32, hear_lr=5e-4,
+                    audio_stack=4),
+    "quick": dict(audio_n=40, audio_questions=40, audio_eval_n=8, ctc_steps=10, ctc_dim=64, ctc_layers=2,
+                  ctc_lr=2e-3, hear1_steps=5, hear2_steps=10, hear_batch=8, hear_lr=1e-3, audio_stack=4),
 }
 
 
 def write_data(demo, b: dict) -> dict[str, Path]:
     return demo.timed("audio_data", lambda: write_audio(demo.world, demo.data_dir, n=b["audio_n"],
-                                                        val=b["audio_eval_n"]))
+                                                        val=b["audio_eval_n"], questions=b["audio_questions"]))
 
 
 def run(demo, b: dict) -> dict:
@@ -43,7 +44,8 @@ def run(demo, b: dict) -> dict:
                      [f"train.max_steps={b['ctc_steps']}", "train.batch_size=32", f"train.lr={b['ctc_lr']}",
                       "train.warmup_steps=50", f"audio.dim={b['ctc_dim']}", f"audio.mlp_dim={4 * b['ctc_dim']}",
                       f"audio.n_layers={b['ctc_layers']}", f"val_data={data['val_speech']}"])
-    common = [f"train.batch_size={b['hear_batch']}", "seq_len=128", "train.warmup_steps=20"]
+    # 160 positions hold the slowest-read caption of the world
+    common = [f"train.batch_size={b['hear_batch']}", "seq_len=160", "train.warmup_steps=20"]
     demo.train("mllm", "hear-stage1", [data["speech"], data["sounds"]],
                [f"train.max_steps={b['hear1_steps']}", *common, "train.lr=2e-3", "freeze=connector",
                 f"audio={runs / 'ctc'}", f"audio_stack={b['audio_stack']}"], init="sft")

@@ -97,7 +97,7 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
     path = Path(path)
     k = model.tokens_per_image
     clips = ClipReader(model)
-    prompts, images, heard, answers, qtypes = [], [], [], [], []
+    prompts, images, heard, answers, qtypes, asked = [], [], [], [], [], []
     for where, obj in records(path)[:limit]:
         spoken = "question_audio" in obj
         if not (spoken or isinstance(obj.get("question"), str)) or not isinstance(obj.get("answers"), list):
@@ -110,6 +110,8 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
         heard.append(r.audio)
         answers.append(obj["answers"])
         qtypes.append(obj.get("qtype", "all"))
+        # what was asked, for the samples: a spoken question's transcript where the line has one
+        asked.append(obj.get("question", "") if spoken else tok.decode(r.ids))
     preds = complete(model, tok, prompts, images, blind, 8, batch_size, clips=clips, audio_paths=heard)
     scores = [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
     by_type: dict[str, list[float]] = {}
@@ -117,8 +119,8 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
         by_type.setdefault(q, []).append(s)
     return {"vqa_accuracy": round(100 * sum(scores) / len(scores), 2), "n": len(scores),
             "by_type": {q: round(100 * sum(v) / len(v), 2) for q, v in sorted(by_type.items())},
-            "samples": [{"question": prompts_q, "prediction": p, "answers": a[:3]}
-                        for prompts_q, p, a in zip([tok.decode(x) for x in prompts[:4]], preds, answers)]}
+            "samples": [{"question": q, "prediction": p, "answers": a[:3]}
+                        for q, p, a in zip(asked, preds, answers)]}
 
 
 def eval_caption(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:

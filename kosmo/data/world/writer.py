@@ -156,16 +156,18 @@ def _sentence(world: World, split: str, index: int) -> str:
     return captions[index // 2 % len(captions)]
 
 
-def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
-    """Spoken sentences, spoken questions and sound events: `n` training and `val` evaluation clips of each, as
-    16-bit 16 kHz WAV files under out_dir/audio/ and speech.jsonl, spoken_vqa.jsonl, sounds.jsonl and their
-    val_ files.
+def write_audio(world: World, out_dir: str | Path, *, n: int, val: int, questions: int | None = None
+                ) -> dict[str, Path]:
+    """Spoken sentences, spoken questions and sound events: `n` training and `val` evaluation clips of each (of
+    training questions, `questions` if given), as 16-bit 16 kHz WAV files under out_dir/audio/ and speech.jsonl,
+    spoken_vqa.jsonl, sounds.jsonl and their val_ files.
 
     Speech and sounds are lines {"audio": path, "text": target}, the target a transcript or a sound's class
     name, so transcription and naming sounds share one format; a speech line adds the voice that read it, a
-    sound line the class names to rank. A spoken question is write_world's VQA line of the same split and
-    index (the same picture and question) with the question read aloud in `question_audio`: the first `val`
-    lines of val_vqa.jsonl, asked aloud, are val_spoken_vqa.jsonl.
+    sound line the class names to rank. A spoken question is a VQA line with the question read aloud in
+    `question_audio`. Training asks every question of each picture in turn, so that every kind of question is
+    heard about the same picture; evaluation asks write_world's VQA lines (the same picture and question of the
+    same index): the first `val` lines of val_vqa.jsonl, asked aloud, are val_spoken_vqa.jsonl.
     """
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,13 @@ def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[
         return audio, {"text": text, "voice": asdict(voice)}
 
     def question(split: str, i: int) -> tuple[np.ndarray, dict]:
-        line = _vqa(world, pictures, split, i)
+        if split == "val":
+            line = _vqa(world, pictures, split, i)
+        else:
+            scene = world.scene(i // len(QTYPES), split)
+            item = world.vqa(scene, i // len(QTYPES))[i % len(QTYPES)]
+            line = {"image": pictures.path(scene), "question": item.question, "answers": [item.answer] * 10,
+                    "qtype": item.qtype}
         voice, audio = speak(line["question"], seed, split, i, stream="question_voice")
         return audio, {**line, "voice": asdict(voice)}
 
@@ -197,7 +205,8 @@ def write_audio(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[
             return list(pool.map(line, range(count)))
 
     plan = {"speech": (spoken, "train", n), "val_speech": (spoken, "val", val),
-            "spoken_vqa": (question, "train", n), "val_spoken_vqa": (question, "val", val),
+            "spoken_vqa": (question, "train", n if questions is None else questions),
+            "val_spoken_vqa": (question, "val", val),
             "sounds": (sound, "train", n), "val_sounds": (sound, "val", val)}
     return {key: _write_jsonl(out / f"{key}.jsonl", clips(key, make, split, count))
             for key, (make, split, count) in plan.items()}
