@@ -120,7 +120,7 @@ def eval_vqa(model, tok, path, blind=False, system: str | None = None, batch_siz
     return {"vqa_accuracy": round(100 * sum(scores) / len(scores), 2), "n": len(scores),
             "by_type": {q: round(100 * sum(v) / len(v), 2) for q, v in sorted(by_type.items())},
             "samples": [{"question": q, "prediction": p, "answers": a[:3]}
-                        for q, p, a in zip(asked, preds, answers)]}
+                        for q, p, a in zip(asked[:4], preds, answers)]}
 
 
 def eval_caption(model, tok, path, blind=False, batch_size=32, limit=None) -> dict:
