@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
-
 from conftest import kosmo
 from serve_helpers import Server, build_runs
 
@@ -50,9 +49,9 @@ def test_own_audio_trains_evaluates_and_is_served(mine, tmp_path):
     kosmo("train", "audio", "--data", speech, "--out", tmp_path / "my-ctc", f"val_data={val}", *TINY,
           "audio.dim=32", "audio.n_layers=1", "audio.n_heads=2", "audio.mlp_dim=64")
     kosmo("train", "mllm", "--init", seeing, f"audio={tmp_path / 'my-ctc'}", "--data", speech, "--out",
-          tmp_path / "my-hear-1", "freeze=connector", "val_fraction=0", *TINY)
+          tmp_path / "my-hear-1", "freeze=connector", "val_fraction=0", "seq_len=160", *TINY)
     kosmo("train", "sft", "--init", tmp_path / "my-hear-1", "--data", speech, "--out", tmp_path / "my-hear",
-          "val_fraction=0", *TINY)
+          "val_fraction=0", "seq_len=160", *TINY)
     hear = tmp_path / "my-hear"
     result = last_json(kosmo("eval", "asr", "--model", hear, "--data", val))
     assert result["n"] == 2 and result["wer"] >= 0 and "wer" in result["deaf"]
@@ -75,5 +74,5 @@ def test_audio_for_a_model_without_ears_is_a_one_line_error(mine, tmp_path):
     proc = kosmo("generate", "--model", seeing, "--audio", mine / "clips/0000.flac", "--prompt", "", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("does not hear; it takes no --audio")
     proc = kosmo("train", "sft", "--init", seeing, "--data", mine / "speech.jsonl", "--out", tmp_path / "x", *TINY,
-                 check=False)
+                 "seq_len=160", check=False)
     assert proc.returncode == 2 and "speech.jsonl:1: the data has audio but the model takes none" in proc.stderr
