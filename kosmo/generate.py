@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmo.model.causal_lm import CausalLM
-from kosmo.tokenizer import END_OF_TURN, EOS, IMAGE, PAD
+from kosmo.tokenizer import AUDIO_PAD, END_OF_TURN, EOS, IMAGE, IMAGE_PAD, PAD
 
 
 @dataclass
@@ -43,7 +43,14 @@ def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return logits
 
 
+# Positions an image or a clip fills, and padding: a model reads these ids but never writes them. A sampled
+# one would claim embeddings nobody gave (a random or barely trained model can put them on top).
+NEVER_WRITTEN = (PAD, IMAGE_PAD, AUDIO_PAD)
+
+
 def next_tokens(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """(B,) next tokens from (B, V) logits: greedy at temperature 0, else sampled after `filter_logits`."""
+    logits = logits.index_fill(-1, torch.tensor(NEVER_WRITTEN, device=logits.device), float("-inf"))
     if s.temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, s).softmax(-1)

@@ -77,3 +77,17 @@ def test_top_k_and_top_p_filter_the_right_tokens():
 def test_prompt_beyond_context_is_refused(model):
     with pytest.raises(ValueError, match="exceeds the context"):
         generate_ids(model, [[1] * 120], Sampling(max_new_tokens=20))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_placeholders_and_padding_are_never_written(temperature):
+    """Logits that put <|audio_pad|>, <|image_pad|> and <pad> far on top still give a word: those ids stand for
+    embeddings and padding, and a written one would claim a clip or picture nobody gave."""
+    from kosmo.generate import next_tokens
+    from kosmo.tokenizer import AUDIO_PAD, IMAGE_PAD, PAD
+    logits = torch.zeros(64, 300)
+    logits[:, [PAD, IMAGE_PAD, AUDIO_PAD]] = 50.0
+    logits[:, 40] = 1.0
+    tokens = next_tokens(logits, Sampling(temperature=temperature), torch.Generator().manual_seed(0))
+    assert not {PAD, IMAGE_PAD, AUDIO_PAD} & set(tokens.tolist())
+    assert temperature or set(tokens.tolist()) == {40}
