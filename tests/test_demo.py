@@ -27,6 +27,14 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 1000
     assert all((tmp_path / g["image"]).is_file() for g in v["gallery"])
     assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
+    # the hearing section: every figure beside its deaf or blind twin, measured on held-out voices
+    h = report["audio"]["eval"]
+    assert {"wer", "cer"} <= h["asr"].keys() and {"wer", "cer"} <= h["asr"]["deaf"].keys() and h["asr"]["n"] == 8
+    assert "accuracy" in h["sounds"]["deaf"] and "vqa_accuracy" in h["vqa_spoken"]["blind"]
+    assert h["vqa_spoken"]["n"] == h["vqa_typed"]["n"] == 8  # the same pictures, asked aloud and typed
+    assert {"train_cer", "val_cer", "val_wer"} <= report["audio"]["ctc"].keys()
+    assert f"| word error rate (%) | {h['asr']['wer']:.2f} | {h['asr']['deaf']['wer']:.2f} |" in md
+    assert (tmp_path / "log_mel.png").stat().st_size > 1000 and len(report["audio"]["transcripts"]) == 4
     # the architectures section: both arms trained from the same runs, measured the same way
     arms = report["flamingo"]["arms"]
     k, f = arms["kosmos"], arms["flamingo"]
