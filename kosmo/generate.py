@@ -3,6 +3,7 @@ batched prompts of different lengths, each row of the cache at its own length.""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -48,9 +49,14 @@ def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 NEVER_WRITTEN = (PAD, IMAGE_PAD, AUDIO_PAD)
 
 
+@functools.cache
+def _never_written(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NEVER_WRITTEN, device=device)  # made once per device, not at every decode step
+
+
 def next_tokens(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits: greedy at temperature 0, else sampled after `filter_logits`."""
-    logits = logits.index_fill(-1, torch.tensor(NEVER_WRITTEN, device=logits.device), float("-inf"))
+    logits = logits.index_fill(-1, _never_written(logits.device), float("-inf"))
     if s.temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, s).softmax(-1)

@@ -76,3 +76,11 @@ def test_audio_for_a_model_without_ears_is_a_one_line_error(mine, tmp_path):
     proc = kosmo("train", "sft", "--init", seeing, "--data", mine / "speech.jsonl", "--out", tmp_path / "x", *TINY,
                  "seq_len=160", check=False)
     assert proc.returncode == 2 and "speech.jsonl:1: the data has audio but the model takes none" in proc.stderr
+
+
+def test_the_demos_hearing_section_alone_is_refused_in_one_line(tmp_path):
+    proc = kosmo("demo", "--quick", "--sections", "audio", "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "kosmo: error: the audio section gives ears to the vision section's model: run it with --sections "
+        "vision,audio")
+    assert not (tmp_path / "data" / "audio").exists()  # refused before any clip is written

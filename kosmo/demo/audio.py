@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kosmo.data.world import write_audio
 from kosmo.demo import log
+from kosmo.errors import KosmoError
 
 # The recipe and its budget; docs/performance.md gives the default's timings.
 BUDGETS = {
@@ -28,6 +29,9 @@ BUDGETS = {
 
 
 def write_data(demo, b: dict) -> dict[str, Path]:
+    if "vision" not in demo.report["sections"]:  # checked before any clip is written
+        raise KosmoError("the audio section gives ears to the vision section's model: run it with --sections "
+                         "vision,audio")
     return demo.timed("audio_data", lambda: write_audio(demo.world, demo.data_dir, n=b["audio_n"],
                                                         val=b["audio_eval_n"], questions=b["audio_questions"]))
 
@@ -36,9 +40,6 @@ def run(demo, b: dict) -> dict:
     from kosmo.eval import audio as A
     from kosmo.eval.vision import evaluate
 
-    if "vision" not in demo.report["sections"]:
-        raise SystemExit("the audio section gives ears to the vision section's model: run it with --sections "
-                         "vision,audio")
     data, runs = demo.data, demo.runs
     ctc = demo.train("audio", "ctc", [data["speech"]],
                      [f"train.max_steps={b['ctc_steps']}", "train.batch_size=32", f"train.lr={b['ctc_lr']}",
