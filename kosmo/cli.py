@@ -15,15 +15,18 @@ from kosmo.train.run import stages
 
 
 def cmd_world(args):
-    from kosmo.data.world import World, WorldConfig, write_audio, write_world
-    if args.audio < 0:
-        raise KosmoError(f"--audio must be 0 or more, got {args.audio}")
+    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_world
+    for flag in ("audio", "draw"):
+        if getattr(args, flag) < 0:
+            raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
+    world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
     if args.audio:
-        world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
+    if args.draw:
+        paths.update(write_drawing(world, args.out, n=args.draw, val=max(1, args.draw // 20)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -242,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--audio", type=int, default=0, metavar="N",
                    help="also N spoken sentences and N sound events (and a tenth as many held out) as WAV + JSONL; "
                         "needs espeak-ng")
+    w.add_argument("--draw", type=int, default=0, metavar="N",
+                   help="also N prompts to draw training pictures from, and N/20 evaluation prompts of each "
+                        "GenEval category with the specs that check their pictures (draw.jsonl, val_draw.jsonl)")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")

@@ -10,6 +10,7 @@ from PIL import Image
 from kosmo.data.world import (COLOURS, EPISODE_QUERY, FACTS, QTYPES, REFUSAL, SHAPES, SIZES, STYLES, AlignPrompt,
                               Judgement, Obj, Scene, World, WorldConfig, apply_style, complies, judge, system_prompt,
                               write_fewshot, write_world)
+from kosmo.data.world.text import relation
 from kosmo.errors import KosmoError
 
 
@@ -409,3 +410,63 @@ def test_write_fewshot(tmp_path):
         assert len(content) == 10 and content[-1] == {"text": EPISODE_QUERY}
         assert named[content[8]["image"]] == f"This is a {doc['answer']}."  # the query repeats a picture
         assert sorted(doc["labels"]) == sorted(text.split()[-1].rstrip(".") for text in named.values())
+
+
+def _described(piece):
+    """Our own reading of a piece of a drawing prompt: (how many, the attributes it gives)."""
+    words = piece.split()
+    count = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}[words[0]]
+    attrs = {}
+    for w in words[1:]:
+        if w in SIZES:
+            attrs["size"] = w
+        elif w in COLOURS:
+            attrs["colour"] = w
+        elif w.rstrip("s").removesuffix("se") in SHAPES or w in ("crosses", "cross"):
+            attrs["shape"] = "cross" if w.startswith("cross") else w.rstrip("s")
+    rest = piece.split(attrs.get("shape", "object"), 1)[-1].lstrip("es ")
+    if rest.startswith(("in ", "on ")):
+        attrs["row"], attrs["col"] = _cell(rest)
+    return count, attrs
+
+
+def test_drawing_prompts_are_true_and_name_every_object(world):
+    from kosmo.data.world import PROMPT_STYLES
+    seen = Counter()
+    for i in range(300):
+        scene = world.scene(i)
+        styles = world.prompt_styles(scene)
+        assert set(styles) <= set(PROMPT_STYLES)
+        assert world.draw_prompt(scene, i) in styles.values()
+        seen.update(k for k, v in styles.items() if v == world.draw_prompt(scene, i))
+        for style, prompt in styles.items():
+            rel = next((r for r in ("to the left of", "to the right of", "above", "below") if f" {r} " in prompt), None)
+            pieces = prompt.split(f" {rel} ") if rel else re.split(r", | and ", prompt)
+            total = 0
+            for piece in pieces:
+                n, attrs = _described(piece)
+                matching = [o for o in scene.objects if all(getattr(o, k) == v for k, v in attrs.items())]
+                assert len(matching) == n, (prompt, piece)
+                total += n
+            assert total == len(scene.objects), prompt  # every object is named (or counted)
+            if rel:
+                a, b = (next(o for o in scene.objects if o.name in p) for p in pieces)
+                assert relation(a, b) == rel
+    assert set(seen) == set(PROMPT_STYLES)
+
+
+def test_draw_items_are_deterministic_balanced_and_satisfiable():
+    from kosmo.data.world import CATEGORIES
+    from kosmo.eval.imagegen import detect, satisfied
+    a, b, c = World(seed=3, image_size=36), World(seed=3, image_size=36), World(seed=4, image_size=36)
+    items = [a.draw_item(i) for i in range(120)]
+    assert items == [b.draw_item(i) for i in range(120)]
+    assert items != [c.draw_item(i) for i in range(120)]
+    assert items != [a.draw_item(i, "test") for i in range(120)]
+    assert Counter(it.category for it in items) == {cat: 20 for cat in CATEGORIES}
+    for it in items:
+        assert json.loads(json.dumps(it.spec)) == it.spec
+        assert not {(o.colour, o.shape) for o in it.scene.objects} & a.heldout_combos
+        assert satisfied(it.spec, detect(a.render(it.scene)), it.category), it
+    prompts = Counter(it.prompt for it in items)
+    assert len(prompts) > 80

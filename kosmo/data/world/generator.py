@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from kosmo.data.world.chats import Conversations
 from kosmo.data.world.documents import Documents
+from kosmo.data.world.drawing import Drawing
 
 
-class World(Documents, Conversations):
+class World(Documents, Conversations, Drawing):
     """The generator. `World(WorldConfig(seed=1))` or `World(seed=1, image_size=64)`.
 
     Its parts: scenes and pictures (scenes.py), what is said about a scene (text.py), documents, episodes and
-    picture recall (documents.py), chats and alignment prompts (chats.py).
+    picture recall (documents.py), chats and alignment prompts (chats.py),
+    prompts for drawing and their evaluation items (drawing.py).
     """

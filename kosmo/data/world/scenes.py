@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ _POSITIONS = (("in the top left corner", "in the top middle", "in the top right 
               ("in the bottom left corner", "in the bottom middle", "in the bottom right corner"))
 # Every kind of item draws from a random stream of its own, so that drawing more for one kind never shifts another.
 _STREAMS = {"scene": 0, "text": 1, "vqa": 2, "interleaved": 3, "episode": 4, "chat": 5, "align": 6,
-            "heldout": 7, "render": 8, "caption": 9, "voice": 100, "sound": 101,
+            "heldout": 7, "render": 8, "caption": 9, "draw": 10, "draw_item": 11, "voice": 100, "sound": 101,
             "question_voice": 102}
 
 
@@ -85,6 +85,40 @@ def pick(rng: np.random.Generator, seq):
     return seq[int(rng.integers(len(seq)))]  # far faster than rng.choice on small Python sequences
 
 
+def background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A light, nearly grey background colour."""
+    level = int(rng.integers(200, 236))
+    return tuple(int(v) for v in np.clip(level + rng.integers(-8, 9, size=3), 0, 255))
+
+
+@cache
+def shape_masks(image_size: int) -> dict[tuple[str, str, int, int], np.ndarray]:
+    """The pixels every (shape, size, row, col) covers in a picture of image_size pixels a side (read-only).
+
+    Objects sit exactly at cell centres, so all 72 masks are computed once and rendering is a few copies.
+    Centres snap to pixel corners: a shape then has the same symmetric pixels in every cell, so the masks of one
+    shape and size are translations of each other.
+    """
+    s = image_size
+    cell = s / 3
+    ys, xs = np.mgrid[0:s, 0:s] + 0.5
+    masks = {}
+    for row in range(3):
+        for col in range(3):
+            dy, dx = ys - round((row + 0.5) * cell), xs - round((col + 0.5) * cell)
+            for size, frac in (("small", 0.34), ("large", 0.47)):
+                r = frac * cell
+                arm = max(0.3 * r, 0.6)
+                masks["circle", size, row, col] = dx**2 + dy**2 <= r * r
+                masks["square", size, row, col] = (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+                masks["triangle", size, row, col] = (np.abs(dx) <= (dy + r) * 0.55) & (dy <= 0.8 * r)
+                masks["cross", size, row, col] = (((np.abs(dx) <= arm) & (np.abs(dy) <= r))
+                                                  | ((np.abs(dy) <= arm) & (np.abs(dx) <= r)))
+    for m in masks.values():
+        m.flags.writeable = False
+    return masks
+
+
 class Scenes:
     """The world's config, its random streams, and its scenes and their pictures."""
 
@@ -107,7 +141,7 @@ class Scenes:
         every = [(c, s) for c in COLOURS for s in SHAPES]
         self._pools = {"all": every, "seen": [p for p in every if p not in self.heldout_combos],
                        "heldout": [p for p in every if p in self.heldout_combos]}
-        self._masks = self._build_masks()
+        self._masks = shape_masks(cfg.image_size)
 
     def _rng(self, kind: str, split: str, index: int) -> np.random.Generator:
         return item_rng(self.config.seed, kind, split, index)
@@ -132,33 +166,11 @@ class Scenes:
             used.add((c, s))
             sz = size if k == 0 and size else SIZES[int(rng.integers(2))]
             objs.append(Obj(s, c, sz, int(cell) // 3, int(cell) % 3))
-        level = int(rng.integers(200, 236))
-        bg = tuple(int(v) for v in np.clip(level + rng.integers(-8, 9, size=3), 0, 255))
-        return Scene(tuple(sorted(objs, key=lambda o: (o.row, o.col))), bg)
+        return Scene(tuple(sorted(objs, key=lambda o: (o.row, o.col))), background(rng))
 
     def scene(self, index: int, split: str = "train") -> Scene:
         """The scene at (seed, split, index)."""
         return self._sample_scene(self._rng("scene", split, index), split)
-
-    def _build_masks(self) -> dict[tuple[str, str, int, int], np.ndarray]:
-        # Objects sit exactly at cell centres, so all 72 masks can be precomputed and rendering is a few copies.
-        # Centres snap to pixel corners: a shape then has the same symmetric pixels in every cell.
-        s = self.config.image_size
-        cell = s / 3
-        ys, xs = np.mgrid[0:s, 0:s] + 0.5
-        masks = {}
-        for row in range(3):
-            for col in range(3):
-                dy, dx = ys - round((row + 0.5) * cell), xs - round((col + 0.5) * cell)
-                for size, frac in (("small", 0.34), ("large", 0.47)):
-                    r = frac * cell
-                    arm = max(0.3 * r, 0.6)
-                    masks["circle", size, row, col] = dx**2 + dy**2 <= r * r
-                    masks["square", size, row, col] = (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
-                    masks["triangle", size, row, col] = (np.abs(dx) <= (dy + r) * 0.55) & (dy <= 0.8 * r)
-                    masks["cross", size, row, col] = (((np.abs(dx) <= arm) & (np.abs(dy) <= r))
-                                                      | ((np.abs(dy) <= arm) & (np.abs(dx) <= r)))
-        return masks
 
     def render(self, scene: Scene) -> Image.Image:
         """Draw a scene as an RGB image of config.image_size pixels a side."""

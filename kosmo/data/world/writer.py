@@ -15,6 +15,7 @@ import soundfile
 
 from kosmo.data.audio import SAMPLE_RATE
 from kosmo.data.world.documents import Episode, Recall, Segment
+from kosmo.data.world.drawing import CATEGORIES
 from kosmo.data.world.generator import World
 from kosmo.data.world.scenes import Scene, WorldConfig
 from kosmo.data.world.speech import SOUND_CLASSES, sound_event, speak
@@ -144,6 +145,27 @@ def write_vqa_documents(out_dir: str | Path) -> Path:
     return _write_jsonl(out / "vqa_docs.jsonl", ({"content": [
         {"image": item["image"]}, {"text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}
         for item in items))
+
+
+def write_drawing(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
+    """Prompts to draw from and to be judged on: draw.jsonl, `n` lines {"prompt", "image"}, a training scene's
+    picture and a true prompt for it; and val_draw.jsonl, `val` evaluation items of each category, lines
+    {"prompt", "category", "spec", "image"}, the picture the held-out scene the prompt was drawn from (a real
+    picture that satisfies it), the categories taking turns."""
+    out = Path(out_dir)
+    pictures = Pictures(world, out)
+
+    def train(i: int) -> dict:
+        scene = world.scene(i, "train")
+        return {"prompt": world.draw_prompt(scene, i), "image": pictures.path(scene)}
+
+    def evaluation(i: int) -> dict:
+        item = world.draw_item(i, "val")
+        return {"prompt": item.prompt, "category": item.category, "spec": item.spec,
+                "image": pictures.path(item.scene)}
+
+    return {"draw": _write_jsonl(out / "draw.jsonl", (train(i) for i in range(n))),
+            "val_draw": _write_jsonl(out / "val_draw.jsonl", (evaluation(i) for i in range(val * len(CATEGORIES))))}
 
 
 def _sentence(world: World, split: str, index: int) -> str:
