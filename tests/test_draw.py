@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import kosmo
 from PIL import Image
 
-from conftest import kosmo
 from kosmo.data.images import load_images
 from kosmo.data.multimodal import ImageBank, MultimodalDataset, encode_drawings, read_examples
 from kosmo.draw import UNCONDITIONAL, DrawSampling, draw, draw_codes, prompt_ids

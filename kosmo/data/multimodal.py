@@ -11,9 +11,9 @@ with image and audio slots, target flags and the images and clips they need.
 Loss is on text, and on the codes of a picture to draw: no position is asked to predict an image or audio
 token it reads, and chat examples learn only the assistant's words. A draw line ({"prompt", "image"})
 needs a model with an image tokenizer: `encode_drawings` writes each picture's codes into its examples,
-and the dataset drops the prompt of a share of them (`uncond`), which classifier-free guidance needs. Each image and clip is decoded once, however many examples use it. A clip
-fills as many positions as the model gives its length (`audio_tokens`), so reading data with audio
-reads the clips.
+and the dataset drops the prompt of a share of them (`uncond`), which classifier-free guidance needs.
+Each image and clip is decoded once, however many examples use it. A clip fills as many positions as
+the model gives its length (`audio_tokens`), so reading data with audio reads the clips.
 """
 
 from __future__ import annotations
