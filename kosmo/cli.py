@@ -67,11 +67,13 @@ def cmd_generate(args):
         prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise KosmoError("give at least one --prompt or a --prompts-file")
+    if args.image_out:
+        return _draw(args, model, tok, prompts, device, precision)
     from kosmo.tokenizer import BOS
     pictures, images = _pictures(args, model, config, len(prompts))
     sounds, audio = _clips(args, model, config, len(prompts))
     ids = [[BOS] + pictures + sounds + tok.encode(p) for p in prompts]
-    s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
@@ -81,6 +83,30 @@ def cmd_generate(args):
     for p, r in zip(prompts, results):
         print(json.dumps({"prompt": p, "completion": r.text, "finish_reason": r.finish_reason,
                           "tokens": len(r.tokens)}, ensure_ascii=False))
+
+
+def _draw(args, model, tok, prompts: list[str], device, precision):
+    """--image-out: --n pictures per prompt, drawn together; IMAGE_OUT itself for one picture, else
+    IMAGE_OUT's name numbered 1, 2, … in prompt order."""
+    from kosmo import hardware
+    from kosmo.draw import DrawSampling, draw
+    if args.n < 1:
+        raise KosmoError(f"--n must be at least 1, got {args.n}")
+    if args.image or args.audio:
+        raise KosmoError("--image-out draws from text alone: drop --image and --audio")
+    try:
+        s = DrawSampling(cfg=args.cfg, temperature=1.0 if args.temperature is None else args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        with hardware.autocast(device, precision):
+            drawn = draw(model, tok, [p for p in prompts for _ in range(args.n)], s)
+    except ValueError as e:
+        raise KosmoError(f"{args.model}: {e}") from None
+    out = Path(args.image_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, (picture, prompt) in enumerate(zip(drawn, [p for p in prompts for _ in range(args.n)]), start=1):
+        path = out if len(drawn) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        picture.save(path)
+        print(json.dumps({"prompt": prompt, "image": str(path)}, ensure_ascii=False))
 
 
 def _pictures(args, model, config: dict, n_prompts: int):
@@ -266,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     tr.set_defaults(fn=cmd_train)
 
-    g = sub.add_parser("generate", help="complete prompts")
+    g = sub.add_parser("generate", help="complete prompts, or draw them (--image-out)")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", action="append", default=[])
     g.add_argument("--prompts-file")
@@ -275,8 +301,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--audio", action="append", default=[], metavar="PATH",
                    help="a clip after the pictures of every prompt (repeatable; runs that hear); with an empty "
                         "--prompt, the model transcribes it")
+    g.add_argument("--image-out", metavar="PNG", help="draw each prompt into this file (runs that draw)")
+    g.add_argument("--n", type=int, default=1, help="--image-out: pictures per prompt")
+    g.add_argument("--cfg", type=float, default=3.0, help="--image-out: classifier-free guidance scale (1: none)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, help="0 is greedy (the default for text; drawing's is 1)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmo.model.causal_lm import CausalLM
-from kosmo.tokenizer import AUDIO_PAD, END_OF_TURN, EOS, IMAGE, IMAGE_PAD, PAD
+from kosmo.tokenizer import AUDIO_PAD, BEGIN_OF_IMAGE, END_OF_IMAGE, END_OF_TURN, EOS, IMAGE, IMAGE_PAD, PAD
 
 
 @dataclass
@@ -45,8 +45,10 @@ def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 # Positions an image or a clip fills, and padding: a model reads these ids but never writes them. A sampled
-# one would claim embeddings nobody gave (a random or barely trained model can put them on top).
-NEVER_WRITTEN = (PAD, IMAGE_PAD, AUDIO_PAD)
+# one would claim embeddings nobody gave (a random or barely trained model can put them on top). Nor does
+# text open a picture to draw: drawing (`kosmo.draw`) writes the markers and the codes between them, and
+# text generation sees only the logits of the text vocabulary (`CausalLM.text_vocab`).
+NEVER_WRITTEN = (PAD, IMAGE_PAD, AUDIO_PAD, BEGIN_OF_IMAGE, END_OF_IMAGE)
 
 
 @functools.cache
@@ -99,8 +101,9 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         or (without one) the whole sequences so far."""
         idx, lengths = right_pad(rows, device)
         last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
-        return model(idx, images, audio, cache=cache, n_new=lengths, logits_at=last)
+        return model(idx, images, audio, cache=cache, n_new=lengths, logits_at=last)[:, :text_vocab]
 
+    text_vocab = model.text_vocab
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     stop = torch.tensor(list(stop_ids), device=device)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -126,7 +129,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         # rows already done keep decoding padding so the batch stays rectangular
         tok = tok.masked_fill(done, PAD)
         if cache is not None:
-            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1]
+            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :text_vocab]
         else:
             for row, t in zip(fed, tok.tolist()):
                 row.append(t)

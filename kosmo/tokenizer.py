@@ -3,6 +3,8 @@
 Special tokens have fixed ids (below) in every kosmo tokenizer, so templates, data pipelines and
 checkpoints agree without looking anything up. Ordinary text can never produce them: encoding treats
 the literal string "<s>" as five characters of text, and only templates insert specials, by id.
+A model that draws has ids beyond the tokenizer's: the image tokenizer's codes, appended to the LM's
+vocabulary (`kosmo.model.mllm`); text decoding skips them.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ SPECIAL_TOKENS = [
     "<audio>",        # 10 opens an audio clip's embeddings
     "</audio>",       # 11
     "<|audio_pad|>",  # 12 placeholder at the positions audio embeddings are spliced into
-] + [f"<|reserved_{i}|>" for i in range(13, 16)]
+    "<|begin_of_image|>",  # 13 opens a drawn picture: the image tokenizer's codes follow, one per position
+    "<|end_of_image|>",    # 14 closes it
+    "<|reserved_15|>",
+]
 
-PAD, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, AUDIO, AUDIO_END, AUDIO_PAD = range(13)
+(PAD, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, AUDIO, AUDIO_END, AUDIO_PAD,
+ BEGIN_OF_IMAGE, END_OF_IMAGE) = range(15)
 ROLE_IDS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 

@@ -6,11 +6,14 @@ with image and audio slots, target flags and the images and clips they need.
     audio        <s> <audio> [N x <|audio_pad|>] </audio> transcript (or a sound's name) </s>
     interleaved  <s> text <image> … </image> text <audio> … </audio> … </s>
     VQA, chat    the chat template of `kosmo.data.chat`; a VQA line with `question_audio` asks it aloud
+    draw         <s> prompt <|begin_of_image|> [the picture's codes] <|end_of_image|> </s>
 
-Loss is on text only: no position is asked to predict an image or audio token, and chat examples learn
-only the assistant's words. Each image and clip is decoded once, however many examples use it. A clip
-fills as many positions as the model gives its length (`audio_tokens`), so reading data with audio
-reads the clips.
+Loss is on text, and on the codes of a picture to draw: no position is asked to predict an image or audio
+token it reads, and chat examples learn only the assistant's words. A draw line ({"prompt", "image"})
+needs a model with an image tokenizer: `encode_drawings` writes each picture's codes into its examples,
+and the dataset drops the prompt of a share of them (`uncond`), which classifier-free guidance needs.
+Each image and clip is decoded once, however many examples use it. A clip fills as many positions as
+the model gives its length (`audio_tokens`), so reading data with audio reads the clips.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from kosmo.data import chat
 from kosmo.data.audio import AudioCache
 from kosmo.data.jsonl import read_jsonl
 from kosmo.errors import KosmoError
-from kosmo.tokenizer import AUDIO, AUDIO_END, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
+from kosmo.tokenizer import AUDIO, AUDIO_END, BEGIN_OF_IMAGE, BOS, END_OF_IMAGE, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
 
-KINDS = ("text", "captions", "audio", "interleaved", "vqa", "chat")
+KINDS = ("text", "captions", "audio", "interleaved", "vqa", "chat", "draw")
 IMAGE_TOKENS = (IMAGE, IMAGE_PAD, IMAGE_END)
 
 
@@ -38,11 +41,19 @@ class Example:
     images: list[str] = field(default_factory=list)
     kind: str = "text"
     audio: list[str] = field(default_factory=list)
+    drawn: str | None = None    # the picture a draw example's codes come from (PAD until `encode_drawings`)
+
+    def unconditional(self) -> Example:
+        """A draw example without its prompt: what guidance contrasts the prompt with."""
+        start = self.ids.index(BEGIN_OF_IMAGE)
+        return Example([BOS, *self.ids[start:]], [False, *self.target[start:]], kind=self.kind, drawn=self.drawn)
 
 
 def kind_of(obj: dict) -> str:
     if "messages" in obj:
         return "chat"
+    if "prompt" in obj and "image" in obj:
+        return "draw"
     if ("question" in obj or "question_audio" in obj) and "image" in obj:
         return "vqa"
     if "content" in obj:
@@ -76,8 +87,9 @@ class ClipLengths:
 
 
 def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path, where: str,
-                        audio_tokens: Callable[[str, str], int] | None = None) -> Example:
-    """One line as an example; `audio_tokens(path, where)` gives a clip's positions (without it, audio is refused)."""
+                        audio_tokens: Callable[[str, str], int] | None = None, codes_per_image: int = 0) -> Example:
+    """One line as an example; `audio_tokens(path, where)` gives a clip's positions (without it, audio is refused),
+    and `codes_per_image` a drawn picture's (0: the model cannot draw)."""
     kind = kind_of(obj)
 
     def image_path(ref) -> str:
@@ -103,6 +115,14 @@ def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path,
         block = chat.image_block(tokens_per_image)
         return Example([BOS, *block, *caption, EOS], [False] * (1 + len(block)) + [True] * (len(caption) + 1),
                        [image_path(obj["image"])], kind)
+    if kind == "draw":
+        if not codes_per_image:
+            raise KosmoError(f"{where}: a draw line, but the model has no image tokenizer to draw with "
+                             "(set image_tokenizer=RUN, a `kosmo train vqvae` run)")
+        prompt = tokenizer.encode(_text(obj, "prompt", where))
+        n = 1 + len(prompt)
+        return Example([BOS, *prompt, BEGIN_OF_IMAGE, *[PAD] * codes_per_image, END_OF_IMAGE, EOS],
+                       [False] * (n + 1) + [True] * (codes_per_image + 2), kind=kind, drawn=image_path(obj["image"]))
     if kind == "audio":
         text = tokenizer.encode(_text(obj, "text", where))
         block = chat.audio_block(clip_tokens(obj["audio"]))
@@ -140,7 +160,7 @@ def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path,
     if kind in ("vqa", "chat"):
         r = chat.render(obj["messages"], tokenizer, tokens_per_image, where=where, audio_tokens=clip_tokens)
         return Example(r.ids, r.target, [image_path(i) for i in r.images], kind, [clip_path(a) for a in r.audio])
-    raise KosmoError(f"{where}: unknown record (expected a text, caption, audio, interleaved, VQA or chat line)")
+    raise KosmoError(f"{where}: unknown record (expected a text, caption, audio, interleaved, VQA, chat or draw line)")
 
 
 def _text(obj: dict, key: str, where: str) -> str:
@@ -154,21 +174,23 @@ def truncate(ex: Example, max_len: int) -> Example | None:
     if len(ex.ids) <= max_len:
         return ex
     ids, target = ex.ids[:max_len], ex.target[:max_len]
-    for start, end in ((IMAGE, IMAGE_END), (AUDIO, AUDIO_END)):
+    for start, end in ((IMAGE, IMAGE_END), (AUDIO, AUDIO_END), (BEGIN_OF_IMAGE, END_OF_IMAGE)):
         opened = [i for i, t in enumerate(ids) if t == start]
         closed = sum(t == end for t in ids)
         if len(opened) > closed:  # the cut fell inside a block: drop that block's tokens
             ids, target = ids[:opened[closed]], target[:opened[closed]]
     if not any(target[1:]):
         return None
-    return Example(ids, target, ex.images[:ids.count(IMAGE_END)], ex.kind, ex.audio[:ids.count(AUDIO_END)])
+    return Example(ids, target, ex.images[:ids.count(IMAGE_END)], ex.kind, ex.audio[:ids.count(AUDIO_END)],
+                   ex.drawn if END_OF_IMAGE in ids else None)
 
 
 def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
-                  kinds: tuple[str, ...] = KINDS, audio_tokens: Callable[[str, str], int] | None = None
-                  ) -> tuple[list[Example], int]:
+                  kinds: tuple[str, ...] = KINDS, audio_tokens: Callable[[str, str], int] | None = None,
+                  codes_per_image: int = 0) -> tuple[list[Example], int]:
     """All examples of the given kinds in `paths`, truncated to max_len; also how many were dropped.
-    `audio_tokens(path, where)`: a clip's positions (a `ClipLengths`), for a model that hears."""
+    `audio_tokens(path, where)`: a clip's positions (a `ClipLengths`), for a model that hears;
+    `codes_per_image`: a drawn picture's positions, for a model that draws."""
     out, dropped = [], 0
     for path in paths:
         path = Path(path)
@@ -177,13 +199,42 @@ def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
             kind = kind_of(obj)
             if kind not in kinds:
                 raise KosmoError(f"{where}: a {kind} line, but this stage reads {', '.join(kinds)} data")
-            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where, audio_tokens),
-                          max_len)
+            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where, audio_tokens,
+                                              codes_per_image), max_len)
             if ex is None:
                 dropped += 1
             else:
                 out.append(ex)
     return out, dropped
+
+
+@torch.no_grad()
+def encode_drawings(examples: list[Example], model, mode: str = "crop", batch: int = 256
+                    ) -> tuple[list[Example], list[str]]:
+    """The examples with each draw example's picture codes (as the model's ids) in place of its padding,
+    every picture read and encoded once; also the messages of the pictures that could not be read, whose
+    examples are left out."""
+    from kosmo.data.images import load_images
+    paths = list(dict.fromkeys(e.drawn for e in examples if e.drawn))
+    if not paths:
+        return examples, []
+    coder = model.image_tokenizer.eval()
+    pixels, ok, skipped = load_images(paths, coder.cfg.image_size, mode)
+    device = next(coder.parameters()).device
+    ids: dict[str, list[int]] = {}
+    for start in range(0, len(ok), batch):
+        codes = coder.encode(pixels[start:start + batch].to(device)).flatten(1)
+        ids.update(zip([paths[i] for i in ok[start:start + batch]], model.codes_to_ids(codes).tolist()))
+    kept = []
+    for e in examples:
+        if e.drawn is not None:
+            if e.drawn not in ids:
+                continue
+            start = e.ids.index(BEGIN_OF_IMAGE) + 1
+            e = Example(e.ids[:start] + ids[e.drawn] + e.ids[start + len(ids[e.drawn]):], e.target, kind=e.kind,
+                        drawn=e.drawn)
+        kept.append(e)
+    return kept, [message for _, message in skipped]
 
 
 class ImageBank:
@@ -206,7 +257,7 @@ class MultimodalDataset:
     """Examples plus their images and clips, mixed by kind with weights; implements the trainer's Dataset."""
 
     def __init__(self, examples: list[Example], bank: ImageBank, mix: dict[str, float] | None = None,
-                 seed: int = 0, pack_len: int = 0, audio: AudioCache | None = None):
+                 seed: int = 0, pack_len: int = 0, audio: AudioCache | None = None, uncond: float = 0.0):
         self.pack_len = pack_len  # >0: pack a batch's examples into rows of this many tokens
         self.audio = audio  # the clips' features, read by `ClipLengths` when the examples were made
         bad_clips = audio.skipped if audio else {}
@@ -217,6 +268,10 @@ class MultimodalDataset:
         if not self.examples:
             raise KosmoError("no usable examples (every one was empty or had an unreadable image or clip)")
         self.order = self._mix(mix or {}, seed)
+        # A fixed, seeded share of the epoch's draw examples goes without its prompt, so resume stays exact.
+        draws = [i for i, j in enumerate(self.order) if self.examples[j].kind == "draw"]
+        chosen = torch.randperm(len(draws), generator=torch.Generator().manual_seed(seed + 1))
+        self.unconditional = {draws[k] for k in chosen[:round(uncond * len(draws))].tolist()}
 
     def _mix(self, mix: dict[str, float], seed: int) -> list[int]:
         """Example indices for one epoch: each kind gets a share of the epoch proportional to its
@@ -250,7 +305,8 @@ class MultimodalDataset:
         """The batch of these examples. Packed, the same examples (hence the same loss) fill fewer rows:
         each example is its own document (`segments`), so none sees another, and far less of the
         batch is padding, which in short-answer chat data is otherwise most of it."""
-        exs = [self.examples[self.order[i]] for i in indices]
+        exs = [self.examples[self.order[i]].unconditional() if i in self.unconditional
+               else self.examples[self.order[i]] for i in indices]
         rows = pack(exs, self.pack_len) if self.pack_len else [[e] for e in exs]
         T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
         inp = torch.full((len(rows), T), PAD, dtype=torch.long)

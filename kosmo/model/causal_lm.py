@@ -4,6 +4,9 @@ and evaluation use this interface and nothing else of a model.
     decoder            the `LM` that holds the blocks, the vocabulary head and the context
     context_length     positions a sequence may use, prompt and reply together
     vocab_size         rows of the vocabulary head
+    text_vocab         the ids text generation may write: those below it (a model that draws has its
+                       image codes above them, written only when drawing)
+    image_tokenizer    the VQ-VAE whose codes the model writes to draw (`kosmo.draw`); None if it cannot
     tokens_per_image   positions one image fills in the sequence (`<|image_pad|>` ids); 0 where an
                        image fills none (a text model, or Flamingo, which cross-attends to images)
     image_size         the side of the square pictures the model reads; 0 for a text-only model
@@ -43,6 +46,14 @@ class CausalLM(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.decoder.cfg.vocab_size
+
+    @property
+    def text_vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def image_tokenizer(self):
+        return None
 
     def audio_tokens(self, frames: int) -> int:
         raise ValueError("this model takes no audio")

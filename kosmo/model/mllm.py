@@ -1,7 +1,9 @@
 """The KOSMOS-1 / MetaLM multimodal LM: image encoder -> connector -> embeddings spliced into the
 token stream between <image> and </image>, then an ordinary decoder-only LM over the mixed sequence.
 A model that hears does the same with audio: a Whisper-style encoder -> frame stacker -> embeddings
-between <audio> and </audio>, as many positions as the clip is long.
+between <audio> and </audio>, as many positions as the clip is long. A model that draws has an image
+tokenizer (a VQ-VAE) and its codes as ids beyond the text vocabulary: a drawn picture is
+<|begin_of_image|>, its codes in raster order, <|end_of_image|> (Chameleon's and LlamaGen's design).
 
 The token ids carry `<|image_pad|>` (`<|audio_pad|>`) where image (audio) embeddings go, so one tensor
 of ids describes any number of images and clips anywhere in any row; the i-th image of a batch (rows
@@ -21,6 +23,7 @@ from kosmo.model.causal_lm import CausalLM
 from kosmo.model.connector import FrameStacker, make_connector
 from kosmo.model.lm import LM
 from kosmo.model.vision import ImageLMConfig, VisionTransformer
+from kosmo.model.vqvae import VQVAE, VQVAEConfig
 from kosmo.tokenizer import AUDIO_PAD, IMAGE_PAD
 
 FREEZE = ("connector", "connector+lm", "all")
@@ -33,10 +36,14 @@ class MLLMConfig(ImageLMConfig):
     resampler_tokens: int = 8     # visual tokens per image with the resampler
     audio: AudioConfig | None = None  # a Whisper-style audio encoder, in a model that hears
     audio_stack: int = 4          # encoder frames (20 ms each) stacked into one LM position
+    image_tokenizer: VQVAEConfig | None = None  # a VQ-VAE, in a model that draws; its codes end the vocabulary
 
     def __post_init__(self):
         if self.audio_stack < 1:
             raise ValueError(f"audio_stack={self.audio_stack} must be at least 1")
+        if self.image_tokenizer is not None and self.lm.vocab_size <= self.image_tokenizer.codebook_size:
+            raise ValueError(f"lm.vocab_size={self.lm.vocab_size} leaves no room for text beside "
+                             f"{self.image_tokenizer.codebook_size} image codes")
 
     def audio_tokens(self, frames: int | torch.Tensor) -> int | torch.Tensor:
         """LM positions of a clip of `frames` mel frames (10 ms each): its encoder frames in stacks, rounded up."""
@@ -62,6 +69,8 @@ class MLLM(CausalLM):
         if cfg.audio is not None:
             self.audio = AudioEncoder(cfg.audio)
             self.audio_connector = FrameStacker(cfg.audio.dim, cfg.lm.dim, cfg.audio_stack)
+        # never trained with the LM: its codes are the LM's targets, fixed before the LM learns them
+        self.vqvae = VQVAE(cfg.image_tokenizer).requires_grad_(False) if cfg.image_tokenizer else None
 
     @property
     def decoder(self) -> LM:
@@ -74,6 +83,23 @@ class MLLM(CausalLM):
     @property
     def image_size(self) -> int:
         return self.cfg.vision.image_size
+
+    @property
+    def image_tokenizer(self) -> VQVAE | None:
+        return self.vqvae
+
+    @property
+    def text_vocab(self) -> int:
+        if self.image_tokenizer is None:
+            return self.vocab_size
+        return self.vocab_size - self.image_tokenizer.codebook_size  # the codes are the vocabulary's last ids
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Image codes (any shape) -> their token ids."""
+        return codes + self.text_vocab
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids - self.text_vocab
 
     @property
     def n_mels(self) -> int:
@@ -129,11 +155,19 @@ class MLLM(CausalLM):
             return self.lm.hidden(idx, **kw)
         return self.lm.transform(self.embed_inputs(idx, images, audio), **kw)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vqvae is not None:
+            self.vqvae.eval()  # its codebook's running averages must not move while the LM trains
+        return self
+
     def freeze(self, policy: str, vision_last_block: bool = False):
         """Sets requires_grad per the policy; frozen leading encoder blocks then build no autograd graph."""
         if policy not in FREEZE:
             raise ValueError(f"freeze must be one of {', '.join(FREEZE)}, got {policy!r}")
         self.requires_grad_(policy == "all")
+        if self.vqvae is not None:
+            self.vqvae.requires_grad_(False)
         self.connector.requires_grad_(True)
         if self.audio_connector is not None:
             self.audio_connector.requires_grad_(True)

@@ -245,7 +245,7 @@ class Engine:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.model(idx, None if images is None else images.to(self.device),
                                 None if audio is None else audio.to(self.device), cache=cache, last_only=True)
-        return logits[0, -1].float()
+        return logits[0, -1, :self.model.text_vocab].float()
 
     @torch.no_grad()
     def _decode(self, tokens: torch.Tensor, active: list[int]) -> torch.Tensor:
@@ -256,7 +256,7 @@ class Engine:
         n_new[active] = 1
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.model(tokens[:, None], cache=self.cache, n_new=n_new, last_only=True)
-        return logits[:, -1].float()
+        return logits[:, -1, :self.model.text_vocab].float()
 
     def _advance(self, slot: int, logits: torch.Tensor):
         """Samples the next token of `slot` from its (V,) logits and tells the client."""

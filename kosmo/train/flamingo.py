@@ -16,8 +16,11 @@ from kosmo.errors import KosmoError
 from kosmo.model.flamingo import Flamingo, FlamingoConfig
 from kosmo.model.lm import LM
 from kosmo.train import distributed as D
-from kosmo.train.mllm import KINDS, build_data, load_vision, mllm_loss
+from kosmo.train.mllm import KINDS as MLLM_KINDS
+from kosmo.train.mllm import build_data, load_vision, mllm_loss
 from kosmo.train.trainer import TrainConfig
+
+KINDS = tuple(k for k in MLLM_KINDS if k != "draw")  # Flamingo reads pictures; it does not draw them
 
 
 @dataclass

@@ -4,11 +4,14 @@ documents, loss on text.
     kosmo train mllm --init runs/lm vision=runs/clip --data text.jsonl captions.jsonl interleaved.jsonl
     kosmo train mllm --init runs/mllm-stage1 freeze=connector+lm --data …    # LLaVA's stage 2
     kosmo train mllm --init runs/sft audio=runs/ctc --data speech.jsonl …     # ears for a model that sees
+    kosmo train sft --init runs/sft image_tokenizer=runs/vqvae --data draw.jsonl vqa.jsonl …  # drawing
 
 With `--init` an LM run, the image encoder comes from `vision` (a kosmo CLIP run or a Hugging Face
 CLIPModel / CLIPVisionModel directory); with `--init` a multimodal run, everything comes from it. `audio`
 (a kosmo `train audio` run or a Hugging Face Whisper directory) gives a model without ears its audio
-encoder, with a new frame stacker to connect it.
+encoder, with a new frame stacker to connect it. `image_tokenizer` (a kosmo `train vqvae` run) teaches a
+model to draw: its codes join the LM's vocabulary as new rows, and draw lines ({"prompt", "image"}) learn
+to write a picture's codes after its prompt, the prompt dropped from a share `uncond` of them.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmo.data.audio import AudioCache
-from kosmo.data.multimodal import ClipLengths, ImageBank, MultimodalDataset, read_examples
+from kosmo.data.multimodal import ClipLengths, ImageBank, MultimodalDataset, encode_drawings, read_examples
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.train.lm import lm_config, token_loss
 from kosmo.train.trainer import TrainConfig
 
-KINDS = ("text", "captions", "audio", "interleaved")
+KINDS = ("text", "captions", "audio", "interleaved", "draw")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class StageConfig:
     vision: str = ""                   # image encoder source, when --init is a text-only LM
     audio: str = ""                    # audio encoder source, to give a model without one ears
     audio_stack: int = 4               # encoder frames (20 ms each) per LM position, for a new audio connector
+    image_tokenizer: str = ""          # a `train vqvae` run, to teach a model that cannot draw to draw
+    uncond: float = 0.1                # share of draw examples without their prompt (for classifier-free guidance)
     connector: str = "mlp"             # linear, mlp or resampler
     feature_layer: int = -2
     use_cls: bool = False
@@ -83,6 +88,17 @@ def load_audio_encoder(source: str):
     return import_hf_whisper_encoder(path)
 
 
+def load_image_tokenizer(source: str):
+    """The VQ-VAE of a kosmo `train vqvae` run, or of a run that draws."""
+    from kosmo.model.load import load_run
+    from kosmo.model.vqvae import VQVAE
+    model, _, _ = load_run(source)
+    coder = model if isinstance(model, VQVAE) else model.image_tokenizer
+    if coder is None:
+        raise KosmoError(f"image_tokenizer={source}: that run is neither a VQ-VAE nor a model that draws")
+    return coder
+
+
 def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
     if isinstance(init_model, MLLM):
         model = init_model
@@ -97,6 +113,8 @@ def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
             raise KosmoError(f"invalid config: {e}") from None
     if cfg.audio:
         model = with_ears(model, load_audio_encoder(cfg.audio), cfg.audio_stack)
+    if cfg.image_tokenizer:
+        model = with_image_tokenizer(model, load_image_tokenizer(cfg.image_tokenizer))
     return model
 
 
@@ -113,27 +131,52 @@ def with_ears(model: MLLM, encoder, stack: int) -> MLLM:
     return heard
 
 
+def with_image_tokenizer(model: MLLM, coder) -> MLLM:
+    """`model` with `coder` to draw with and a new vocabulary row per code (embedding and head), initialised
+    as the LM's own rows were; everything it had is kept."""
+    if model.image_tokenizer is not None:
+        raise KosmoError("image_tokenizer=…: the --init model already draws")
+    lm_cfg = dataclasses.replace(model.cfg.lm, vocab_size=model.cfg.lm.vocab_size + coder.codebook_size)
+    try:
+        drawing = MLLM(dataclasses.replace(model.cfg, lm=lm_cfg, image_tokenizer=coder.cfg), model.vision)
+    except ValueError as e:
+        raise KosmoError(f"invalid config: {e}") from None
+    state = model.lm.state_dict()
+    fresh = drawing.lm.state_dict()
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in state:  # the head's own rows, where it is not tied to the embedding
+            state[name] = torch.cat([state[name], fresh[name][len(state[name]):]])
+    drawing.lm.load_state_dict(state)
+    drawing.connector, drawing.audio, drawing.audio_connector = model.connector, model.audio, model.audio_connector
+    drawing.vqvae.load_state_dict(coder.state_dict())
+    return drawing
+
+
 def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return token_loss(model, batch, images=batch["images"], audio=batch.get("audio")), {}
 
 
-def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...]):
+def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...], uncond: float = 0.0):
     audio = AudioCache(model.n_mels) if model.n_mels else None
     lengths = ClipLengths(audio, model.audio_tokens) if audio else None
-    examples, dropped = read_examples(data, tokenizer, model.tokens_per_image, cfg.seq_len + 1, kinds, lengths)
+    codes = model.image_tokenizer.grid ** 2 if model.image_tokenizer is not None else 0
+    examples, dropped = read_examples(data, tokenizer, model.tokens_per_image, cfg.seq_len + 1, kinds, lengths, codes)
+    examples, bad_drawings = encode_drawings(examples, model, cfg.image_mode)
     if not examples:
         raise KosmoError(f"no example fits seq_len={cfg.seq_len} with {model.tokens_per_image} tokens per image "
                          f"({dropped} had nothing left to learn after truncation); raise seq_len")
     bank = ImageBank([p for e in examples for p in e.images], model.image_size, cfg.image_mode)
     bad_clips = list(audio.skipped.values()) if audio else []
-    for message in [m for _, m in bank.skipped[:5]] + bad_clips[:5]:
+    for message in [m for _, m in bank.skipped[:5]] + bad_clips[:5] + bad_drawings[:5]:
         print(f"skipped: {message}", flush=True)
     n_val = int(len(examples) * cfg.val_fraction)
     pack_len = cfg.seq_len if cfg.pack else 0
-    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed, pack_len, audio)
+    train = MultimodalDataset(examples[: len(examples) - n_val], bank, cfg.mix, cfg.train.seed, pack_len, audio,
+                              uncond)
     val = MultimodalDataset(examples[len(examples) - n_val:], bank, pack_len=pack_len, audio=audio) if n_val else None
-    if bank.skipped or bad_clips or dropped:
-        print(f"data: {len(bank.skipped)} unreadable images and {len(bad_clips)} unreadable clips skipped, "
+    if bank.skipped or bad_clips or bad_drawings or dropped:
+        print(f"data: {len(bank.skipped) + len(bad_drawings)} unreadable images and {len(bad_clips)} unreadable "
+              "clips skipped, "
               f"{train.skipped} examples without them, {dropped} examples with nothing to learn after truncation",
               flush=True)
     return train, val
@@ -147,5 +190,7 @@ def build(cfg: StageConfig, data: list, tokenizer, init_model=None, kinds: tuple
         raise KosmoError(f"invalid config: {e}") from None
     if cfg.seq_len > model.context_length:
         raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.context_length}")
-    train, val = build_data(cfg, data, tokenizer, model, kinds)
+    if not 0 <= cfg.uncond < 1:
+        raise KosmoError(f"invalid config: uncond={cfg.uncond} must be at least 0 and below 1")
+    train, val = build_data(cfg, data, tokenizer, model, kinds, cfg.uncond)
     return model, mllm_loss, train, val
