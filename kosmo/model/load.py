@@ -14,11 +14,12 @@ from kosmo.model.flamingo import Flamingo, FlamingoConfig
 from kosmo.model.lm import LM, LMConfig
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.model.reward import RewardConfig, RewardModel
+from kosmo.model.vqvae import VQVAE, VQVAEConfig
 from kosmo.tokenizer import Tokenizer
 
 ARCHS = {"lm": (LM, LMConfig), "mllm": (MLLM, MLLMConfig), "clip": (CLIP, CLIPConfig),
          "flamingo": (Flamingo, FlamingoConfig), "reward": (RewardModel, RewardConfig),
-         "ctc": (AudioCTC, CTCConfig)}
+         "ctc": (AudioCTC, CTCConfig), "vqvae": (VQVAE, VQVAEConfig)}
 
 
 def arch_of(model: torch.nn.Module) -> str:
