@@ -60,6 +60,8 @@ def cmd_generate(args):
         raise KosmoError(f"{args.model}: a CLIP run embeds images and text; it does not generate")
     if config.get("arch") == "ctc":
         raise KosmoError(f"{args.model}: an audio (CTC) run transcribes speech; it does not generate text")
+    if config.get("arch") == "vqvae":
+        raise KosmoError(f"{args.model}: a vqvae run turns pictures into codes and back; it does not generate text")
     prompts = list(args.prompt)
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
@@ -165,14 +167,24 @@ def _evaluate(args, device, precision: str) -> dict:
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
     if config.get("arch") == "ctc":  # its CER and WER are measured by `kosmo train audio` itself
         raise KosmoError(f"{args.model}: an audio (CTC) run transcribes speech; eval {args.kind} needs a text model")
+    if (config.get("arch") == "vqvae") != (args.kind == "vqvae"):
+        wanted = "a vqvae run" if args.kind == "vqvae" else "a language-model or CLIP run"
+        raise KosmoError(f"{args.model}: eval {args.kind} needs {wanted}, this is a {config.get('arch')} run")
     is_clip = config.get("arch") == "clip"
-    if is_clip != (args.kind in ("zeroshot", "retrieval")):
+    if args.kind != "vqvae" and is_clip != (args.kind in ("zeroshot", "retrieval")):
         raise KosmoError(f"{args.model}: eval {args.kind} needs "
                          f"{'a CLIP run' if not is_clip else 'a language-model run'}, this is a {config.get('arch')} run")
     if args.kind == "align":
         from kosmo.eval.align import evaluate_align
         reference = load_run(args.reference, device, precision)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
+    elif args.kind == "vqvae":
+        from kosmo.eval.vqvae import reconstruction
+        mode = config.get("config", {}).get("image_mode", "crop")  # the pictures as the run was trained on them
+        metrics = {}
+        for path in args.data:
+            result = reconstruction(model, path, limit=args.limit, mode=mode)
+            metrics = result if len(args.data) == 1 else {**metrics, str(path): result}
     elif args.kind == "ppl":
         from kosmo.eval.ppl import perplexity
         metrics = perplexity(model, tok, args.data, seq_len=args.seq_len)
@@ -315,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align"])
+                                    "retrieval", "align", "vqvae"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")

@@ -20,9 +20,9 @@ def stages() -> dict:
     from types import SimpleNamespace
 
     from kosmo.align import cai, dpo, ppo, reward
-    from kosmo.train import audio, clip, flamingo, lm, mllm, sft
+    from kosmo.train import audio, clip, flamingo, lm, mllm, sft, vqvae
     return {"lm": lm, "clip": clip, "mllm": mllm, "sft": sft, "flamingo": flamingo,
-            "reward": reward, "ppo": ppo, "dpo": dpo, "audio": audio,
+            "reward": reward, "ppo": ppo, "dpo": dpo, "audio": audio, "vqvae": vqvae,
             "cai-sl": SimpleNamespace(StageConfig=cai.SLConfig, build=cai.build_sl),
             "cai-rl": SimpleNamespace(StageConfig=cai.RLConfig, build=cai.build_rl, report=reward.report)}
 
@@ -48,7 +48,9 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
     else:
         if env.main:
             from kosmo.data.jsonl import iter_texts
-            Tokenizer.train(iter_texts(data), cfg.vocab_size).save(out)
+            # a stage without text (an image tokenizer) still leaves a run's tokenizer.json, of bytes alone
+            texts = iter_texts(data) if getattr(stage, "reads_text", True) else iter(())
+            Tokenizer.train(texts, cfg.vocab_size).save(out)
         D.barrier()
         tok = Tokenizer.load(out / "tokenizer.json")
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of what a seed reproduces
