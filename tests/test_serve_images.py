@@ -204,3 +204,22 @@ def test_a_model_loaded_in_bf16_draws_in_process_and_in_the_engine(runs):
         engine.stop()
     assert isinstance(picture, Picture), picture
     assert alone.size == picture.image.size == (DRAWS, DRAWS)
+
+
+def test_a_guided_picture_needs_two_slots_and_an_unguided_one_fits_in_one(reference):
+    model, tok, _ = reference
+    engine = Engine(model, tok, max_batch=1, precision="fp32")
+    ids = prompt_ids(tok, "a red square")
+    with pytest.raises(ValueError, match="needs 2 slots"):
+        engine.submit(Request(ids, None, print, draw=DrawSampling(cfg=3)))
+    client = TestClient(create_app(engine, tok, "drawing"))  # refused before the engine
+    r = client.post("/v1/images/generations", json={"prompt": "a red square"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guidance_scale"
+    got = queue.Queue()
+    engine.start()
+    try:
+        engine.submit(Request(ids, None, got.put, draw=DrawSampling(cfg=1, temperature=0)))
+        picture = got.get(timeout=60)
+    finally:
+        engine.stop()
+    assert torch.equal(picture.codes, draw_codes(model, [ids], DrawSampling(cfg=1, temperature=0))[0])
