@@ -19,7 +19,8 @@ engine runs in bf16 autocast with a bf16 cache where `kosmo.hardware` finds nati
 elsewhere.
 
 Drawing requests (`Request.draw`) share the batch. A guided picture owns two slots, its prompt's and the
-unconditional prompt's (`kosmo.draw.UNCONDITIONAL`), and is admitted only when both are free; at every step
+unconditional prompt's (`kosmo.draw.UNCONDITIONAL`), and is admitted only when both are free (requests are
+admitted in the order they came, so those behind it wait for it rather than overtake it); at every step
 `kosmo.draw` mixes the pair's code logits and samples one code, which both slots are fed next, and after
 grid x grid codes the image tokenizer decodes the picture and both slots are freed. The maths is
 `kosmo.draw`'s (`guide`, `sample_codes`), so a picture drawn here has the codes `kosmo.draw.draw_codes` gives
