@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import openai
 import soundfile
 import torch
-from serve_load import start_server
+from serve_load import free_port, start_server
 
 from kosmo import hardware
 from kosmo.data.audio import SAMPLE_RATE, batch_clips, clip_features, load_audio
@@ -95,12 +94,6 @@ def endpoint(client: openai.OpenAI, model: str, paths: list[Path]) -> tuple[floa
         texts.append(r.text)
         tokens += r.usage.output_tokens
     return seconds, texts, tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import torch
 
 from kosmo import hardware
 from kosmo.data.world import World
-from kosmo.model.lm import LM, LMConfig, SIZES
+from kosmo.model.lm import LM, SIZES, LMConfig
 from kosmo.model.load import save_run
 from kosmo.tokenizer import Tokenizer
 
@@ -43,13 +44,20 @@ def random_run(out: Path, size: str) -> Path:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(run: Path, port: int, max_batch: int, device: str, precision: str,
-                 threads: int | None) -> tuple[subprocess.Popen, dict]:
-    """The server and what its /health says (device and the precision it decodes in)."""
+                 threads: int | None, *options: str) -> tuple[subprocess.Popen, dict]:
+    """The server (with more `kosmo serve` options) and what its /health says (device and the precision it
+    decodes in)."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen([sys.executable, "-m", "kosmo", "serve", "--model", str(run), "--port", str(port),
                              "--max-batch", str(max_batch), "--device", device, "--precision", precision,
-                             "--max-queue", "256"], env=env)
+                             "--max-queue", "256", *options], env=env)
     for _ in range(600):
         try:
             health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)

@@ -257,7 +257,8 @@ def cmd_serve(args):
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
           args.max_batch, args.max_queue, media,
           Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
-                 max_audio_seconds=args.max_audio_seconds), args.precision)
+                 max_audio_seconds=args.max_audio_seconds, max_pictures=args.max_images_per_request),
+          args.precision)
 
 
 def cmd_chat(args):
@@ -364,6 +365,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which clients get 429")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
+    sv.add_argument("--max-images-per-request", type=int, default=4,
+                    help="pictures one image generation may ask for (its n)")
     sv.add_argument("--max-image-bytes", type=int, default=8 * 2**20)
     sv.add_argument("--max-image-pixels", type=int, default=16_000_000)
     sv.add_argument("--max-audio-clips", type=int, default=4, help="audio clips per chat request")

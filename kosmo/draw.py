@@ -53,13 +53,42 @@ def check_can_draw(model: CausalLM):
                          "(teach it with `kosmo train sft … image_tokenizer=RUN` and draw lines)")
 
 
+def guide(model: CausalLM, logits: torch.Tensor, cfg: float) -> torch.Tensor:
+    """(N, K) fp32 code logits of N pictures from their rows' (R, V) logits: R = N unguided (cfg 1), else R = 2N,
+    the prompts' rows first and their unconditional twins after, mixed as uncond + cfg * (cond - uncond). Only
+    the codes' logits count: between the markers nothing else can be written."""
+    first = model.text_vocab
+    z = logits[:, first:first + model.image_tokenizer.codebook_size].float()
+    if cfg == 1:
+        return z
+    n = len(z) // 2
+    return z[n:] + cfg * (z[:n] - z[n:])
+
+
+def sample_codes(z: torch.Tensor, s: DrawSampling, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(N,) next codes from (N, K) guided code logits: the likeliest at temperature 0, else one draw per picture
+    from its own generator (None: torch's global one), so a seeded picture's codes do not depend on the pictures
+    drawn beside it."""
+    if s.temperature <= 0:
+        return z.argmax(-1)
+    probs = filter_logits(z, Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)).softmax(-1)
+    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
+
+
+def generators(s: DrawSampling, n: int, device) -> list[torch.Generator | None]:
+    """One generator per picture: picture i of a seeded batch draws from seed + i."""
+    if s.seed is None:
+        return [None] * n
+    return [torch.Generator(device=device).manual_seed((s.seed + i) % 2**64) for i in range(n)]
+
+
 @torch.no_grad()
 def draw_codes(model: CausalLM, prompts: list[list[int]], s: DrawSampling) -> torch.Tensor:
     """(N, grid, grid) codes for N tokenised prompts, each ending in <|begin_of_image|>; one batched
     forward per code for all pictures, their unconditional twins included."""
     check_can_draw(model)
     coder = model.image_tokenizer
-    n, n_codes, first = len(prompts), coder.grid ** 2, model.text_vocab
+    n, n_codes = len(prompts), coder.grid ** 2
     guided = s.cfg != 1
     rows = prompts + [UNCONDITIONAL] * n if guided else prompts
     device = next(model.parameters()).device
@@ -70,15 +99,10 @@ def draw_codes(model: CausalLM, prompts: list[list[int]], s: DrawSampling) -> to
     cache = model.new_cache(len(rows), idx.shape[1] + n_codes, next(model.parameters()).dtype, device)
     last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
     logits = model(idx, cache=cache, n_new=lengths, logits_at=last)
-    gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
-    sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    gens = generators(s, n, device)
     codes = []
     for i in range(n_codes):
-        z = logits[:, first:first + coder.codebook_size].float()  # nothing but codes can be written here
-        if guided:
-            z = z[n:] + s.cfg * (z[:n] - z[n:])
-        code = z.argmax(-1) if s.temperature <= 0 else \
-            torch.multinomial(filter_logits(z, sampling).softmax(-1), 1, generator=gen).squeeze(-1)
+        code = sample_codes(guide(model, logits, s.cfg), s, gens)
         codes.append(code)
         if i < n_codes - 1:
             token = model.codes_to_ids(code).repeat(2 if guided else 1)
@@ -88,8 +112,12 @@ def draw_codes(model: CausalLM, prompts: list[list[int]], s: DrawSampling) -> to
 
 @torch.no_grad()
 def pictures(model: CausalLM, codes: torch.Tensor) -> list[Image.Image]:
-    """(N, grid, grid) codes -> N RGB pictures of the image tokenizer's size."""
-    return [denormalize(p) for p in model.image_tokenizer.decode(codes)]
+    """(N, grid, grid) codes -> N RGB pictures of the image tokenizer's size. A model loaded in bf16 has a bf16
+    decoder but an fp32 codebook: autocast carries the looked-up entries into the decoder's precision."""
+    coder = model.image_tokenizer
+    weights = next(coder.decoder.parameters())
+    with torch.autocast(weights.device.type, torch.bfloat16, enabled=weights.dtype == torch.bfloat16):
+        return [denormalize(p) for p in coder.decode(codes)]
 
 
 def draw(model: CausalLM, tokenizer, prompts: list[str], s: DrawSampling) -> list[Image.Image]:

@@ -18,21 +18,24 @@ import torch
 from PIL import Image
 
 IMAGE_SIZE = 16
+DRAWS = 16  # the `drawing` run's pictures are DRAWS x DRAWS, a 4 x 4 grid of codes
 HEARS_SECONDS = 3  # the longest clip the `hearing` run takes at once
 
 
 def build_runs(root: Path) -> dict[str, Path]:
-    """A text-only LM run, a KOSMOS MLLM run and one that also hears, with random weights (large enough init to
-    vary its words)."""
+    """A text-only LM run, a KOSMOS MLLM run, one that also hears and one that draws, with random weights (large
+    enough init to vary its words and codes)."""
     from kosmo.data.world import World
     from kosmo.model.audio import AudioConfig
     from kosmo.model.lm import LM, LMConfig
     from kosmo.model.load import save_run
     from kosmo.model.mllm import MLLM, MLLMConfig
     from kosmo.model.vision import VisionConfig
+    from kosmo.model.vqvae import VQVAE, VQVAEConfig
     from kosmo.tokenizer import Tokenizer
+    from kosmo.train.mllm import with_image_tokenizer
 
-    runs = {"lm": root / "lm", "mllm": root / "mllm", "hearing": root / "hearing"}
+    runs = {"lm": root / "lm", "mllm": root / "mllm", "hearing": root / "hearing", "drawing": root / "drawing"}
     if all((r / "model.safetensors").is_file() for r in runs.values()):
         return runs
     world = World()
@@ -47,6 +50,10 @@ def build_runs(root: Path) -> dict[str, Path]:
     cfg = MLLMConfig(vision=cfg.vision, lm=lm_cfg, audio=AudioConfig(dim=32, n_layers=1, n_heads=2, mlp_dim=64,
                                                                      max_frames=HEARS_SECONDS * 100))
     save_run(runs["hearing"], open_ears(MLLM(cfg)), tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
+    coder = VQVAE(VQVAEConfig(image_size=DRAWS, downsample=4, channels=16, n_res_blocks=1, codebook_size=32,
+                              code_dim=8))
+    drawing = with_image_tokenizer(MLLM(MLLMConfig(vision=cfg.vision, lm=lm_cfg)), coder)
+    save_run(runs["drawing"], drawing, tok, {"stage": "test", "arch": "mllm", "model": drawing.cfg.to_dict()})
     return runs
 
 

@@ -1,12 +1,12 @@
 """The web playground in headless Chromium: type a message, attach an image, see the answer stream in; pick an
-audio file or record from a (fake) microphone, and the clip reaches the model."""
+audio file or record from a (fake) microphone, and the clip reaches the model; draw pictures of a prompt."""
 
 import base64
 import shutil
 
 import openai
 import pytest
-from serve_helpers import Server, build_runs, data_url, png_bytes, wav_bytes
+from serve_helpers import DRAWS, Server, build_runs, data_url, png_bytes, wav_bytes
 
 from kosmo.data.audio import SAMPLE_RATE, decode_audio_bytes
 
@@ -107,5 +107,47 @@ def test_playground_sends_a_picked_file_and_a_microphone_recording(tmp_path):
         for messages, answer in ((sent[0]["messages"], picked), (sent[1]["messages"], recorded)):
             expected = client.chat.completions.create(model="hearing", max_tokens=8, temperature=0, messages=messages)
             assert answer == expected.choices[0].message.content != ""
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_playground_draws_the_pictures_the_api_draws_enlarged_with_square_pixels(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    server = Server(build_runs(tmp_path / "runs")["drawing"], "--precision", "fp32")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            expect(page.locator("#image")).to_be_visible()
+            page.select_option("#mode", "draw")
+            expect(page.locator("#image")).to_be_hidden()  # chat's attachments make no sense here
+            page.fill("#pictures", "3")
+            page.fill("#guidance", "2")
+            page.fill("#seed", "7")
+            page.fill("#temperature", "1")
+            sent = []
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/images/generations")
+                    else None)
+            page.fill("#message", "a red square")
+            page.press("#message", "Enter")
+            expect(page.locator(".msg.assistant img.drawn")).to_have_count(3)
+            expect(page.locator("#send")).to_be_enabled()
+            shown = page.locator(".msg.assistant img.drawn").evaluate_all("""(imgs) => imgs.map((img) => ({
+                src: img.src, natural: img.naturalWidth, width: img.getBoundingClientRect().width,
+                rendering: getComputedStyle(img).imageRendering}))""")
+            assert page.locator(".error").count() == 0
+            page.select_option("#mode", "chat")
+            expect(page.locator("#image")).to_be_visible()
+            browser.close()
+        assert sent == [{"prompt": "a red square", "n": 3, "guidance_scale": 2, "temperature": 1,
+                         "response_format": "b64_json", "seed": 7}]
+        assert all(x["natural"] == DRAWS and x["width"] >= 8 * DRAWS and x["rendering"] == "pixelated"
+                   for x in shown), shown
+        expected = openai.OpenAI(base_url=server.url + "/v1", api_key="none").images.generate(
+            prompt="a red square", n=3, extra_body={"guidance_scale": 2, "temperature": 1, "seed": 7})
+        assert [x["src"] for x in shown] == ["data:image/png;base64," + d.b64_json for d in expected.data]
     finally:
         server.close()

@@ -1,10 +1,14 @@
-"""The OpenAI-compatible HTTP API: chat and text completions (streamed or not), audio transcriptions,
-models, health, and the playground page, over one continuous-batching `Engine`.
+"""The OpenAI-compatible HTTP API: chat and text completions (streamed or not), audio transcriptions, image
+generations, models, health, and the playground page, over one continuous-batching `Engine`.
 
 Chat messages may hold `image_url` parts and `input_audio` parts ({"data": base64, "format": "wav"}); a
 transcription request is a multipart form with the clip as `file`. A clip is decoded by libsndfile (WAV,
 FLAC, OGG, MP3), turned into log-mels and spliced into the prompt like a picture, as many positions as it
 is long. Transcription runs the pretraining prompt `<s><audio>…</audio>`, and the model writes the rest.
+An image generation draws `n` pictures of its prompt with a model that has an image tokenizer (`kosmo.draw`),
+each a drawing request in the same batch as the text ones, and returns them as base64 PNGs at the model's
+size or an integer multiple of it (nearest-neighbour, so every pixel stays a crisp square); `guidance_scale`,
+`temperature` and `seed` are kosmo's extra fields.
 
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad values (bad audio among them) are 400, values of the wrong type 422, a wrong key 401, an unknown
@@ -19,7 +23,9 @@ import base64
 import binascii
 import dataclasses
 import hmac
+import io
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +34,7 @@ from typing import Annotated, Literal
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,8 +43,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from kosmo.data.audio import HOP_LENGTH, MAX_SECONDS, SAMPLE_RATE, Clips, batch_clips, clip_features, decode_audio_bytes
 from kosmo.data.chat import audio_block, render
 from kosmo.data.images import preprocess
+from kosmo.draw import DrawSampling, prompt_ids
 from kosmo.errors import KosmoError
-from kosmo.serve.engine import Engine, Event, Params, QueueFull
+from kosmo.serve.engine import Engine, Event, Params, Picture, QueueFull
 from kosmo.serve.engine import Request as EngineRequest
 from kosmo.serve.media import MediaError, MediaPolicy, load_image
 from kosmo.tokenizer import BOS
@@ -52,6 +60,7 @@ class Limits:
     max_n: int = 8
     max_audio_clips: int = 4  # per chat request
     max_audio_seconds: float = MAX_SECONDS  # decoding stops here; the model may hear less at once
+    max_pictures: int = 4  # pictures one image generation may ask for (its n)
 
 
 class APIError(Exception):
@@ -132,6 +141,17 @@ class ChatRequest(Sampled):
 class CompletionRequest(Sampled):
     prompt: str
     logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class ImageRequest(Schema):
+    prompt: str
+    model: str | None = None
+    n: int | None = None
+    size: str | None = None
+    response_format: str | None = None
+    guidance_scale: float | None = None  # kosmo's: classifier-free guidance, 1 for none (default 3)
+    temperature: float | None = None  # kosmo's: 0 for the likeliest code everywhere (default 1)
+    seed: int | None = None  # kosmo's: picture i draws from seed + i
 
 
 # ---- the app
@@ -254,7 +274,63 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"task": "transcribe", "language": form.get("language") or "unknown",
                 "duration": clip.shape[-1] * HOP_LENGTH / SAMPLE_RATE, "text": text, "segments": [], "usage": usage}
 
+    @app.post("/v1/images/generations", dependencies=auth)
+    async def image_generations(request: Request):
+        body = parse(ImageRequest, await read_body(request, limits.max_body_bytes))
+        check_model(body.model, model_name)
+        if engine.model.image_tokenizer is None:
+            raise APIError(400, "this model cannot draw: it has no image tokenizer", code="drawing_not_supported",
+                           param="model")
+        n = 1 if body.n is None else body.n
+        if not 1 <= n <= limits.max_pictures:
+            raise APIError(400, f"n: must be between 1 and {limits.max_pictures}, got {n}", param="n")
+        if body.response_format not in (None, "b64_json"):
+            raise APIError(400, f"response_format: only 'b64_json' is served (this server keeps no pictures to "
+                           f"link to), got {body.response_format!r}", param="response_format")
+        scale = picture_scale(body.size, engine.model.image_tokenizer.cfg.image_size)
+        draw = draw_sampling(body)
+        try:
+            ids = prompt_ids(tokenizer, body.prompt)
+        except ValueError as e:
+            raise APIError(400, f"prompt: {e}", param="prompt") from None
+        n_codes = engine.model.image_tokenizer.grid ** 2
+        if len(ids) + n_codes > engine.context:
+            raise APIError(400, f"prompt: {len(ids)} tokens and a picture's {n_codes} codes exceed this model's "
+                           f"context of {engine.context}", code="context_length_exceeded", param="prompt")
+        if draw.cfg != 1 and engine.max_batch < 2:
+            raise APIError(400, "guidance_scale: a guided picture needs 2 slots and this server decodes 1 at a "
+                           "time (guidance_scale 1 draws without guidance)", param="guidance_scale")
+        requests, events = submit(engine, ids, None, n, None, None, draw)
+        return await collect(request, Pictures(n, scale), events, requests)
+
     return app
+
+
+MAX_PICTURE_SIDE = 1024
+
+
+def picture_scale(size: str | None, native: int) -> int:
+    """How many times the model's own size `size` ("WxH"; "auto": the model's own) is, or a 400 naming the sizes
+    there are."""
+    if size in (None, "auto"):
+        return 1
+    sizes = [f"{native * k}x{native * k}" for k in range(1, max(1, MAX_PICTURE_SIDE // native) + 1)]
+    match = re.fullmatch(r"(\d+)x(\d+)", size)
+    if match and match[1] == match[2] and size in sizes:
+        return int(match[1]) // native
+    raise APIError(400, f"size: {size!r} is not a size this model draws; it draws {sizes[0]} and its multiples up "
+                   f"to {sizes[-1]}: {', '.join(sizes)}", param="size")
+
+
+def draw_sampling(body: ImageRequest) -> DrawSampling:
+    cfg = 3.0 if body.guidance_scale is None else body.guidance_scale
+    if not 1 <= cfg <= 100:
+        raise APIError(400, f"guidance_scale: must be between 1 (no guidance) and 100, got {cfg}",
+                       param="guidance_scale")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature: must be between 0 and 2, got {temperature}", param="temperature")
+    return DrawSampling(cfg=cfg, temperature=temperature, seed=body.seed)
 
 
 async def read_body(request: Request, cap: int) -> bytes:
@@ -407,19 +483,23 @@ async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: 
     return await collect(http, reply, events, requests)
 
 
-def submit(engine: Engine, ids: list[int], params: Params, n: int, images,
-           audio: Clips | None) -> tuple[list[EngineRequest], asyncio.Queue]:
-    """n samples of one prompt into the engine; their events arrive on the queue as (choice, event)."""
+def submit(engine: Engine, ids: list[int], params: Params | None, n: int, images, audio: Clips | None,
+           draw: DrawSampling | None = None) -> tuple[list[EngineRequest], asyncio.Queue]:
+    """n samples of one prompt into the engine, texts or (with `draw`) pictures; their events arrive on the
+    queue as (choice, event)."""
     if not engine.alive:
         raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     requests = []
     for i in range(n):
-        seed = None if params.seed is None else params.seed + i  # n samples of one seed still differ
-        choice = dataclasses.replace(params, seed=seed)
         emit = (lambda i: lambda e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))(i)
-        requests.append(EngineRequest(ids, choice, emit, images, audio))
+        if draw is not None:  # picture i of a seeded request is `kosmo.draw`'s picture i of that seed
+            seed = None if draw.seed is None else draw.seed + i
+            requests.append(EngineRequest(ids, None, emit, draw=dataclasses.replace(draw, seed=seed)))
+            continue
+        seed = None if params.seed is None else params.seed + i  # n samples of one seed still differ
+        requests.append(EngineRequest(ids, dataclasses.replace(params, seed=seed), emit, images, audio))
     try:
         for r in requests:
             engine.submit(r)
@@ -541,6 +621,34 @@ class Reply:
                             "finish_reason": self.finish[i]})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
+
+
+class Pictures:
+    """Collects each picture of an image generation into OpenAI's images response."""
+
+    def __init__(self, n: int, scale: int):
+        self.n, self.scale = n, scale
+        self.created = int(time.time())
+        self.images: list[Picture | None] = [None] * n
+
+    def add(self, i: int, event: Picture | Exception) -> int:
+        if isinstance(event, Exception):
+            raise APIError(500, f"drawing failed ({type(event).__name__})", type="server_error")
+        self.images[i] = event
+        return 1
+
+    def whole(self) -> dict:
+        return {"created": self.created, "data": [{"b64_json": png_base64(p.image, self.scale), "revised_prompt": None}
+                                                  for p in self.images]}
+
+
+def png_base64(image, scale: int) -> str:
+    """A picture enlarged `scale` times, each pixel a scale x scale block, as base64 PNG."""
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",

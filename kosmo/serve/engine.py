@@ -17,6 +17,17 @@ cache's attention masks each row to its own keys, where a masked key adds an exa
 other rows hold (see `kosmo.model.cache`). The
 engine runs in bf16 autocast with a bf16 cache where `kosmo.hardware` finds native bf16, and in fp32
 elsewhere.
+
+Drawing requests (`Request.draw`) share the batch. A guided picture owns two slots, its prompt's and the
+unconditional prompt's (`kosmo.draw.UNCONDITIONAL`), and is admitted only when both are free (requests are
+admitted in the order they came, so those behind it wait for it rather than overtake it); at every step
+`kosmo.draw` mixes the pair's code logits and samples one code, which both slots are fed next, and after
+grid x grid codes the image tokenizer decodes the picture and both slots are freed. The maths is
+`kosmo.draw`'s (`guide`, `sample_codes`), so a picture drawn here has the codes `kosmo.draw.draw_codes` gives
+its prompt alone: the same at temperature 0, and the same when sampling from the same seed (each picture
+draws from its own generator, as there), as far as the two paths' logits round alike. Text sees only the
+text vocabulary's logits: the engine computes them all, and a text row is cut to `model.text_vocab` where it
+is sampled.
 """
 
 from __future__ import annotations
@@ -28,9 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from kosmo import hardware
 from kosmo.data.audio import Clips
+from kosmo.draw import UNCONDITIONAL, DrawSampling, check_can_draw, guide, pictures, sample_codes
 from kosmo.generate import Sampling, next_tokens
 from kosmo.model.causal_lm import CausalLM
 from kosmo.tokenizer import END_OF_TURN, EOS, PAD
@@ -64,16 +77,29 @@ class Event:
 
 
 @dataclass
+class Picture:
+    """A finished drawing, as the client sees it."""
+    image: Image.Image  # the image tokenizer's size
+    codes: torch.Tensor  # (grid, grid)
+
+
+@dataclass
 class Request:
-    prompt: list[int]
-    params: Params
-    emit: Callable[[Event | Exception], None]  # called from the engine thread
+    prompt: list[int]  # a drawing's ends in <|begin_of_image|> (`kosmo.draw.prompt_ids`)
+    params: Params | None  # text's; None for a drawing
+    emit: Callable[[Event | Picture | Exception], None]  # called from the engine thread
     images: torch.Tensor | None = None
     audio: Clips | None = None  # the clips that fill the prompt's <|audio_pad|> runs, in order
+    draw: DrawSampling | None = None  # a picture instead of text: one Picture event at its end
     cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
 
     def cancel(self):
         self.cancelled = True
+
+    @property
+    def slots(self) -> int:
+        """How many slots it runs in: a guided picture's unconditional twin takes a second one."""
+        return 2 if self.draw is not None and self.draw.cfg != 1 else 1
 
 
 class TextStream:
@@ -126,6 +152,15 @@ class _Running:
     last: int = PAD  # the token to feed at the next decode step
 
 
+@dataclass
+class _Drawing:
+    request: Request
+    generator: torch.Generator
+    slots: list[int]  # the prompt's, then (guided) the unconditional twin's
+    codes: list[int] = field(default_factory=list)
+    last: int = PAD  # the code's id to feed both slots at the next decode step
+
+
 class Engine:
     """Continuous batching for one `CausalLM`. `submit` is safe from any thread; the work runs in one
     background thread started by `start`. The engine owns the KV cache, one slot per running request,
@@ -160,7 +195,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(s is not None for s in self.slots)
+        """Requests running (a guided picture holds two slots)."""
+        return len({id(s) for s in self.slots if s is not None})
 
     def start(self) -> "Engine":
         self.thread = threading.Thread(target=self._loop, name="kosmo-engine", daemon=True)
@@ -175,7 +211,15 @@ class Engine:
             self.thread.join()
 
     def submit(self, request: Request):
-        if len(request.prompt) + request.params.max_tokens > self.context:
+        if request.draw is not None:
+            check_can_draw(self.model)
+            n_codes = self.model.image_tokenizer.grid ** 2
+            if len(request.prompt) + n_codes > self.context:
+                raise ValueError(f"{len(request.prompt)} prompt tokens + {n_codes} codes exceed the context of "
+                                 f"{self.context}")
+            if request.slots > self.max_batch:
+                raise ValueError(f"a guided picture needs 2 slots; this engine has {self.max_batch}")
+        elif len(request.prompt) + request.params.max_tokens > self.context:
             raise ValueError(f"{len(request.prompt)} prompt tokens + {request.params.max_tokens} new tokens "
                              f"exceed the context of {self.context}")
         if request.images is not None and len(request.images) > self.max_images:
@@ -199,23 +243,45 @@ class Engine:
                 self._step()
 
     def _admit(self):
-        """Prefills waiting requests into free slots; each gets its first token right away."""
-        for slot in range(self.max_batch):
-            while self.slots[slot] is None:
-                with self.wake:
-                    if not self.waiting:
-                        return
-                    request = self.waiting.popleft()
-                if request.cancelled:
-                    continue
-                seed = request.params.seed if request.params.seed is not None else random.getrandbits(64)
-                self.slots[slot] = _Running(request, TextStream(self.tokenizer, request.params.stop),
-                                            torch.Generator(device=self.device).manual_seed(seed % 2**64))
-                try:
-                    logits = self._prefill(slot, request.prompt, request.images, request.audio)
-                    self._advance(slot, logits)
-                except Exception as e:  # a bad request must not take the others down
-                    self._fail(slot, e)
+        """Prefills waiting requests, in order, into free slots; each gets its first token (or code) right
+        away. A guided picture waits at the head of the queue until two slots are free at once."""
+        while True:
+            free = [slot for slot, run in enumerate(self.slots) if run is None]
+            with self.wake:
+                if not self.waiting or not free:
+                    return
+                request = self.waiting[0]
+                if not request.cancelled and request.slots > len(free):
+                    return
+                self.waiting.popleft()
+            if request.cancelled:
+                continue
+            if request.draw is not None:
+                self._start_drawing(request, free[:request.slots])
+                continue
+            slot = free[0]
+            self.slots[slot] = _Running(request, TextStream(self.tokenizer, request.params.stop),
+                                        self._generator(request.params.seed))
+            try:
+                logits = self._prefill(slot, request.prompt, request.images, request.audio)
+                self._advance(slot, logits)
+            except Exception as e:  # a bad request must not take the others down
+                self._fail(slot, e)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        seed = seed if seed is not None else random.getrandbits(64)
+        return torch.Generator(device=self.device).manual_seed(seed % 2**64)
+
+    def _start_drawing(self, request: Request, slots: list[int]):
+        run = _Drawing(request, self._generator(request.draw.seed), slots)
+        for slot in slots:
+            self.slots[slot] = run
+        try:
+            prompts = [request.prompt, UNCONDITIONAL][:len(slots)]
+            logits = torch.stack([self._prefill(slot, ids, None, None) for slot, ids in zip(slots, prompts)])
+            self._advance_drawing(run, logits)
+        except Exception as e:
+            self._fail(slots[0], e)
 
     def _drop_cancelled(self):
         for slot, run in enumerate(self.slots):
@@ -231,10 +297,16 @@ class Engine:
             logits = self._decode(tokens.to(self.device), active)
         except Exception as e:
             for slot in active:
-                self._fail(slot, e)
+                if self.slots[slot] is not None:
+                    self._fail(slot, e)
             return
         for slot in active:
-            self._advance(slot, logits[slot])
+            run = self.slots[slot]
+            if isinstance(run, _Drawing):
+                if slot == run.slots[0]:  # a pair advances once, on both its rows
+                    self._advance_drawing(run, logits[run.slots])
+            elif run is not None:
+                self._advance(slot, logits[slot])
 
     @torch.no_grad()
     def _prefill(self, slot: int, ids: list[int], images: torch.Tensor | None, audio: Clips | None) -> torch.Tensor:
@@ -245,22 +317,25 @@ class Engine:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.model(idx, None if images is None else images.to(self.device),
                                 None if audio is None else audio.to(self.device), cache=cache, last_only=True)
-        return logits[0, -1, :self.model.text_vocab].float()
+        return logits[0, -1].float()
 
     @torch.no_grad()
     def _decode(self, tokens: torch.Tensor, active: list[int]) -> torch.Tensor:
-        """One token into every slot, (max_batch,) -> (max_batch, V) logits. Idle slots ride along on
+        """One token into every slot, (max_batch,) -> (max_batch, V) logits (the whole vocabulary: text rows are
+        cut to the text's in `_advance`, pictures' to the codes' in `kosmo.draw.guide`). Idle slots ride along on
         padding, so every step has the same shape (a matmul's order of sums depends on its shape), but
         they neither attend nor grow."""
         n_new = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         n_new[active] = 1
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.model(tokens[:, None], cache=self.cache, n_new=n_new, last_only=True)
-        return logits[:, -1, :self.model.text_vocab].float()
+        return logits[:, -1].float()
 
     def _advance(self, slot: int, logits: torch.Tensor):
-        """Samples the next token of `slot` from its (V,) logits and tells the client."""
+        """Samples the next token of `slot` from its (V,) logits, of which text sees its own, and tells the
+        client."""
         run = self.slots[slot]
+        logits = logits[:self.model.text_vocab]
         p = run.request.params
         s = Sampling(temperature=p.temperature, top_p=p.top_p)
         token = int(next_tokens(logits[None], s, run.generator)[0])
@@ -286,8 +361,31 @@ class Engine:
             self.slots[slot] = None
         self._tell(run.request, event)
 
+    def _advance_drawing(self, run: _Drawing, logits: torch.Tensor):
+        """Samples a picture's next code from its rows' (1 or 2, V) logits; the last one ends the picture."""
+        s = run.request.draw
+        code = sample_codes(guide(self.model, logits, s.cfg), s, [run.generator])
+        run.codes.append(int(code[0]))
+        run.last = int(self.model.codes_to_ids(code)[0])
+        grid = self.model.image_tokenizer.grid
+        if len(run.codes) < grid ** 2:
+            return
+        for slot in run.slots:
+            self.slots[slot] = None
+        codes = torch.tensor(run.codes, device=self.device).view(1, grid, grid)
+        try:
+            image = pictures(self.model, codes)[0]  # as `kosmo.draw` decodes, outside autocast
+        except Exception as e:
+            self._tell(run.request, e)
+            return
+        self._tell(run.request, Picture(image, codes[0].cpu()))
+
     def _fail(self, slot: int, error: Exception):
-        run, self.slots[slot] = self.slots[slot], None
+        run = self.slots[slot]
+        if run is None:  # a picture whose pair was already freed
+            return
+        for i in run.slots if isinstance(run, _Drawing) else [slot]:
+            self.slots[i] = None
         self._tell(run.request, error)
 
     @staticmethod
