@@ -162,6 +162,7 @@ def _evaluate(args, device, precision: str) -> dict:
     # the counts are checked before the model loads, so a typo fails at once
     spans = parse_counts(args.spans, "--spans", 2, "20,48") if args.kind == "copy" else None
     shots = parse_counts(args.shots, "--shots", 0, "0,2,4,8") if args.kind == "fewshot" else None
+    scales = _guidance_scales(args.cfg_scales) if args.kind == "imagegen" else None
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
@@ -201,6 +202,10 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval import clip as E
         fn = E.zeroshot if args.kind == "zeroshot" else E.retrieval
         metrics = fn(model, tok, args.data[0], **({"template": args.template} if args.kind == "zeroshot" else {}))
+    elif args.kind == "imagegen":
+        from kosmo.eval.imagegen import evaluate_run
+        metrics = evaluate_run(model, tok, args.data[0], limit=args.limit, scales=scales,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     elif args.kind in ("asr", "sounds"):
         from kosmo.eval import audio as A
         metrics = {}
@@ -215,6 +220,16 @@ def _evaluate(args, device, precision: str) -> dict:
             result = evaluate(args.kind, model, tok, path, with_blind=not args.no_blind, **kw)
             metrics = result if len(args.data) == 1 else {**metrics, str(path): result}
     return metrics
+
+
+def _guidance_scales(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(not s >= 1 for s in scales):
+        raise KosmoError(f"--cfg-scales must be guidance scales of at least 1, e.g. 1,3; got {text!r}")
+    return scales
 
 
 def cmd_export(args):
@@ -328,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae"])
+                                    "retrieval", "align", "vqvae", "imagegen"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
@@ -341,6 +356,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-blind", action="store_true",
                    help="skip the image-removed baseline (asr, sounds: the audio-removed one)")
     e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
+    e.add_argument("--cfg-scales", default="1,3", help="imagegen: classifier-free guidance scales (1: off)")
+    e.add_argument("--temperature", type=float, default=1.0, help="imagegen: sampling temperature of the codes")
+    e.add_argument("--top-k", type=int, default=0, help="imagegen: sample among the k likeliest codes (0: all)")
+    e.add_argument("--seed", type=int, default=0, help="imagegen: the seed of the drawings")
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 

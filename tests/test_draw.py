@@ -166,3 +166,19 @@ def test_the_stage_teaches_a_seeing_model_to_draw_and_generate_writes_the_pictur
     proc = kosmo("generate", "--model", tmp_path / "seeing", "--prompt", "a red square", "--image-out", out,
                  check=False)
     assert proc.returncode == 2 and "cannot draw" in proc.stderr.strip().splitlines()[-1]
+
+    # kosmo eval imagegen: every category with guidance off and on, beside the baselines
+    from kosmo.data.world import World, write_drawing
+    paths = write_drawing(World(image_size=32), tmp_path / "world", n=1, val=2)
+    proc = kosmo("eval", "imagegen", "--model", tmp_path / "drawing", "--data", paths["val_draw"],
+                 "--cfg-scales", "1,2")
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["n"] == 12 and [r["pictures"] for r in report["rows"]] == ["cfg 1", "cfg 2", "real"]
+    real = report["rows"][-1]
+    assert real["accuracy"] == 100.0 and real["frechet"] >= 0  # the prompts' own scenes satisfy them
+    assert all(0 <= r["accuracy"] <= 100 and r["frechet"] >= 0 for r in report["rows"][:2])
+    for args, message in [(["--cfg-scales", "0.5"], "--cfg-scales must be"),
+                          (["--model", tmp_path / "seeing"], "cannot draw")]:
+        proc = kosmo("eval", "imagegen", "--model", tmp_path / "drawing", "--data", paths["val_draw"], *args,
+                     check=False)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]

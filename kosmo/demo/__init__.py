@@ -19,7 +19,7 @@ import torch
 from kosmo import checkpoint, hardware
 from kosmo.data.world import World, write_world
 
-SECTIONS = ("vision", "audio", "flamingo", "align")
+SECTIONS = ("vision", "audio", "draw", "flamingo", "align")
 
 # Knobs every section shares. The default fits 10 minutes of the vision section on 2 CPU cores.
 BUDGETS = {

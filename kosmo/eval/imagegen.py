@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import permutations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -352,3 +353,47 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def read_items(path: str | Path, limit: int | None = None) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """The items of a val_draw.jsonl file ({"prompt", "category", "spec"}, and optionally "image", a real picture
+    that satisfies the spec), and those real pictures."""
+    from kosmo.data.images import open_image
+    from kosmo.data.jsonl import read_jsonl
+    path = Path(path)
+    items, real = [], []
+    for lineno, obj in read_jsonl(path):
+        if limit is not None and len(items) >= limit:
+            break
+        if not (isinstance(obj.get("prompt"), str) and obj.get("category") in CATEGORIES
+                and isinstance(obj.get("spec"), dict) and isinstance(obj["spec"].get("objects"), list)):
+            raise KosmoError(f"{path}:{lineno}: an imagegen line needs 'prompt' (a string), 'category' (one of "
+                             f"{', '.join(CATEGORIES)}) and 'spec' ({{'objects': [...]}})")
+        items.append(obj)
+        if isinstance(obj.get("image"), str):
+            real.append(open_image(path.parent / obj["image"]))
+    if not items:
+        raise KosmoError(f"{path}: no imagegen items")
+    return items, real
+
+
+def evaluate_run(model, tokenizer, path: str | Path, limit: int | None = None, scales: Sequence[float] = (1.0, 3.0),
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0, batch: int = 64) -> dict[str, Any]:
+    """`evaluate` for a model that draws, on a val_draw.jsonl file: its pictures are drawn by `kosmo.draw` in
+    batches, and embedded for the Fréchet distance by the model's own image encoder (kosmo's CLIP tower). The
+    real pictures are the items' own, when the file names them."""
+    from kosmo.draw import DrawSampling, check_can_draw, draw
+    try:
+        check_can_draw(model)
+    except ValueError as e:
+        raise KosmoError(str(e)) from None
+    items, real = read_items(path, limit)
+
+    def drawn(prompts: list[str], scale: float, seed: int) -> list[Image.Image]:
+        return [p for i in range(0, len(prompts), batch) for p in draw(
+            model, tokenizer, prompts[i:i + batch],
+            DrawSampling(cfg=scale, temperature=temperature, top_k=top_k, seed=seed + i))]
+
+    report = evaluate(drawn, items, scales, real or None, lambda pics: image_features(model.vision, pics),
+                      seed=seed, references=real if len(real) == len(items) else None)
+    return {**report, "temperature": temperature, "top_k": top_k}
