@@ -35,6 +35,16 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert {"train_cer", "val_cer", "val_wer"} <= report["audio"]["ctc"].keys()
     assert f"| word error rate (%) | {h['asr']['wer']:.2f} | {h['asr']['deaf']['wer']:.2f} |" in md
     assert (tmp_path / "log_mel.png").stat().st_size > 1000 and len(report["audio"]["transcripts"]) == 4
+    # the drawing section: the tokenizer's reconstructions, every category with guidance off and on beside the
+    # shuffled-prompt baseline, the Fréchet distances, and the drawing model still answering questions
+    d = report["draw"]
+    assert {"psnr", "codes_used", "perplexity"} <= d["tokenizer"].keys()
+    rows = {r["pictures"]: r for r in d["imagegen"]["rows"]}
+    assert set(rows) == {"cfg 1", "cfg 3", "real"} and d["imagegen"]["n"] == 12
+    assert rows["real"]["accuracy"] == 100.0 and rows["real"]["frechet"] >= 0
+    assert all({"single_object", "attribute_binding", "shuffled", "frechet"} <= r.keys() for r in rows.values())
+    assert 0 <= d["vqa_draw"]["vqa_accuracy"] <= 100 and (tmp_path / "draw_grid.png").stat().st_size > 1000
+    assert f"PSNR {d['tokenizer']['psnr']:.2f} dB" in md
     # the architectures section: both arms trained from the same runs, measured the same way
     arms = report["flamingo"]["arms"]
     k, f = arms["kosmos"], arms["flamingo"]

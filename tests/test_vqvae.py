@@ -103,12 +103,21 @@ def test_dead_entries_restart_at_encoder_outputs_deterministically():
 
 
 @pytest.mark.parametrize("change, words", [({"image_size": 30}, ("image_size (30)", "downsample (4)")),
-                                           ({"downsample": 3}, ("downsample", "power of two")),
+                                           ({"downsample": 5}, ("downsample", "2s and 3s")),
                                            ({"ema_decay": 1.0}, ("ema_decay",))])
 def test_config_errors_are_one_line(change, words):
     with pytest.raises(ValueError) as e:
         VQVAEConfig(**{**TINY, **change})
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words)
+
+
+@pytest.mark.parametrize("downsample, grid", [(1, 36), (3, 12), (6, 6), (12, 3)])
+def test_a_third_is_a_down_sampling_stage_too(downsample, grid):
+    """Cells of the world's 36-pixel pictures are 12 pixels: codes of 6 or 12 pixels tile them exactly."""
+    model = VQVAE(VQVAEConfig(**{**TINY, "image_size": 36, "downsample": downsample})).eval()
+    codes = model.encode(torch.randn(2, 3, 36, 36))
+    assert model.grid == grid and codes.shape == (2, grid, grid)
+    assert model.decode(codes).shape == (2, 3, 36, 36)
 
 
 def test_config_round_trips():

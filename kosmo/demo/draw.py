@@ -18,10 +18,10 @@ from kosmo.errors import KosmoError
 
 # The recipe and its budget; docs/drawing.md gives the default's figures.
 BUDGETS = {
-    "default": dict(draw_n=8000, draw_eval_n=50, vq_steps=1000, vq_codebook=256, draw_steps=2000, draw_batch=32,
-                    draw_lr=1e-3, draw_mix=2.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),
-    "quick": dict(draw_n=64, draw_eval_n=2, vq_steps=10, vq_codebook=64, draw_steps=10, draw_batch=8,
-                  draw_lr=1e-3, draw_mix=2.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),
+    "default": dict(draw_n=8000, draw_eval_n=50, vq_steps=5000, vq_codebook=256, vq_downsample=12, draw_steps=4000,
+                    draw_batch=48, draw_lr=1e-3, draw_mix=4.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),
+    "quick": dict(draw_n=64, draw_eval_n=2, vq_steps=10, vq_codebook=64, vq_downsample=12, draw_steps=10,
+                  draw_batch=8, draw_lr=1e-3, draw_mix=2.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),
 }
 
 # The grid of the report and the README: every row a prompt, drawn four times with guidance.
@@ -47,8 +47,8 @@ def run(demo, b: dict) -> dict:
     data, runs = demo.data, demo.runs
     demo.train("vqvae", "vqvae", [data["draw"]],
                [f"train.max_steps={b['vq_steps']}", "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=50",
-                "train.weight_decay=0", f"model.codebook_size={b['vq_codebook']}",
-                f"model.image_size={b['image_size']}", f"val_data={data['val_draw']}"])
+                "train.weight_decay=0", f"model.codebook_size={b['vq_codebook']}", f"model.image_size={b['image_size']}",
+                f"model.downsample={b['vq_downsample']}", f"val_data={data['val_draw']}"])
     demo.train("sft", "draw", [data["draw"], data["vqa_all"], data["chat"], data["captions"]],
                [f"train.max_steps={b['draw_steps']}", f"train.batch_size={b['draw_batch']}", "seq_len=128",
                 f"train.lr={b['draw_lr']}", "train.warmup_steps=50", f"image_tokenizer={runs / 'vqvae'}",

@@ -16,6 +16,7 @@ Pixels are kosmo image tensors: CLIP-normalised (B, 3, S, S) floats, as `kosmo.d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from kosmo.config import ModelConfig
 @dataclass
 class VQVAEConfig(ModelConfig):
     image_size: int = 36         # pictures are image_size x image_size
-    downsample: int = 4          # pixels per code along each side (a power of two): the grid is image_size / downsample
+    downsample: int = 4          # pixels per code along each side (2s and 3s multiplied): the grid is image_size / it
     channels: int = 128          # width at the code grid; each finer level has half as many, at least 16
     n_res_blocks: int = 2        # residual blocks at the code grid, in the encoder and in the decoder
     codebook_size: int = 256     # K: how many different codes there are
@@ -41,8 +42,8 @@ class VQVAEConfig(ModelConfig):
 
     def __post_init__(self):
         d = self.downsample
-        if d < 1 or d & (d - 1):
-            raise ValueError(f"downsample must be a power of two (1, 2, 4, ...), got {d}")
+        if d < 1 or math.prod(self.factors) != d:
+            raise ValueError(f"downsample must be a product of 2s and 3s (1, 2, 3, 4, 6, 8, 12, ...), got {d}")
         if self.image_size < 1 or self.image_size % d:
             raise ValueError(f"image_size ({self.image_size}) must be a positive multiple of downsample ({d})")
         for name in ("channels", "n_res_blocks", "codebook_size", "code_dim"):
@@ -54,11 +55,21 @@ class VQVAEConfig(ModelConfig):
             raise ValueError("commitment and dead_threshold must be 0 or more, and eps positive")
 
     @property
+    def factors(self) -> list[int]:
+        """The stride of each down-sampling stage, finest first: the halvings, then the thirds."""
+        d, out = self.downsample, []
+        for f in (2, 3):
+            while d > 1 and d % f == 0:
+                d //= f
+                out.append(f)
+        return out
+
+    @property
     def levels(self) -> int:
-        return self.downsample.bit_length() - 1
+        return len(self.factors)
 
     def width(self, level: int) -> int:
-        """Channels at `level` halvings of the picture: `channels` at the code grid, halved per finer level."""
+        """Channels after `level` down-sampling stages: `channels` at the code grid, halved per finer level."""
         return max(16, self.channels >> (self.levels - level))
 
 
@@ -74,14 +85,25 @@ class ResBlock(nn.Module):
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
+def down(c_in: int, c_out: int, stride: int) -> nn.Conv2d:
+    """A stride-2 4x4 convolution (overlapping windows, the VQ-VAE paper's), or a stride-3 3x3 one (a third)."""
+    return nn.Conv2d(c_in, c_out, 4, stride=2, padding=1) if stride == 2 else nn.Conv2d(c_in, c_out, 3, stride=3)
+
+
+def up(c_in: int, c_out: int, stride: int) -> nn.ConvTranspose2d:
+    """The transpose of `down`."""
+    if stride == 2:
+        return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
+    return nn.ConvTranspose2d(c_in, c_out, 3, stride=3)
+
+
 class Encoder(nn.Module):
-    """(B, 3, S, S) -> (B, D, S/d, S/d): a 3x3 stem, one stride-2 4x4 conv per halving, residual blocks."""
+    """(B, 3, S, S) -> (B, D, S/d, S/d): a 3x3 stem, one strided conv per down-sampling stage, residual blocks."""
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.stem = nn.Conv2d(3, cfg.width(0), 3, padding=1)
-        self.down = nn.ModuleList(nn.Conv2d(cfg.width(i), cfg.width(i + 1), 4, stride=2, padding=1)
-                                  for i in range(cfg.levels))
+        self.down = nn.ModuleList(down(cfg.width(i), cfg.width(i + 1), f) for i, f in enumerate(cfg.factors))
         self.blocks = nn.ModuleList(ResBlock(cfg.channels) for _ in range(cfg.n_res_blocks))
         self.out = nn.Conv2d(cfg.channels, cfg.code_dim, 1)
 
@@ -95,14 +117,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The encoder mirrored: (B, D, S/d, S/d) -> (B, 3, S, S), doubling with stride-2 transposed convs."""
+    """The encoder mirrored: (B, D, S/d, S/d) -> (B, 3, S, S), up-sampling with strided transposed convs."""
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.inp = nn.Conv2d(cfg.code_dim, cfg.channels, 3, padding=1)
         self.blocks = nn.ModuleList(ResBlock(cfg.channels) for _ in range(cfg.n_res_blocks))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(cfg.width(i + 1), cfg.width(i), 4, stride=2, padding=1)
-                                for i in reversed(range(cfg.levels)))
+        self.up = nn.ModuleList(up(cfg.width(i + 1), cfg.width(i), f) for i, f in reversed(list(enumerate(cfg.factors))))
         self.out = nn.Conv2d(cfg.width(0), 3, 3, padding=1)
 
     def forward(self, x):
