@@ -1,8 +1,8 @@
 """Drawing speed: seconds per picture with classifier-free guidance, from the prompt to the pixels.
 
 Measured on the demo's size of drawing model with random weights (the `tiny` LM, a 36-pixel vision tower in
-12-pixel patches, and a VQ-VAE of 36-pixel pictures in 4-pixel codes: 9 x 9 = 81 codes from a codebook of 256),
-or on a trained one (--model RUN), two ways:
+12-pixel patches, and a VQ-VAE of 36-pixel pictures in codes of --code-pixels: 12 (the demo's, 3 x 3 = 9 codes) or
+4 (9 x 9 = 81 codes), from a codebook of 256), or on a trained one (--model RUN), two ways:
 - in-process: `kosmo.draw.draw`, its prompt and unconditional twin in one batch, then the decoder to pixels;
 - through `kosmo serve`'s /v1/images/generations with the openai client: the engine's slots, the decoder, PNG
   and base64 (the server decodes `--max-batch` rows at every step, however many are busy).
@@ -45,14 +45,14 @@ PROMPTS = ["a small red circle", "a big blue square", "a green triangle left of 
 TARGET_ONE_S, TARGET_RATIO = 1.0, 4.0
 
 
-def random_run(out: Path, size: str) -> Path:
+def random_run(out: Path, size: str, code_pixels: int) -> Path:
     """A random KOSMOS model that draws, of the demo's sizes: the LM `size`, its vision tower and a VQ-VAE."""
     world = World()
     tok = Tokenizer.train((world.text(i, "train") for i in range(2000)), vocab_size=2048)
     torch.manual_seed(0)
     cfg = MLLMConfig(vision=VisionConfig(image_size=36, patch_size=12, dim=128, n_layers=4, n_heads=4, mlp_dim=512),
                      lm=LMConfig(**{**SIZES[size], "vocab_size": 2048}))
-    coder = VQVAE(VQVAEConfig(image_size=36, downsample=4, codebook_size=256, channels=128))
+    coder = VQVAE(VQVAEConfig(image_size=36, downsample=code_pixels, codebook_size=256, channels=128))
     model = with_image_tokenizer(MLLM(cfg), coder)
     save_run(out, model, tok, {"stage": "benchmark", "arch": "mllm", "model": model.cfg.to_dict()})
     return out
@@ -65,7 +65,7 @@ def timed(fn) -> float:
 
 
 def measure(args, tmp: Path) -> dict:
-    run = Path(args.model) if args.model else random_run(tmp / "run", args.size)
+    run = Path(args.model) if args.model else random_run(tmp / "run", args.size, args.code_pixels)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = hardware.pick_device(args.device)
@@ -124,6 +124,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="run directory of a model that draws (default: a random one of --size)")
     ap.add_argument("--size", default="tiny", choices=list(SIZES))
+    ap.add_argument("--code-pixels", type=int, default=12, help="the random VQ-VAE's pixels per code (12 or 4)")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
     ap.add_argument("--pictures", type=int, default=8, help="pictures batched in (b)")
     ap.add_argument("--repeats", type=int, default=5, help="single pictures timed in (a); the median counts")

@@ -24,10 +24,12 @@ BUDGETS = {
                   draw_batch=8, draw_lr=1e-3, draw_mix=2.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),
 }
 
-# The grid of the report and the README: every row a prompt, drawn four times with guidance.
-GRID_PROMPTS = ["a large red circle in the top left corner", "a small blue square in the centre",
+# The grid of the report and the README: every row a prompt, drawn four times with guidance. Its colour-shape
+# pairs are all seen in training in the demo's world (seed 0 holds out a red circle, a green circle, an orange
+# square, a blue cross, a purple triangle and a yellow triangle, which codes of whole cells cannot compose).
+GRID_PROMPTS = ["a large blue circle in the top left corner", "a small red square in the centre",
                 "a large green triangle in the bottom right corner", "a yellow cross in the middle left",
-                "a purple circle and an orange square", "a blue triangle to the left of a red cross",
+                "a purple circle and an orange cross", "a blue triangle to the left of a red cross",
                 "two circles", "three objects"]
 
 
