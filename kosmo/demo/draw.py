@@ -49,8 +49,9 @@ def run(demo, b: dict) -> dict:
     data, runs = demo.data, demo.runs
     demo.train("vqvae", "vqvae", [data["draw"]],
                [f"train.max_steps={b['vq_steps']}", "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=50",
-                "train.weight_decay=0", f"model.codebook_size={b['vq_codebook']}", f"model.image_size={b['image_size']}",
-                f"model.downsample={b['vq_downsample']}", f"val_data={data['val_draw']}"])
+                "train.weight_decay=0", f"model.codebook_size={b['vq_codebook']}",
+                f"model.image_size={b['image_size']}", f"model.downsample={b['vq_downsample']}",
+                f"val_data={data['val_draw']}"])
     demo.train("sft", "draw", [data["draw"], data["vqa_all"], data["chat"], data["captions"]],
                [f"train.max_steps={b['draw_steps']}", f"train.batch_size={b['draw_batch']}", "seq_len=128",
                 f"train.lr={b['draw_lr']}", "train.warmup_steps=50", f"image_tokenizer={runs / 'vqvae'}",

@@ -123,7 +123,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.inp = nn.Conv2d(cfg.code_dim, cfg.channels, 3, padding=1)
         self.blocks = nn.ModuleList(ResBlock(cfg.channels) for _ in range(cfg.n_res_blocks))
-        self.up = nn.ModuleList(up(cfg.width(i + 1), cfg.width(i), f) for i, f in reversed(list(enumerate(cfg.factors))))
+        stages = list(enumerate(cfg.factors))
+        self.up = nn.ModuleList(up(cfg.width(i + 1), cfg.width(i), f) for i, f in reversed(stages))
         self.out = nn.Conv2d(cfg.width(0), 3, 3, padding=1)
 
     def forward(self, x):
