@@ -74,12 +74,51 @@ def right_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     return idx.to(device), lengths.to(device)
 
 
+# ids whose positions an image or a clip fills: a prefill chunk boundary never falls before one of them
+PLACEHOLDERS = (IMAGE, IMAGE_PAD, AUDIO_PAD)
+
+
+def prefill_spans(idx: torch.Tensor, chunk: int | None, media: bool = False) -> list[tuple[int, int]]:
+    """The column spans [start, stop) in which a prefill of ids (B, width) runs: chunks of `chunk`
+    columns (None or 0: all at once). Images and audio (`media`) come with the first chunk, so it
+    stretches through the last placeholder of any row; only the text after it is chunked."""
+    width = idx.shape[1]
+    if not chunk or chunk >= width:
+        return [(0, width)]
+    first = chunk
+    if media:
+        cols = torch.isin(idx, torch.tensor(PLACEHOLDERS, device=idx.device)).any(0).nonzero()
+        if len(cols):
+            first = max(first, int(cols[-1]) + 1)
+    return [(0, first)] + [(s, min(s + chunk, width)) for s in range(first, width, chunk)]
+
+
+def prefill(model: CausalLM, idx: torch.Tensor, lengths: torch.Tensor, cache, images=None, audio=None,
+            chunk: int | None = None) -> torch.Tensor:
+    """Runs right-padded prompts idx (B, width) of `lengths` (B,) into an empty `cache` and returns the
+    (B, V) logits after each row's last token. With `chunk`, the prompts go in as cached forwards of
+    `chunk` columns each (`prefill_spans`), so the activations are one chunk's, not the whole prompt's;
+    a row whose prompt ended in an earlier chunk adds nothing in the later ones (n_new of 0)."""
+    out = None
+    for start, stop in prefill_spans(idx, chunk, images is not None or audio is not None):
+        cols = torch.arange(start, stop, device=idx.device)
+        last = cols == (lengths - 1)[:, None]
+        first = start == 0
+        logits = model(idx[:, start:stop], images if first else None, audio if first else None, cache=cache,
+                       n_new=(lengths - start).clamp(0, stop - start), logits_at=last)
+        if out is None:
+            out = logits.new_empty(idx.shape[0], logits.shape[-1])
+        out[last.any(1)] = logits
+    return out
+
+
 @torch.no_grad()
 def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
                  use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None,
-                 images: torch.Tensor | None = None, audio=None):
+                 images: torch.Tensor | None = None, audio=None, prefill_chunk: int | None = None):
     """The decode loop for any `CausalLM`. `images` go with the prompts' image markers in order, and
-    `audio` (a `kosmo.data.audio.Clips` batch) with their audio markers.
+    `audio` (a `kosmo.data.audio.Clips` batch) with their audio markers. `prefill_chunk`: with the
+    cache, prompts longer than this go in as chunks of it (`prefill`).
 
     Prompts of different lengths are right-padded and prefilled together; each row of the cache then
     continues from its own length. Returns per-row new token lists (stop token excluded), finish
@@ -100,6 +139,8 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         """(B, V) logits after each row's last token, the rows right-padded: the prompts into the cache,
         or (without one) the whole sequences so far."""
         idx, lengths = right_pad(rows, device)
+        if cache is not None:
+            return prefill(model, idx, lengths, cache, images, audio, prefill_chunk)[:, :text_vocab]
         last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
         return model(idx, images, audio, cache=cache, n_new=lengths, logits_at=last)[:, :text_vocab]
 

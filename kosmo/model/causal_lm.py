@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kosmo.model.cache import KVCache
 
@@ -65,14 +67,33 @@ class CausalLM(nn.Module):
         """The final norm's hidden states; the keywords are `LM.transform`'s."""
         raise NotImplementedError
 
-    def forward(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None, **kw) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None, labels=None,
+                loss_chunk: int = 4096, **kw) -> torch.Tensor:
         """Logits for ids (B, T) and the images and audio clips their markers call for; see `LM.transform`
-        for the keywords."""
-        if self.decoder.lm_head is None:
+        for the keywords.
+
+        labels: (N,) targets of the N positions `logits_at` keeps; the summed fp32 cross-entropy is
+        returned instead of the logits, the head applied over `loss_chunk` positions at a time and each
+        chunk's logits recomputed in backward, so at most one chunk's (chunk, V) logits are held.
+        (It lives in forward so that a DDP or FSDP wrapper's hooks see the head's use.)
+        """
+        head = self.decoder.lm_head
+        if head is None:
             raise TypeError("this model was built without a vocabulary head (a reward model's backbone)")
-        return self.decoder.lm_head(self.hidden(idx, images, audio, **kw))
+        h = self.hidden(idx, images, audio, **kw)
+        if labels is None:
+            return head(h)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, labels.shape[0], loss_chunk):
+            total = total + checkpoint(_summed_ce, head, h[s:s + loss_chunk], labels[s:s + loss_chunk],
+                                       use_reentrant=False)
+        return total
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None, max_images: int = 0) -> KVCache:
         """A cache of `batch` rows of `max_len` positions; `max_images`: the most images a row brings
         (a model that keeps images beside the keys needs room for them)."""
         return KVCache(self.decoder.cfg, batch, max_len, dtype, device)
+
+
+def _summed_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), labels, reduction="sum")

@@ -145,7 +145,9 @@ class Attention(nn.Module):
         pos, n_new = cache.step.pos, cache.step.n_new
         out = self.smeared(k, cache.last_k[layer], (pos > 0)[:, None, :, None])
         last = (n_new - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        cache.last_k[layer] = k.gather(2, last).to(cache.last_k.dtype)
+        # a row with no real token here (done in an earlier chunk of a ragged prefill) keeps its own
+        fed = (n_new > 0).view(-1, 1, 1, 1)
+        cache.last_k[layer] = torch.where(fed, k.gather(2, last).to(cache.last_k.dtype), cache.last_k[layer])
         return out
 
 

@@ -44,7 +44,7 @@ from PIL import Image
 from kosmo import hardware
 from kosmo.data.audio import Clips
 from kosmo.draw import UNCONDITIONAL, DrawSampling, check_can_draw, guide, pictures, sample_codes
-from kosmo.generate import Sampling, next_tokens
+from kosmo.generate import Sampling, next_tokens, prefill
 from kosmo.model.causal_lm import CausalLM
 from kosmo.tokenizer import END_OF_TURN, EOS, PAD
 
@@ -168,11 +168,13 @@ class Engine:
     (`load_run(..., precision=...)`) runs fastest: autocast then casts none of them."""
 
     def __init__(self, model: CausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 image_mode: str = "crop", precision: str = "auto", max_images: int = 4):
+                 image_mode: str = "crop", precision: str = "auto", max_images: int = 4,
+                 prefill_chunk: int | None = None):
         if not isinstance(model, CausalLM) or model.decoder.lm_head is None:
             raise ValueError(f"serving needs a language model, not a {type(model).__name__}")
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.max_images = max_images  # per request
+        self.prefill_chunk = prefill_chunk  # a longer prompt goes in as chunks of this many tokens (`generate.prefill`)
         self.device = next(model.parameters()).device
         self.precision = hardware.resolve_precision(precision, self.device)
         self.autocast = self.precision == "bf16"
@@ -314,9 +316,13 @@ class Engine:
         cache = self.cache.rows(slot, slot + 1)
         cache.reset()
         idx = torch.tensor([ids], device=self.device)
+        images = None if images is None else images.to(self.device)
+        audio = None if audio is None else audio.to(self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.model(idx, None if images is None else images.to(self.device),
-                                None if audio is None else audio.to(self.device), cache=cache, last_only=True)
+            if self.prefill_chunk and len(ids) > self.prefill_chunk:
+                lengths = torch.tensor([len(ids)], device=self.device)
+                return prefill(self.model, idx, lengths, cache, images, audio, self.prefill_chunk)[0].float()
+            logits = self.model(idx, images, audio, cache=cache, last_only=True)
         return logits[0, -1].float()
 
     @torch.no_grad()

@@ -123,15 +123,26 @@ def _join(docs: list[list[int]]) -> list[int]:
     return out
 
 
-def token_loss(model, batch: dict, **inputs) -> torch.Tensor:
+# Targets whose vocabulary logits a loss holds at once: past it, the head and the cross-entropy run
+# over chunks of this many positions, each chunk's logits recomputed in backward (at 32k positions
+# the (N, V) fp32 logits would otherwise be most of a step's memory).
+LOSS_CHUNK = 4096
+
+
+def token_loss(model, batch: dict, loss_chunk: int = LOSS_CHUNK, **inputs) -> torch.Tensor:
     """Summed next-token cross-entropy in fp32 over the targets (labels of -100 are skipped).
 
     Logits are computed at the target positions only: in chat data most tokens are prompt, and the
-    output layer over the whole vocabulary is the costliest matmul of a small model.
+    output layer over the whole vocabulary is the costliest matmul of a small model. More than
+    `loss_chunk` targets: the model sums the loss chunk by chunk (`CausalLM.forward`'s labels).
     """
     at = batch["labels"] != -100
+    labels = batch["labels"][at]
+    if labels.shape[0] > loss_chunk:
+        return model(batch["input"], segments=batch.get("segments"), logits_at=at, labels=labels,
+                     loss_chunk=loss_chunk, **inputs)
     logits = model(batch["input"], segments=batch.get("segments"), logits_at=at, **inputs)
-    return F.cross_entropy(logits.float(), batch["labels"][at], reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
