@@ -1,5 +1,7 @@
 """Parity with transformers' LlamaForCausalLM: import, export, logits and greedy tokens."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from kosmo.errors import KosmoError  # noqa: E402
 from kosmo.generate import Sampling, generate_ids  # noqa: E402
 from kosmo.interop.hf_llama import export_hf, import_hf  # noqa: E402
-from kosmo.model.lm import LM, LMConfig  # noqa: E402
+from kosmo.model.lm import LM, LMConfig, rope_tables  # noqa: E402
 
 CASES = {
     "gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
@@ -17,7 +19,16 @@ CASES = {
     "llama3-scaling": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "yarn": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0,
+                 rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    "yarn-options": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                       "beta_fast": 4.0, "beta_slow": 0.5, "mscale": 1.0, "mscale_all_dim": 0.5,
+                                       "truncate": False}),
+    "linear": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
+SCALED = ["llama3-scaling", "yarn", "yarn-options", "linear"]
 
 
 def hf_llama(case: str, seed: int = 0):
@@ -62,6 +73,35 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tie, tm
                                 pad_token_id=0)[0, 20:].tolist()
     ours, _ = generate_ids(model, [ids[0].tolist()], Sampling(max_new_tokens=24), stop_ids=())
     assert ours[0] == hf_tokens
+
+
+@pytest.mark.parametrize("case", SCALED)
+def test_scaled_rope_survives_export_and_matches_transformers(case, tmp_path):
+    model = import_hf(save(hf_llama(case), tmp_path / "hf"))
+    export_hf(model, tmp_path / "out")
+    assert model.cfg.rope_scaling["rope_type"] == CASES[case]["rope_scaling"]["rope_type"]
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    for key, value in CASES[case]["rope_scaling"].items():
+        assert hf.config.rope_parameters[key] == value, key
+    ids = torch.randint(0, 211, (1, 100))  # well past the original 32 positions
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert import_hf(tmp_path / "out").cfg.rope_scaling == model.cfg.rope_scaling
+
+
+def test_yarn_attention_factor_scales_cos_and_sin():
+    plain = rope_tables(16, 64, 10000.0)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    cos, sin = rope_tables(16, 64, 10000.0, yarn)
+    assert torch.allclose(cos[0], torch.full((16,), 0.1 * math.log(4.0) + 1))  # position 0: cos 1 times the factor
+    assert torch.equal(sin[:, 0], plain[1][:, 0] * (0.1 * math.log(4.0) + 1))  # fastest pair is kept as is
+    with pytest.raises(ValueError, match="not supported .*linear, llama3, yarn"):
+        rope_tables(16, 64, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
+
+
+def save(hf, path):
+    hf.save_pretrained(path)
+    return path
 
 
 def test_round_trip_is_exact(tmp_path):

@@ -2,6 +2,8 @@
 `kosmo eval copy` reports, and the smeared keys that let one layer copy; smeared keys in cached
 decoding."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,28 @@ def test_copy_accuracy_scores_the_repeat_past_its_first_token():
     with pytest.raises(KosmoError, match="a span of 65 tokens and its repeat need 129 positions, "
                                          "more than the model's context of 128"):
         copy_accuracy(RepeatReader(600), 600, spans=(20, 65))
+
+
+@pytest.mark.parametrize("override", [
+    ["model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 32}"],
+    ["model.rope_scaling.rope_type=yarn", "model.rope_scaling.factor=4",
+     "model.rope_scaling.original_max_position_embeddings=32"],
+])
+def test_init_run_is_fine_tuned_at_length_with_yarn_from_model_overrides(override, tmp_path):
+    from kosmo.model.load import load_run, save_run
+    from kosmo.tokenizer import Tokenizer
+    from kosmo.train.run import run_stage
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(f'{{"text": "{"the cat sat on the mat and then " * 12}{i}"}}\n' for i in range(40)))
+    tok = Tokenizer.train(iter([data.read_text()]), vocab_size=300)
+    torch.manual_seed(0)
+    short = LM(LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    save_run(tmp_path / "short", short, tok, {"arch": "lm", "model": short.cfg.to_dict()})
+    run_stage("lm", [data], tmp_path / "long", init=tmp_path / "short",
+              overrides=["seq_len=128", "model.max_seq_len=128", *override, "train.max_steps=1", "train.batch_size=2",
+                         "train.warmup_steps=0", "train.progress=false", "train.tensorboard=false",
+                         "train.eval_every=0"])
+    long, _, config = load_run(tmp_path / "long")
+    assert config["model"]["rope_scaling"] == {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32}
+    assert long.cfg.max_seq_len == 128 and long.rope_cos.shape[0] == 128
+    assert long.rope_cos[0, 0] == pytest.approx(0.1 * math.log(4) + 1)

@@ -30,7 +30,7 @@ class LMConfig(ModelConfig):
     hidden_dim: int = 0  # 0: Llama's rule, about 8/3 * dim rounded up to a multiple of 64
     max_seq_len: int = 512
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3.x long-context frequency scaling ({"rope_type": "llama3", ...})
+    rope_scaling: dict | None = None  # HF-style long-context RoPE scaling ({"rope_type": "yarn", "factor": 4, ...})
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -74,13 +74,18 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    kind, attention = (scaling or {}).get("rope_type", (scaling or {}).get("type")), 1.0
+    if kind == "llama3":
         inv_freq = llama3_scaled(inv_freq, scaling)
-    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope_scaling type {scaling.get('rope_type')!r} is not supported (default, llama3)")
+    elif kind == "yarn":
+        inv_freq, attention = yarn_scaled(inv_freq, scaling, theta, max_len)
+    elif kind == "linear":  # position interpolation: positions squeezed by `factor`
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, yarn)")
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # the rotate-half layout of HF Llama checkpoints
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention, angles.sin() * attention
 
 
 def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -93,6 +98,41 @@ def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, blended, scaled)
+
+
+def yarn_scaled(inv_freq: torch.Tensor, s: dict, theta: float, max_len: int) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023), as transformers computes it: returns (inv_freq, attention factor).
+
+    With L = `original_max_position_embeddings` (default `max_len`) and F = `factor` (default max_len / L),
+    dimension pair i of d = head_dim turns r_i = L * inv_freq_i / 2pi times over L tokens. The pairs that turn more
+    than `beta_fast` (32) times keep their frequency (extrapolation), those turning fewer than `beta_slow` (1) times
+    are divided by F (interpolation), and between them the share kept falls linearly in i from the index where
+    r = beta_fast to the one where r = beta_slow, i(r) = d * ln(L / (2pi r)) / (2 ln theta), floored and ceiled
+    unless `truncate` is false, clipped to [0, d-1]. cos and sin are multiplied by `attention_factor`, by default
+    0.1 ln F + 1 (or mscale(F, `mscale`) / mscale(F, `mscale_all_dim`) when both are given; 1 when F <= 1),
+    which sharpens attention logits by its square.
+    """
+    old_len = s.get("original_max_position_embeddings") or max_len
+    factor = s.get("factor") or max_len / old_len
+    d = 2 * inv_freq.numel()
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = s.get("attention_factor")
+    if attention is None:
+        both = s.get("mscale") and s.get("mscale_all_dim")
+        attention = mscale(s["mscale"]) / mscale(s["mscale_all_dim"]) if both else mscale()
+
+    def index(rotations):
+        return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = index(s.get("beta_fast") or 32), index(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low or 1e-3)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention)
 
 
 def apply_rope(x, cos, sin):

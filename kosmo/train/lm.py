@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from kosmo.data.copying import repeated_spans
 from kosmo.data.jsonl import iter_texts
 from kosmo.errors import KosmoError
-from kosmo.model.lm import SIZES, LM, LMConfig
+from kosmo.model.lm import LM, SIZES, LMConfig, rope_tables
 from kosmo.tokenizer import BOS, EOS, Tokenizer
 from kosmo.train.trainer import TrainConfig
 
@@ -44,6 +45,25 @@ def lm_config(model: dict, vocab_size: int) -> LMConfig:
         return LMConfig(**{**SIZES[size], "vocab_size": vocab_size, **model})
     except (TypeError, ValueError) as e:
         raise KosmoError(f"invalid model config: {e}") from None
+
+
+CONTEXT_KEYS = ("max_seq_len", "rope_theta", "rope_scaling")
+
+
+def with_context(model: LM, overrides: dict) -> LM:
+    """The --init model with the RoPE and length fields of `model.*` overrides (max_seq_len, rope_theta,
+    rope_scaling) applied: how a model trained short is fine-tuned at length. The weights are kept; only
+    the config and the RoPE tables change. Other `model.*` keys describe the architecture and are not read."""
+    changes = {k: overrides[k] for k in CONTEXT_KEYS if k in overrides}
+    if not changes:
+        return model
+    try:
+        model.cfg = dataclasses.replace(model.cfg, **changes)
+        cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta, model.cfg.rope_scaling)
+    except (TypeError, ValueError) as e:
+        raise KosmoError(f"invalid model config: {e}") from None
+    model.rope_cos, model.rope_sin = cos.to(model.rope_cos), sin.to(model.rope_sin)
+    return model
 
 
 class PackedText:
@@ -156,7 +176,7 @@ def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: L
     if cfg.copy_rows:
         train_set = CopyRows(train_set, cfg.copy_rows, tokenizer.vocab_size)
     if init_model is not None:
-        model = init_model
+        model = with_context(init_model, cfg.model)
     else:
         model = LM(lm_config(cfg.model, tokenizer.vocab_size))
     if cfg.seq_len > model.context_length:
