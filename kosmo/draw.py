@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from kosmo.data.images import denormalize
-from kosmo.generate import Sampling, filter_logits, right_pad
+from kosmo.generate import Sampling, filter_logits, prefill, right_pad
 from kosmo.model.causal_lm import CausalLM
 from kosmo.tokenizer import BEGIN_OF_IMAGE, BOS
 
@@ -97,8 +97,7 @@ def draw_codes(model: CausalLM, prompts: list[list[int]], s: DrawSampling) -> to
         raise ValueError(f"a prompt of {idx.shape[1]} tokens and {n_codes} codes exceed the context of "
                          f"{model.context_length} tokens")
     cache = model.new_cache(len(rows), idx.shape[1] + n_codes, next(model.parameters()).dtype, device)
-    last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
-    logits = model(idx, cache=cache, n_new=lengths, logits_at=last)
+    logits = prefill(model, idx, lengths, cache)
     gens = generators(s, n, device)
     codes = []
     for i in range(n_codes):
