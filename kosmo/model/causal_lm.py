@@ -31,6 +31,11 @@ from torch.utils.checkpoint import checkpoint
 
 from kosmo.model.cache import KVCache
 
+# Targets whose vocabulary logits a loss holds at once: past it, the head and the cross-entropy run
+# over chunks of this many positions, each chunk's logits recomputed in backward (at 32k positions
+# the (N, V) fp32 logits would otherwise be most of a step's memory).
+LOSS_CHUNK = 4096
+
 
 class CausalLM(nn.Module):
     tokens_per_image: int = 0
@@ -68,7 +73,7 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def forward(self, idx: torch.Tensor, images: torch.Tensor | None = None, audio=None, labels=None,
-                loss_chunk: int = 4096, **kw) -> torch.Tensor:
+                loss_chunk: int = LOSS_CHUNK, **kw) -> torch.Tensor:
         """Logits for ids (B, T) and the images and audio clips their markers call for; see `LM.transform`
         for the keywords.
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kosmo.data.copying import repeated_spans
 from kosmo.data.jsonl import iter_texts
 from kosmo.errors import KosmoError
+from kosmo.model.causal_lm import LOSS_CHUNK
 from kosmo.model.lm import LM, SIZES, LMConfig, rope_tables
 from kosmo.tokenizer import BOS, EOS, Tokenizer
 from kosmo.train.trainer import TrainConfig
@@ -142,11 +143,6 @@ def _join(docs: list[list[int]]) -> list[int]:
         out += [BOS, *d, EOS]
     return out
 
-
-# Targets whose vocabulary logits a loss holds at once: past it, the head and the cross-entropy run
-# over chunks of this many positions, each chunk's logits recomputed in backward (at 32k positions
-# the (N, V) fp32 logits would otherwise be most of a step's memory).
-LOSS_CHUNK = 4096
 
 
 def token_loss(model, batch: dict, loss_chunk: int = LOSS_CHUNK, **inputs) -> torch.Tensor:
