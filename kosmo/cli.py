@@ -15,8 +15,8 @@ from kosmo.train.run import stages
 
 
 def cmd_world(args):
-    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_world
-    for flag in ("audio", "draw"):
+    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_reasoning, write_world
+    for flag in ("audio", "draw", "reasoning"):
         if getattr(args, flag) < 0:
             raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
@@ -27,6 +27,8 @@ def cmd_world(args):
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
     if args.draw:
         paths.update(write_drawing(world, args.out, n=args.draw, val=max(1, args.draw // 20)))
+    if args.reasoning:
+        paths.update(write_reasoning(world, args.out, n=args.reasoning, val=max(1, args.reasoning // 20)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -179,6 +181,9 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.align import evaluate_align
         reference = load_run(args.reference, device, precision)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
+    elif args.kind == "reasoning":
+        from kosmo.eval.reasoning import evaluate_reasoning
+        metrics = evaluate_reasoning(model, tok, args.data[0], think=args.think, limit=args.limit)
     elif args.kind == "vqvae":
         from kosmo.eval.vqvae import reconstruction
         mode = config.get("config", {}).get("image_mode", "crop")  # the pictures as the run was trained on them
@@ -302,6 +307,10 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--draw", type=int, default=0, metavar="N",
                    help="also N prompts to draw training pictures from, and N/20 evaluation prompts of each "
                         "GenEval category with the specs that check their pictures (draw.jsonl, val_draw.jsonl)")
+    w.add_argument("--reasoning", type=int, default=0, metavar="N",
+                   help="also N counting questions with direct and worked answers (reasoning_direct.jsonl, "
+                        "reasoning_worked.jsonl, reasoning_chat.jsonl) and N/20 held out in and N/20 out of "
+                        "distribution (val_reasoning.jsonl)")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -343,13 +352,15 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae", "imagegen"])
+                                    "retrieval", "align", "vqvae", "imagegen", "reasoning"])
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
     e.add_argument("--spans", default="20,48", help="copy: lengths of the repeated spans, comma-separated")
     e.add_argument("--limit", type=int, help="evaluate the first N lines only")
     e.add_argument("--system", help="vqa: a system prompt before each question")
+    e.add_argument("--think", action="store_true",
+                   help="reasoning: ask for the worked answer with the system prompt 'Think step by step.'")
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
     e.add_argument("--shots", default="0,2,4,8", help="fewshot: numbers of in-context examples")
     e.add_argument("--plot", help="fewshot: write the curve to this PNG")

@@ -17,6 +17,7 @@ from kosmo.data.audio import SAMPLE_RATE
 from kosmo.data.world.documents import Episode, Recall, Segment
 from kosmo.data.world.drawing import CATEGORIES
 from kosmo.data.world.generator import World
+from kosmo.data.world.reasoning import eval_record, reasoning_item
 from kosmo.data.world.scenes import Scene, WorldConfig
 from kosmo.data.world.speech import SOUND_CLASSES, sound_event, speak
 from kosmo.data.world.text import QTYPES
@@ -166,6 +167,28 @@ def write_drawing(world: World, out_dir: str | Path, *, n: int, val: int) -> dic
 
     return {"draw": _write_jsonl(out / "draw.jsonl", (train(i) for i in range(n))),
             "val_draw": _write_jsonl(out / "val_draw.jsonl", (evaluation(i) for i in range(val * len(CATEGORIES))))}
+
+
+def write_reasoning(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
+    """Counting questions about a row of places (kosmo.data.world.reasoning), as chats: `n` training items with
+    the number as the answer (reasoning_direct.jsonl) and the same items with the worked answer
+    (reasoning_worked.jsonl), so that two models trained on them differ only in their targets; the same items
+    again for one chat model that knows both forms (reasoning_chat.jsonl), every other one with the system prompt
+    THINK and the worked answer, the rest without it and with the number; and val_reasoning.jsonl, `val` held-out
+    items in distribution then `val` out of distribution, each with its exact answer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = world.config.seed
+    items = [reasoning_item(seed, "train", i) for i in range(n)]
+    held_out = [reasoning_item(seed, "val", i, ood) for ood in (False, True) for i in range(val)]
+    return {"reasoning_direct": _write_jsonl(out / "reasoning_direct.jsonl",
+                                             ({"messages": it.messages(think=False)} for it in items)),
+            "reasoning_worked": _write_jsonl(out / "reasoning_worked.jsonl",
+                                             ({"messages": it.messages(think=True)} for it in items)),
+            "reasoning_chat": _write_jsonl(out / "reasoning_chat.jsonl",
+                                           ({"messages": it.messages(think=i % 2 == 0, system=i % 2 == 0)}
+                                            for i, it in enumerate(items))),
+            "val_reasoning": _write_jsonl(out / "val_reasoning.jsonl", (eval_record(it) for it in held_out))}
 
 
 def _sentence(world: World, split: str, index: int) -> str:
