@@ -11,7 +11,9 @@ scored by `kosmo eval reasoning` (greedy, exact answer) on held-out scenes of 3-
 system prompt, and scores it with and without the prompt.
 
 Prints one JSON line per run and a table of means and spreads over the seeds; writes OUT/results.json and, with
---plot, a figure. On 2 shared CPU cores a run of the defaults takes a few minutes.
+--plot, a figure. A run that is already trained and scored under OUT is read back, not redone, so seeds may be run
+side by side (`--seeds 0` and `--seeds 1` at once, after one of them has written the data and tokenizer) and then
+gathered by a last invocation with every seed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def initial_run(out: Path, seed: int, tok: Tokenizer, args) -> Path:
 def train_and_score(name: str, data: Path, init: Path, seed: int, val: Path, out: Path, args,
                     thinks: tuple[bool, ...] = (False,)) -> dict:
     run = out / "runs" / name
+    scored = run / "reasoning.json"
+    if scored.is_file():  # trained and scored by an earlier invocation (e.g. one per seed, side by side)
+        row = json.loads(scored.read_text())
+        print(json.dumps(row), flush=True)
+        return row
     start = time.time()
     if not (run / "model.safetensors").is_file():
         run_stage("sft", [str(data)], run, init=init, overrides=[
@@ -65,6 +72,7 @@ def train_and_score(name: str, data: Path, init: Path, seed: int, val: Path, out
         key = "think" if think else "plain"
         row.update({k if len(thinks) == 1 else f"{key}_{k}": m[k]
                     for k in ("accuracy_id", "accuracy_ood", "by_objects", "worked", "example")})
+    scored.write_text(json.dumps(row))
     print(json.dumps(row), flush=True)
     return row
 
@@ -126,7 +134,9 @@ def main():
     torch.set_num_threads(1)  # the figures were made on 2 shared cores; one thread per run is what they had
     out = Path(args.out)
     data = out / "data"
-    files = write_reasoning(World(WorldConfig(seed=0)), data, n=args.n, val=args.val)
+    files = {key: data / f"{key}.jsonl" for key in (*VARIANTS.values(), "reasoning_chat", "val_reasoning")}
+    if not all(f.is_file() for f in files.values()):  # an invocation beside this one may be reading them
+        files = write_reasoning(World(WorldConfig(seed=0)), data, n=args.n, val=args.val)
     tok_path = out / "tokenizer.json"
     if not tok_path.is_file():
         Tokenizer.train(iter_texts([files["reasoning_direct"], files["reasoning_worked"]]), args.vocab_size).save(

@@ -16,10 +16,10 @@ ENTRY = re.compile(r"(\d+) (\w+ \w+) (yes|no) (\d+)\.")
 
 def scene_of(prompt: str) -> dict[int, str]:
     """Place -> object name, read back from the prompt's text alone."""
-    scene = prompt[:prompt.index(". How many")]
+    scene = prompt[len("Row: "):prompt.index(". How many")]
     out = {}
     for part in scene.split(", "):
-        place, name = part.split(" ", 1)
+        name, place = part.rsplit(" ", 1)
         if name != "empty place":
             out[int(place)] = name
     return out

@@ -1,7 +1,8 @@
 """Questions that take several steps, each with its exact answer and a worked answer (a scratchpad).
 
 The scene is given as text: a row of PLACES places, numbered from the left, each empty or holding one object
-("1 red circle, 2 empty place, 3 blue square, ..."). Text, not a picture, so that several from-scratch models can be
+("Row: red circle 1, empty place 2, blue square 3, ..."). Each place's number follows what is there, so that the number
+can gather its object before anything attends to it: a worked answer finds place k by its number. Text, not a picture, so that several from-scratch models can be
 trained and compared in CPU minutes (the setting of Lee et al. 2023); the row is wider than the pictures' 3x3 grid
 so that out-of-distribution scenes can hold more objects. A question counts the objects of a colour or a shape on
 one side of an anchor object: "How many red objects are left of the blue square?".
@@ -57,7 +58,7 @@ class ReasoningItem:
 
     @property
     def scene(self) -> str:
-        return ", ".join(f"{p + 1} {o.name if o else EMPTY}" for p, o in enumerate(self.places)) + "."
+        return "Row: " + ", ".join(f"{o.name if o else EMPTY} {p + 1}" for p, o in enumerate(self.places)) + "."
 
     @property
     def question(self) -> str:
