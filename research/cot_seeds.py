@@ -29,7 +29,7 @@ import torch
 
 from kosmo.data.jsonl import iter_texts
 from kosmo.data.world import World, WorldConfig, write_reasoning
-from kosmo.eval.reasoning import evaluate_reasoning
+from kosmo.eval.reasoning import constant_accuracy, evaluate_reasoning, read_items
 from kosmo.model.lm import LM, LMConfig
 from kosmo.model.load import load_run, save_run
 from kosmo.tokenizer import Tokenizer
@@ -82,7 +82,7 @@ def summary(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {spread:.1f} (min {min(values):.1f}, max {max(values):.1f})"
 
 
-def plot(rows: list[dict], png: str):
+def plot(rows: list[dict], constant: dict, png: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -98,6 +98,9 @@ def plot(rows: list[dict], png: str):
         counts = sorted({int(n) for r in runs for n in r["by_objects"]})
         means = [statistics.mean(r["by_objects"][str(n)] for r in runs) for n in counts]
         lines.plot(counts, means, "o-", color=f"C{i}", label=variant)
+    for j, key in enumerate(("accuracy_id", "accuracy_ood")):
+        bars.hlines(constant[key], j - 0.4, j + 0.4, colors="0.4", linestyles="dashed",
+                    label="best constant answer" if j == 0 else None)
     bars.set_xticks([0, 1], ["in distribution\n(3-6 objects)", "out of distribution\n(7-10 objects)"])
     bars.set_ylabel("exact-answer accuracy (%)")
     bars.set_ylim(0, 100)
@@ -156,14 +159,18 @@ def main():
                        for key in ("accuracy_id", "accuracy_ood")} for variant in VARIANTS}
     gaps = [w["accuracy_ood"] - d["accuracy_ood"] for d, w in zip(rows[::2], rows[1::2])]
     table["ood_gain"] = summary(gaps)
+    items = read_items(files["val_reasoning"])
+    constant = {f"accuracy_{k}": constant_accuracy([it for it in items if it["ood"] == (k == "ood")])
+                for k in ("id", "ood")}
+    table["constant"] = {k: f"{v:.1f}" for k, v in constant.items()}
     (out / "results.json").write_text(json.dumps({"args": vars(args), "runs": rows, "chat": chat,
                                                   "table": table}, indent=1))
     print(f"{'':8} {'in distribution':>40} {'out of distribution':>40}", file=sys.stderr)
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, "constant"):
         print(f"{variant:8} {table[variant]['accuracy_id']:>40} {table[variant]['accuracy_ood']:>40}", file=sys.stderr)
     print(f"worked - direct, out of distribution: {table['ood_gain']}", file=sys.stderr)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, constant, args.plot)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def test_eval_reasoning_end_to_end(tiny_run, think):
     assert m["n"] == 8 and m["n_ood"] == 4 and m["think"] is think
     assert 0 <= m["accuracy_id"] <= 100 and 0 <= m["accuracy_ood"] <= 100
     assert set(m["by_objects"]) <= {str(n) for n in range(3, 11)}
+    assert 25 <= m["constant_id"] <= 100 and 25 <= m["constant_ood"] <= 100
 
 
 def test_eval_reasoning_needs_answers(tiny_run, tmp_path):

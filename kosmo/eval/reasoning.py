@@ -36,11 +36,18 @@ def _accuracy(rows: list[dict]) -> float:
     return round(100 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else 0.0
 
 
+def constant_accuracy(items: list[dict]) -> float:
+    """The accuracy of the best constant reply: what a model that ignores the scene can reach at most."""
+    answers = [str(it["answer"]) for it in items]
+    return round(100 * max(map(answers.count, set(answers))) / len(answers), 2) if answers else 0.0
+
+
 @torch.no_grad()
 def evaluate_reasoning(model, tok, path, think: bool = False, limit: int | None = None, batch_size: int = 64,
                        max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    """Accuracy overall, in distribution, out of distribution and by number of objects; the share of replies
-    that were worked answers, and their mean length in tokens."""
+    """Accuracy overall, in distribution, out of distribution and by number of objects, beside the best constant
+    reply's in and out of distribution; the share of replies that were worked answers, and their mean length in
+    tokens."""
     items = read_items(path, limit)
     if not items:
         raise KosmoError(f"{path}: no questions to evaluate")
@@ -62,5 +69,7 @@ def evaluate_reasoning(model, tok, path, think: bool = False, limit: int | None 
     return {"n": len(rows), "n_ood": sum(r["ood"] for r in rows), "think": think, "accuracy": _accuracy(rows),
             "accuracy_id": _accuracy([r for r in rows if not r["ood"]]),
             "accuracy_ood": _accuracy([r for r in rows if r["ood"]]), "by_objects": by_objects,
+            "constant_id": constant_accuracy([it for it in items if not it["ood"]]),
+            "constant_ood": constant_accuracy([it for it in items if it["ood"]]),
             "worked": round(100 * sum(r["worked"] for r in rows) / len(rows), 2),
             "reply_tokens": round(sum(r["tokens"] for r in rows) / len(rows), 1), "example": replies[0].text}
