@@ -169,6 +169,10 @@ def main():
     for variant in (*VARIANTS, "constant"):
         print(f"{variant:8} {table[variant]['accuracy_id']:>40} {table[variant]['accuracy_ood']:>40}", file=sys.stderr)
     print(f"worked - direct, out of distribution: {table['ood_gain']}", file=sys.stderr)
+    if chat:
+        for key in ("plain", "think"):
+            print(f"chat model, {key}: in distribution {chat[f'{key}_accuracy_id']}, out of distribution "
+                  f"{chat[f'{key}_accuracy_ood']}, worked answers {chat[f'{key}_worked']}%", file=sys.stderr)
     if args.plot:
         plot(rows, constant, args.plot)
 
