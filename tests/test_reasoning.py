@@ -9,17 +9,17 @@ from kosmo.data.world import SHAPES, THINK, World, WorldConfig, parse_answer, re
 from kosmo.data.world.reasoning import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, PLACES, plural
 from tests.conftest import kosmo
 
-QUESTION = re.compile(r"How many (.+?) are (left|right) of the (\w+ \w+)\?$")
+QUESTION = re.compile(r"^How many (.+?) are (left|right) of the (\w+ \w+)\?")
 SINGULAR = {plural(s): s for s in SHAPES}
 ENTRY = re.compile(r"(\d+) (\w+ \w+) (yes|no) (\d+)\.")
 
 
 def scene_of(prompt: str) -> dict[int, str]:
     """Place -> object name, read back from the prompt's text alone."""
-    scene = prompt[len("Row: "):prompt.index(". How many")]
+    scene = prompt[prompt.index("Row: ") + len("Row: "):-1]
     out = {}
-    for part in scene.split(", "):
-        name, place = part.rsplit(" ", 1)
+    for part in scene.split("; "):
+        place, name = part.removeprefix("at ").split(" is ")
         if name != "empty place":
             out[int(place)] = name
     return out

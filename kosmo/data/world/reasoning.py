@@ -1,8 +1,9 @@
 """Questions that take several steps, each with its exact answer and a worked answer (a scratchpad).
 
-The scene is given as text: a row of PLACES places, numbered from the left, each empty or holding one object
-("Row: red circle 1, empty place 2, blue square 3, ..."). Each place's number follows what is there, so that the number
-can gather its object before anything attends to it: a worked answer finds place k by its number. Text, not a picture, so that several from-scratch models can be
+The scene is given as text after the question: a row of PLACES places, numbered from the left, each empty or holding
+one object ("Row: at 1 is red circle; at 2 is empty place; at 3 is blue square; ..."). A place of the scene and an
+entry of the worked answer are both six tokens, and the question comes first, so the entry about place k stands the
+same distance after the scene's place k in every item: a worked answer can read each place at a fixed offset. Text, not a picture, so that several from-scratch models can be
 trained and compared in CPU minutes (the setting of Lee et al. 2023); the row is wider than the pictures' 3x3 grid
 so that out-of-distribution scenes can hold more objects. A question counts the objects of a colour or a shape on
 one side of an anchor object: "How many red objects are left of the blue square?".
@@ -58,7 +59,7 @@ class ReasoningItem:
 
     @property
     def scene(self) -> str:
-        return "Row: " + ", ".join(f"{o.name if o else EMPTY} {p + 1}" for p, o in enumerate(self.places)) + "."
+        return "Row: " + "; ".join(f"at {p + 1} is {o.name if o else EMPTY}" for p, o in enumerate(self.places)) + "."
 
     @property
     def question(self) -> str:
@@ -67,7 +68,7 @@ class ReasoningItem:
 
     @property
     def prompt(self) -> str:
-        return f"{self.scene} {self.question}"
+        return f"{self.question} {self.scene}"
 
     @property
     def scratchpad(self) -> str:
