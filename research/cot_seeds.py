@@ -35,7 +35,7 @@ from kosmo.model.load import load_run, save_run
 from kosmo.tokenizer import Tokenizer
 from kosmo.train.run import run_stage
 
-VARIANTS = {"direct": "reasoning_direct", "worked": "reasoning_worked"}
+VARIANTS = {"worked": "reasoning_worked", "direct": "reasoning_direct"}
 
 
 def initial_run(out: Path, seed: int, tok: Tokenizer, args) -> Path:
@@ -157,7 +157,8 @@ def main():
                                seeds[0], files["val_reasoning"], out, args, thinks=(False, True))
     table = {variant: {key: summary([r[key] for r in rows if r["run"].startswith(variant)])
                        for key in ("accuracy_id", "accuracy_ood")} for variant in VARIANTS}
-    gaps = [w["accuracy_ood"] - d["accuracy_ood"] for d, w in zip(rows[::2], rows[1::2])]
+    ood = {r["run"]: r["accuracy_ood"] for r in rows}
+    gaps = [ood[f"worked-{seed}"] - ood[f"direct-{seed}"] for seed in seeds]
     table["ood_gain"] = summary(gaps)
     items = read_items(files["val_reasoning"])
     constant = {f"accuracy_{k}": constant_accuracy([it for it in items if it["ood"] == (k == "ood")])
