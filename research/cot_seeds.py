@@ -13,7 +13,8 @@ system prompt, and scores it with and without the prompt.
 Prints one JSON line per run and a table of means and spreads over the seeds; writes OUT/results.json and, with
 --plot, a figure. A run that is already trained and scored under OUT is read back, not redone, so seeds may be run
 side by side (`--seeds 0` and `--seeds 1` at once, after one of them has written the data and tokenizer) and then
-gathered by a last invocation with every seed.
+gathered by a last invocation with every seed. Three seeds side by side on 2 shared CPU cores, one thread each:
+a worked run of 400 steps took about 18 minutes, a direct one about 6.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def main():
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (and initial weights)")
     p.add_argument("--n", type=int, default=20000, help="training questions")
     p.add_argument("--val", type=int, default=300, help="held-out questions in and out of distribution, each")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
