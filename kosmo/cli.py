@@ -155,7 +155,7 @@ def cmd_eval(args):
 def _evaluate(args, device, precision: str) -> dict:
     from kosmo.eval.fewshot import parse_counts
     from kosmo.model.load import load_run
-    if not args.data and args.kind != "copy":  # copying is measured on random tokens, not on a file
+    if not args.data and args.kind not in ("copy", "needle"):  # these build their own prompts
         raise KosmoError(f"eval {args.kind} needs --data")
     if args.seq_len < 2:  # a row must hold a token and the next one to predict
         raise KosmoError(f"--seq-len must be at least 2, got {args.seq_len}")
@@ -163,6 +163,11 @@ def _evaluate(args, device, precision: str) -> dict:
     spans = parse_counts(args.spans, "--spans", 2, "20,48") if args.kind == "copy" else None
     shots = parse_counts(args.shots, "--shots", 0, "0,2,4,8") if args.kind == "fewshot" else None
     scales = _guidance_scales(args.cfg_scales) if args.kind == "imagegen" else None
+    if args.kind == "needle":
+        from kosmo.eval.needle import parse_depths, parse_lengths
+        lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+        if args.trials < 1 or args.prefill_chunk < 1:
+            raise KosmoError(f"--trials and --prefill-chunk must be at least 1, got {args.trials} and {args.prefill_chunk}")
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
@@ -192,6 +197,12 @@ def _evaluate(args, device, precision: str) -> dict:
     elif args.kind == "copy":
         from kosmo.eval.copying import copy_accuracy
         metrics = copy_accuracy(model, tok.vocab_size, spans=spans)
+    elif args.kind == "needle":
+        from kosmo.eval.needle import needle, plot_heatmap
+        metrics = needle(model, tok, lengths, depths, trials=args.trials, seed=args.seed,
+                         prefill_chunk=args.prefill_chunk)
+        if args.plot:
+            plot_heatmap(metrics, args.plot)
     elif args.kind == "fewshot":
         from kosmo.eval.fewshot import fewshot, plot_curves
         results = {str(p): fewshot(model, tok, p, shots, limit=args.limit, blind=not args.no_blind) for p in args.data}
@@ -267,13 +278,15 @@ def cmd_serve(args):
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if local is not None and not local.is_dir():
         raise KosmoError(f"--allowed-local-media-path: {local} is not a directory")
+    if args.prefill_chunk < 0:
+        raise KosmoError(f"--prefill-chunk must be at least 0 (0: prompts go in at once), got {args.prefill_chunk}")
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
           args.max_batch, args.max_queue, media,
           Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
                  max_audio_seconds=args.max_audio_seconds, max_pictures=args.max_images_per_request),
-          args.precision)
+          args.precision, args.prefill_chunk or None)
 
 
 def cmd_chat(args):
@@ -343,23 +356,27 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae", "imagegen"])
+                                    "retrieval", "align", "vqvae", "imagegen", "needle"])
     e.add_argument("--model", required=True)
-    e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
+    e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy and needle)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
     e.add_argument("--spans", default="20,48", help="copy: lengths of the repeated spans, comma-separated")
     e.add_argument("--limit", type=int, help="evaluate the first N lines only")
     e.add_argument("--system", help="vqa: a system prompt before each question")
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
     e.add_argument("--shots", default="0,2,4,8", help="fewshot: numbers of in-context examples")
-    e.add_argument("--plot", help="fewshot: write the curve to this PNG")
+    e.add_argument("--plot", help="fewshot: write the curve to this PNG; needle: the heatmap")
     e.add_argument("--no-blind", action="store_true",
                    help="skip the image-removed baseline (asr, sounds: the audio-removed one)")
     e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
     e.add_argument("--cfg-scales", default="1,3", help="imagegen: classifier-free guidance scales (1: off)")
     e.add_argument("--temperature", type=float, default=1.0, help="imagegen: sampling temperature of the codes")
     e.add_argument("--top-k", type=int, default=0, help="imagegen: sample among the k likeliest codes (0: all)")
-    e.add_argument("--seed", type=int, default=0, help="imagegen: the seed of the drawings")
+    e.add_argument("--seed", type=int, default=0, help="imagegen: the seed of the drawings; needle: of the keys")
+    e.add_argument("--lengths", default="1k,2k,4k,8k,16k,32k", help="needle: context lengths (k: 1024 tokens)")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: where the key sits, 0 (start) to 1 (end)")
+    e.add_argument("--trials", type=int, default=4, help="needle: keys asked for at each length and depth")
+    e.add_argument("--prefill-chunk", type=int, default=2048, help="needle: tokens per prefill chunk")
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -382,6 +399,9 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(sv)
     sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which clients get 429")
+    sv.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="a longer prompt goes in as chunks of this many tokens, bounding a long context's "
+                         "activation memory (0: all at once)")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
     sv.add_argument("--max-images-per-request", type=int, default=4,
