@@ -167,7 +167,8 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.needle import parse_depths, parse_lengths
         lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
         if args.trials < 1 or args.prefill_chunk < 1:
-            raise KosmoError(f"--trials and --prefill-chunk must be at least 1, got {args.trials} and {args.prefill_chunk}")
+            raise KosmoError(f"--trials and --prefill-chunk must be at least 1, "
+                             f"got {args.trials} and {args.prefill_chunk}")
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")

@@ -12,7 +12,6 @@ from kosmo.data.passkey import PasskeyPrompts, passkey_row
 from kosmo.data.world import World
 from kosmo.errors import KosmoError
 from kosmo.eval import needle as N
-from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LM, LMConfig
 from kosmo.model.load import save_run
 from kosmo.tokenizer import BOS, Tokenizer
