@@ -164,9 +164,15 @@ class Browser:
         from playwright.sync_api import Error
         expected = spec["elements"]
         why = parse_error(page)
-        self.load(page)
-        has_main = self.page.evaluate("() => document.querySelector('main') !== null")
-        found = self.page.evaluate(_READ, VIEWPORT)
+        try:
+            self.load(page)
+            has_main = self.page.evaluate("() => document.querySelector('main') !== null")
+            found = self.page.evaluate(_READ, VIEWPORT)
+        except Error as e:  # a page that never finishes loading renders nothing; the next gets a fresh tab
+            why = why or f"Chromium: {str(e).splitlines()[0]}"
+            has_main, found = False, []
+            self.page.close()
+            self.page = self._context.new_page()
         matched = match(expected, found)
         ious = [iou(found[i]["box"], e["box"]) if i is not None else 0.0 for e, i in zip(expected, matched)]
         buttons = []
@@ -175,8 +181,8 @@ class Browser:
                 continue
             works = False
             if i is not None:
-                self.load(page)  # each action from a fresh page
                 try:
+                    self.load(page)  # each action from a fresh page
                     if e["action"] == "clear":
                         for field in self.page.locator("input").all():
                             field.fill("typed")
