@@ -33,6 +33,7 @@ def test_mockups_are_pure_functions_of_seed_split_and_index():
         types = {e.type for e in m.elements}
         assert all(e.action in (None, "joke", "count") or {"clear": "input", "hide": "image"}[e.action] in types
                    for e in m.elements)
+        assert not M.held_out(m.html()) and M.held_out(M.mockup(0, "val", i).html())  # no page is in both
 
 
 def test_mockup_is_sketched_with_the_dejavu_font(monkeypatch, tmp_path):

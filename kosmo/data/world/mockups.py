@@ -3,7 +3,8 @@
 A mockup is a page of 3-6 elements on a grid of ROWS rows and COLS columns: a header with a title across the
 top row, then buttons, a text input, an image placeholder and a list, each in one cell or across a whole row.
 Some buttons carry a handwritten note in red ink ("↑ joke") that asks for an action, from ACTIONS, each with an
-effect a browser can check. Every mockup is a pure function of (seed, split, index).
+effect a browser can check. Every mockup is a pure function of (seed, split, index), and a tenth of all pages
+(by hash) are held out: only splits other than train draw them.
 
 The picture is drawn as a person sketches one: wobbly pen strokes, boxes shifted a little within their cells,
 text in a large DejaVu font. At the default 128 pixels a side a cell is 64x32 pixels and the smallest text
@@ -125,14 +126,28 @@ class Mockup:
         return {"elements": [{**asdict(e), "box": list(e.box)} for e in self.elements]}
 
 
+def held_out(html: str) -> bool:
+    """Whether a page belongs to evaluation only: a tenth of all pages, by hash, are never trained on."""
+    return int(hashlib.sha1(html.encode()).hexdigest()[:8], 16) % 10 == 0
+
+
 def mockup(seed: int, split: str, index: int) -> Mockup:
-    """The mockup at (seed, split, index): a header, then 2-5 more elements in rows 2..ROWS.
+    """The mockup at (seed, split, index). A training mockup's page is never held_out; any other split's always is,
+    so a model is judged on pages it has not seen written."""
+    rng = item_rng(seed, "mockup", split, index)
+    while True:
+        elements = _elements(rng)
+        if held_out(Mockup(elements, seed, split, index).html()) != (split == "train"):
+            return Mockup(elements, seed, split, index)
+
+
+def _elements(rng: np.random.Generator) -> tuple[Element, ...]:
+    """A header, then 2-5 more elements in rows 2..ROWS.
 
     Each row below the header holds nothing, one element across it or one element in each cell (or in one of them);
     types repeat only as buttons, since an input, an image and a list are what a button's action needs to be
     unambiguous. An action that needs an input or an image is only given when the page has one.
     """
-    rng = item_rng(seed, "mockup", split, index)
     n = int(rng.integers(2, 6))  # elements below the header
     slots = []  # (row, col, span)
     while len(slots) < n:
@@ -159,7 +174,7 @@ def mockup(seed: int, split: str, index: int) -> Mockup:
         else:
             items = [ITEMS[i] for i in rng.permutation(len(ITEMS))[:2]]
             elements.append(Element(t, ", ".join(items), row, col, span))
-    return Mockup(tuple(elements), seed, split, index)
+    return tuple(elements)
 
 
 @cache
