@@ -138,6 +138,9 @@ def test_eval_html_judges_a_file_of_pages_and_writes_screenshots(tmp_path, capsy
     assert "short.jsonl: 1 pages for 2 mockups" in capsys.readouterr().err
     assert main(["eval", "html", "--data", str(data)]) == 2
     assert "needs --model (or --pages)" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [], "image": "a.png"}) + "\n")
+    assert main(["eval", "html", "--data", str(tmp_path / "bad.jsonl"), "--pages", str(data)]) == 2
+    assert "bad.jsonl:1: a mockup line needs 'spec'" in capsys.readouterr().err
 
 
 @needs_chromium

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from kosmo.data import chat
+from kosmo.data.images import open_image
 from kosmo.data.world.mockups import ACTIONS, HEAD, JOKES, TYPES, VIEWPORT
 from kosmo.errors import KosmoError
 from kosmo.eval.vision import complete, records, resolve
@@ -198,7 +199,7 @@ class Browser:
         return {"parses": parses, "parse_error": why or (None if has_main else "no <main> in the DOM"),
                 "ok": parses and all(present), "present": sum(present), "elements": len(expected),
                 "missing": [e["type"] + (f" {e['text']!r}" if e["text"] else "") for e, p in zip(expected, present) if not p],
-                "extra": len(found) - sum(present), "iou": sum(ious) / len(ious) if ious else 1.0,
+                "extra": len(found) - sum(present), "iou": sum(ious) / len(ious),
                 "buttons": buttons}
 
     def screenshot(self, page: str) -> Image.Image:
@@ -235,7 +236,7 @@ def score(items: list[dict], pages: list[str], browser: Browser, shots: Path | N
         results.append(browser.check(page, item["spec"]))
         if shots is not None and k < SHOTS:
             shots.mkdir(parents=True, exist_ok=True)
-            side_by_side(Image.open(base / item["image"]), browser.screenshot(page)).save(shots / f"page-{k}.png")
+            side_by_side(open_image(base / item["image"]), browser.screenshot(page)).save(shots / f"page-{k}.png")
     return {**_summary(results),
             "items": [{"page": p, **{k: v for k, v in r.items() if k != "elements"}} for p, r in zip(pages, results)]}
 
@@ -247,15 +248,17 @@ def read_items(path: Path, limit: int | None = None) -> list[dict]:
         elements = obj.get("spec", {}).get("elements") if isinstance(obj.get("spec"), dict) else None
         if not isinstance(elements, list) or not elements:
             raise KosmoError(f"{where}: a mockup line needs 'spec' with a non-empty 'elements' list")
-        for e in elements:
+        for k, e in enumerate(elements):
             ok = (isinstance(e, dict) and e.get("type") in TYPES and isinstance(e.get("text"), str)
                   and isinstance(e.get("box"), list) and len(e["box"]) == 4 and e.get("action") in (None, *ACTIONS))
             if not ok:
-                raise KosmoError(f"{where}: spec element {e!r} needs 'type' (one of {', '.join(TYPES)}), 'text', "
+                raise KosmoError(f"{where}: spec element {k} needs 'type' (one of {', '.join(TYPES)}), 'text', "
                                  f"a 4-number 'box' and an 'action' of None or one of {', '.join(ACTIONS)}")
         if not isinstance(obj.get("image"), str) or not isinstance(obj.get("messages"), list):
             raise KosmoError(f"{where}: a mockup line needs 'image' and 'messages' (the user turn)")
         items.append(obj)
+    if not items:
+        raise KosmoError(f"{path}: no mockups to judge")
     return items
 
 
