@@ -144,22 +144,24 @@ def test_eval_html_judges_a_file_of_pages_and_writes_screenshots(tmp_path, capsy
 
 
 @needs_chromium
-def test_eval_html_generates_pages_with_a_model(tmp_path):
+def test_eval_html_generates_pages_with_a_model(tmp_path, capsys):
     import torch
 
     from kosmo.data.world import World, write_mockups
     from kosmo.model.lm import LMConfig
+    from kosmo.model.load import save_run
     from kosmo.model.mllm import MLLM, MLLMConfig
     from kosmo.model.vision import VisionConfig
     from kosmo.tokenizer import Tokenizer
 
-    write_mockups(tmp_path, n=0, val=2)
+    data = write_mockups(tmp_path, n=0, val=2)["val_mockups"]
     tok = Tokenizer.train((World().text(i, "train") for i in range(200)), vocab_size=300)
     torch.manual_seed(0)
-    model = MLLM(MLLMConfig(vision=VisionConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2,
-                                                mlp_dim=64),
-                            lm=LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                                        max_seq_len=96))).eval()
-    result = H.evaluate_run(model, tok, tmp_path / "val_mockups.jsonl")
+    cfg = MLLMConfig(vision=VisionConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2, mlp_dim=64),
+                     lm=LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                 max_seq_len=96))
+    save_run(tmp_path / "run", MLLM(cfg), tok, {"stage": "test", "arch": "mllm", "model": cfg.to_dict()})
+    assert main(["eval", "html", "--model", str(tmp_path / "run"), "--data", str(data), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["n"] == 2 and result["ok"] == 0.0 and set(result["blind"]) >= {"ok", "mean_iou"}
     assert all(isinstance(item["page"], str) for item in result["items"])
