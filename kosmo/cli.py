@@ -15,18 +15,23 @@ from kosmo.train.run import stages
 
 
 def cmd_world(args):
-    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_world
-    for flag in ("audio", "draw"):
+    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_mockups, write_world
+    for flag in ("audio", "draw", "mockups"):
         if getattr(args, flag) < 0:
             raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
+    if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
+        raise KosmoError(f"--mockup-size must be at least 64, got {args.mockup_size}")
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
     if args.audio:
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
     if args.draw:
         paths.update(write_drawing(world, args.out, n=args.draw, val=max(1, args.draw // 20)))
+    if args.mockups:
+        paths.update(write_mockups(args.out, n=args.mockups, val=max(1, args.mockups // 10), seed=args.seed,
+                                   image_size=args.mockup_size))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -157,6 +162,13 @@ def _evaluate(args, device, precision: str) -> dict:
     from kosmo.model.load import load_run
     if not args.data and args.kind not in ("copy", "needle"):  # these build their own prompts
         raise KosmoError(f"eval {args.kind} needs --data")
+    if args.pages and args.kind != "html":
+        raise KosmoError(f"--pages is for eval html, not eval {args.kind}")
+    if args.kind == "html" and args.pages:  # pages from a file: nothing to generate, no model
+        from kosmo.eval.html import evaluate_pages
+        return evaluate_pages(args.data[0], args.pages, limit=args.limit, shots=args.screenshots)
+    if not args.model:
+        raise KosmoError(f"eval {args.kind} needs --model" + (" (or --pages)" if args.kind == "html" else ""))
     if args.seq_len < 2:  # a row must hold a token and the next one to predict
         raise KosmoError(f"--seq-len must be at least 2, got {args.seq_len}")
     # the counts are checked before the model loads, so a typo fails at once
@@ -218,6 +230,10 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.imagegen import evaluate_run
         metrics = evaluate_run(model, tok, args.data[0], limit=args.limit, scales=scales,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    elif args.kind == "html":
+        from kosmo.eval.html import evaluate_run
+        metrics = evaluate_run(model, tok, args.data[0], limit=args.limit, blind=not args.no_blind,
+                               shots=args.screenshots, image_mode=config.get("config", {}).get("image_mode", "crop"))
     elif args.kind in ("asr", "sounds"):
         from kosmo.eval import audio as A
         metrics = {}
@@ -316,6 +332,10 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--draw", type=int, default=0, metavar="N",
                    help="also N prompts to draw training pictures from, and N/20 evaluation prompts of each "
                         "GenEval category with the specs that check their pictures (draw.jsonl, val_draw.jsonl)")
+    w.add_argument("--mockups", type=int, default=0, metavar="N",
+                   help="also N hand-drawn web-page mockups answered by their HTML, and N/10 held out with the "
+                        "ground truth `eval html` checks pages against (mockups.jsonl, val_mockups.jsonl)")
+    w.add_argument("--mockup-size", type=int, default=128, help="the mockups' pictures, in pixels a side")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -357,8 +377,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae", "imagegen", "needle"])
-    e.add_argument("--model", required=True)
+                                    "retrieval", "align", "vqvae", "imagegen", "needle", "html"])
+    e.add_argument("--model", help="the run to evaluate (html with --pages needs none)")
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy and needle)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
     e.add_argument("--spans", default="20,48", help="copy: lengths of the repeated spans, comma-separated")
@@ -378,6 +398,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: where the key sits, 0 (start) to 1 (end)")
     e.add_argument("--trials", type=int, default=4, help="needle: keys asked for at each length and depth")
     e.add_argument("--prefill-chunk", type=int, default=2048, help="needle: tokens per prefill chunk")
+    e.add_argument("--pages", help="html: judge these pages (JSONL lines {\"html\"}, line i for mockup i) instead "
+                                   "of the model's; --data itself gives the canonical pages")
+    e.add_argument("--screenshots", metavar="DIR", help="html: write the first mockups beside their pages here")
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
