@@ -15,18 +15,31 @@ from kosmo.train.run import stages
 
 
 def cmd_world(args):
-    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_reasoning, write_world
-    for flag in ("audio", "draw", "reasoning"):
+    from kosmo.data.world import (
+        World,
+        WorldConfig,
+        write_audio,
+        write_drawing,
+        write_mockups,
+        write_reasoning,
+        write_world,
+    )
+    for flag in ("audio", "draw", "mockups", "reasoning"):
         if getattr(args, flag) < 0:
             raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
+    if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
+        raise KosmoError(f"--mockup-size must be at least 64, got {args.mockup_size}")
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
     if args.audio:
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
     if args.draw:
         paths.update(write_drawing(world, args.out, n=args.draw, val=max(1, args.draw // 20)))
+    if args.mockups:
+        paths.update(write_mockups(args.out, n=args.mockups, val=max(1, args.mockups // 10), seed=args.seed,
+                                   image_size=args.mockup_size))
     if args.reasoning:
         paths.update(write_reasoning(world, args.out, n=args.reasoning, val=max(1, args.reasoning // 20)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -157,14 +170,27 @@ def cmd_eval(args):
 def _evaluate(args, device, precision: str) -> dict:
     from kosmo.eval.fewshot import parse_counts
     from kosmo.model.load import load_run
-    if not args.data and args.kind != "copy":  # copying is measured on random tokens, not on a file
+    if not args.data and args.kind not in ("copy", "needle"):  # these build their own prompts
         raise KosmoError(f"eval {args.kind} needs --data")
+    if args.pages and args.kind != "html":
+        raise KosmoError(f"--pages is for eval html, not eval {args.kind}")
+    if args.kind == "html" and args.pages:  # pages from a file: nothing to generate, no model
+        from kosmo.eval.html import evaluate_pages
+        return evaluate_pages(args.data[0], args.pages, limit=args.limit, shots=args.screenshots)
+    if not args.model:
+        raise KosmoError(f"eval {args.kind} needs --model" + (" (or --pages)" if args.kind == "html" else ""))
     if args.seq_len < 2:  # a row must hold a token and the next one to predict
         raise KosmoError(f"--seq-len must be at least 2, got {args.seq_len}")
     # the counts are checked before the model loads, so a typo fails at once
     spans = parse_counts(args.spans, "--spans", 2, "20,48") if args.kind == "copy" else None
     shots = parse_counts(args.shots, "--shots", 0, "0,2,4,8") if args.kind == "fewshot" else None
     scales = _guidance_scales(args.cfg_scales) if args.kind == "imagegen" else None
+    if args.kind == "needle":
+        from kosmo.eval.needle import parse_depths, parse_lengths
+        lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+        if args.trials < 1 or args.prefill_chunk < 1:
+            raise KosmoError(f"--trials and --prefill-chunk must be at least 1, "
+                             f"got {args.trials} and {args.prefill_chunk}")
     model, tok, config = load_run(args.model, device, precision)
     if config.get("arch") == "reward":
         raise KosmoError(f"{args.model}: a reward model scores replies and does not generate; evaluate a policy run")
@@ -197,6 +223,12 @@ def _evaluate(args, device, precision: str) -> dict:
     elif args.kind == "copy":
         from kosmo.eval.copying import copy_accuracy
         metrics = copy_accuracy(model, tok.vocab_size, spans=spans)
+    elif args.kind == "needle":
+        from kosmo.eval.needle import needle, plot_heatmap
+        metrics = needle(model, tok, lengths, depths, trials=args.trials, seed=args.seed,
+                         prefill_chunk=args.prefill_chunk)
+        if args.plot:
+            plot_heatmap(metrics, args.plot)
     elif args.kind == "fewshot":
         from kosmo.eval.fewshot import fewshot, plot_curves
         results = {str(p): fewshot(model, tok, p, shots, limit=args.limit, blind=not args.no_blind) for p in args.data}
@@ -211,6 +243,10 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.imagegen import evaluate_run
         metrics = evaluate_run(model, tok, args.data[0], limit=args.limit, scales=scales,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    elif args.kind == "html":
+        from kosmo.eval.html import evaluate_run
+        metrics = evaluate_run(model, tok, args.data[0], limit=args.limit, blind=not args.no_blind,
+                               shots=args.screenshots, image_mode=config.get("config", {}).get("image_mode", "crop"))
     elif args.kind in ("asr", "sounds"):
         from kosmo.eval import audio as A
         metrics = {}
@@ -272,13 +308,15 @@ def cmd_serve(args):
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if local is not None and not local.is_dir():
         raise KosmoError(f"--allowed-local-media-path: {local} is not a directory")
+    if args.prefill_chunk < 0:
+        raise KosmoError(f"--prefill-chunk must be at least 0 (0: prompts go in at once), got {args.prefill_chunk}")
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
           args.max_batch, args.max_queue, media,
           Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
                  max_audio_seconds=args.max_audio_seconds, max_pictures=args.max_images_per_request),
-          args.precision)
+          args.precision, args.prefill_chunk or None)
 
 
 def cmd_chat(args):
@@ -307,6 +345,10 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--draw", type=int, default=0, metavar="N",
                    help="also N prompts to draw training pictures from, and N/20 evaluation prompts of each "
                         "GenEval category with the specs that check their pictures (draw.jsonl, val_draw.jsonl)")
+    w.add_argument("--mockups", type=int, default=0, metavar="N",
+                   help="also N hand-drawn web-page mockups answered by their HTML, and N/10 held out with the "
+                        "ground truth `eval html` checks pages against (mockups.jsonl, val_mockups.jsonl)")
+    w.add_argument("--mockup-size", type=int, default=128, help="the mockups' pictures, in pixels a side")
     w.add_argument("--reasoning", type=int, default=0, metavar="N",
                    help="also N counting questions with direct and worked answers (reasoning_direct.jsonl, "
                         "reasoning_worked.jsonl, reasoning_chat.jsonl) and N/20 held out in and N/20 out of "
@@ -352,9 +394,9 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae", "imagegen", "reasoning"])
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy)")
+                                    "retrieval", "align", "vqvae", "imagegen", "needle", "html", "reasoning"])
+    e.add_argument("--model", help="the run to evaluate (html with --pages needs none)")
+    e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy and needle)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
     e.add_argument("--spans", default="20,48", help="copy: lengths of the repeated spans, comma-separated")
     e.add_argument("--limit", type=int, help="evaluate the first N lines only")
@@ -363,14 +405,21 @@ def parser() -> argparse.ArgumentParser:
                    help="reasoning: ask for the worked answer with the system prompt 'Think step by step.'")
     e.add_argument("--template", default="a picture of a {}.", help="zeroshot: the class prompt")
     e.add_argument("--shots", default="0,2,4,8", help="fewshot: numbers of in-context examples")
-    e.add_argument("--plot", help="fewshot: write the curve to this PNG")
+    e.add_argument("--plot", help="fewshot: write the curve to this PNG; needle: the heatmap")
     e.add_argument("--no-blind", action="store_true",
                    help="skip the image-removed baseline (asr, sounds: the audio-removed one)")
     e.add_argument("--reference", help="align: the SFT run to measure win-rate and KL against")
     e.add_argument("--cfg-scales", default="1,3", help="imagegen: classifier-free guidance scales (1: off)")
     e.add_argument("--temperature", type=float, default=1.0, help="imagegen: sampling temperature of the codes")
     e.add_argument("--top-k", type=int, default=0, help="imagegen: sample among the k likeliest codes (0: all)")
-    e.add_argument("--seed", type=int, default=0, help="imagegen: the seed of the drawings")
+    e.add_argument("--seed", type=int, default=0, help="imagegen: the seed of the drawings; needle: of the keys")
+    e.add_argument("--lengths", default="1k,2k,4k,8k,16k,32k", help="needle: context lengths (k: 1024 tokens)")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: where the key sits, 0 (start) to 1 (end)")
+    e.add_argument("--trials", type=int, default=4, help="needle: keys asked for at each length and depth")
+    e.add_argument("--prefill-chunk", type=int, default=2048, help="needle: tokens per prefill chunk")
+    e.add_argument("--pages", help="html: judge these pages (JSONL lines {\"html\"}, line i for mockup i) instead "
+                                   "of the model's; --data itself gives the canonical pages")
+    e.add_argument("--screenshots", metavar="DIR", help="html: write the first mockups beside their pages here")
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -393,6 +442,9 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(sv)
     sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which clients get 429")
+    sv.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="a longer prompt goes in as chunks of this many tokens, bounding a long context's "
+                         "activation memory (0: all at once)")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
     sv.add_argument("--max-images-per-request", type=int, default=4,

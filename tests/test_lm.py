@@ -13,7 +13,7 @@ from kosmo.errors import KosmoError
 from kosmo.eval.copying import copy_accuracy
 from kosmo.model.lm import LM, KVCache, LMConfig
 from kosmo.tokenizer import SPECIAL_TOKENS
-from kosmo.train.lm import CopyRows, PackedText
+from kosmo.train.lm import PackedText, TaskRows, copy_rows
 
 
 def test_repeated_spans_are_ordinary_tokens_written_twice_the_same_for_a_seed():
@@ -75,7 +75,7 @@ def test_smeared_keys_off_is_the_plain_llama_block():
 
 def test_copy_rows_replace_a_share_of_each_batch_with_repeated_spans_the_same_on_resume():
     text = PackedText(torch.arange(20 * 65).view(20, 65) % 7 + len(SPECIAL_TOKENS))
-    rows = CopyRows(text, share=0.75, vocab_size=500)
+    rows = TaskRows(text, [(0.75, copy_rows(500))])
     batch = rows.collate(list(range(8)))
     assert torch.equal(batch["input"][6:], text.rows[6:8, :-1])  # a quarter of the batch stays text
     spans = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from kosmo.data.copying import repeated_spans
 from kosmo.data.jsonl import iter_texts
+from kosmo.data.passkey import PasskeyPrompts, passkey_row
 from kosmo.errors import KosmoError
 from kosmo.model.causal_lm import LOSS_CHUNK
 from kosmo.model.lm import LM, SIZES, LMConfig, rope_tables
@@ -25,11 +27,15 @@ class StageConfig:
     seq_len: int = 256
     val_fraction: float = 0.02   # share of packed rows held out for eval loss
     vocab_size: int = 4096       # when the stage trains its own tokenizer
-    copy_rows: float = 0.0       # share of every batch given to copy rows (CopyRows), 0 to 1
+    copy_rows: float = 0.0       # share of every batch given to repeated spans (copy_rows), 0 to 1
+    passkey_rows: float = 0.0    # share of every batch given to passkey prompts (passkey_rows), 0 to 1
 
     def __post_init__(self):
-        if not 0 <= self.copy_rows <= 1:
-            raise ValueError(f"copy_rows must be between 0 and 1, got {self.copy_rows}")
+        for name in ("copy_rows", "passkey_rows"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.copy_rows + self.passkey_rows > 1:
+            raise ValueError(f"copy_rows + passkey_rows must be at most 1, got {self.copy_rows + self.passkey_rows}")
 
 
 def lm_config(model: dict, vocab_size: int) -> LMConfig:
@@ -104,37 +110,60 @@ class PackedText:
         return {"input": rows[:, :-1], "labels": rows[:, 1:], "n_targets": rows[:, 1:].numel()}
 
 
-class CopyRows:
-    """Packed text whose batches give a share of their rows to repeated spans (kosmo.data.copying):
-    a span of 12 tokens up to half the row, written again and again to the row's end, with loss only
-    on the repeats.
+class TaskRows:
+    """Packed text whose batches give a share of their rows to each of some synthetic tasks: rows that
+    teach a skill the world's text rarely asks for. A task is a (share, make) pair, `make(gen, length)`
+    giving one row's (input, labels); the rows come from a generator seeded by the batch's indices, so
+    a resumed run sees the same ones."""
 
-    Naming a picture from the examples before it in a prompt needs the induction circuit that
-    predicting a repeat needs, and a small LM trained on this world's text alone does not form one
-    in hundreds of steps, nor afterwards on repeated spans alone; trained on them from the start,
-    beside the text, it forms one within a few hundred. The spans come from a generator seeded by
-    the batch's indices, so a resumed run sees the same ones.
-    """
-
-    MIN_SPAN = 12
-
-    def __init__(self, text: PackedText, share: float, vocab_size: int):
-        self.text, self.share, self.vocab_size = text, share, vocab_size
+    def __init__(self, text: PackedText, tasks: list[tuple[float, Callable]]):
+        self.text, self.tasks = text, tasks
 
     def __len__(self) -> int:
         return len(self.text)
 
     def collate(self, indices: list[int]) -> dict:
         batch = self.text.collate(indices)
-        n, length = round(len(indices) * self.share), batch["input"].shape[1] + 1
+        length = batch["input"].shape[1]
         gen = torch.Generator().manual_seed(zlib.crc32(torch.tensor(indices).numpy().tobytes()))
         inputs, labels = batch["input"].clone(), batch["labels"].clone()
-        for row in range(n):  # each row its own span length
-            spans, span = repeated_spans(1, (self.MIN_SPAN, max(self.MIN_SPAN, length // 2)), self.vocab_size, gen,
-                                         length)
-            inputs[row], labels[row] = spans[0, :-1], spans[0, 1:]
-            labels[row, :span] = -100  # the first span, and the first repeat of its first token, are unpredictable
+        start = 0
+        for share, make in self.tasks:
+            n = round(len(indices) * share)
+            for row in range(start, start + n):
+                inputs[row], labels[row] = make(gen, length)
+            start += n
         return {"input": inputs, "labels": labels, "n_targets": int((labels != -100).sum())}
+
+
+MIN_SPAN = 12
+
+
+def copy_rows(vocab_size: int) -> Callable:
+    """Repeated spans (kosmo.data.copying): a span of 12 tokens up to half the row, written again and
+    again to the row's end, with loss only on the repeats.
+
+    Naming a picture from the examples before it in a prompt needs the induction circuit that
+    predicting a repeat needs, and a small LM trained on this world's text alone does not form one
+    in hundreds of steps, nor afterwards on repeated spans alone; trained on them from the start,
+    beside the text, it forms one within a few hundred.
+    """
+    def make(gen: torch.Generator, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spans, span = repeated_spans(1, (MIN_SPAN, max(MIN_SPAN, (length + 1) // 2)), vocab_size, gen, length + 1)
+        labels = spans[0, 1:].clone()
+        labels[:span] = -100  # the first span, and the first repeat of its first token, are unpredictable
+        return spans[0, :-1], labels
+    return make
+
+
+def passkey_rows(tokenizer: Tokenizer, seq_len: int | None = None) -> Callable:
+    """Passkey prompts as long as the row, each with its needle at a random depth (kosmo.data.passkey)."""
+    prompts = PasskeyPrompts(tokenizer)
+    shortest = prompts.minimum() + len(prompts.key_ids("00000"))
+    if seq_len is not None and seq_len < shortest:
+        raise KosmoError(f"passkey_rows need seq_len of at least {shortest} (a passkey prompt with no filler), "
+                         f"got {seq_len}")
+    return lambda gen, length: passkey_row(prompts, length, gen)
 
 
 def _join(docs: list[list[int]]) -> list[int]:
@@ -169,8 +198,13 @@ def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: L
     """(model, loss, train set, eval set) for the trainer."""
     packed = PackedText.from_texts(iter_texts(data), tokenizer, cfg.seq_len)
     train_set, eval_set = packed.split(cfg.val_fraction)
+    tasks = []
     if cfg.copy_rows:
-        train_set = CopyRows(train_set, cfg.copy_rows, tokenizer.vocab_size)
+        tasks.append((cfg.copy_rows, copy_rows(tokenizer.vocab_size)))
+    if cfg.passkey_rows:
+        tasks.append((cfg.passkey_rows, passkey_rows(tokenizer, cfg.seq_len)))
+    if tasks:
+        train_set = TaskRows(train_set, tasks)
     if init_model is not None:
         model = with_context(init_model, cfg.model)
     else:

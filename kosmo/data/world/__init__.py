@@ -9,7 +9,8 @@ scenes.py draws scenes and renders them; text.py says what they show (captions, 
 documents.py lays pictures and text out as documents, few-shot episodes and picture recall; chats.py makes
 dialogues and alignment prompts; styles.py puts answers in the form a system prompt asks for; judge.py grades
 replies; speech.py reads sentences aloud with espeak-ng and makes sound events; drawing.py writes prompts to draw
-a scene from and GenEval-style evaluation items whose pictures kosmo.eval.imagegen checks; reasoning.py asks
+a scene from and GenEval-style evaluation items whose pictures kosmo.eval.imagegen checks; mockups.py sketches
+web pages to turn into HTML, with the ground truth kosmo.eval.html checks pages against; reasoning.py asks
 counting questions about a row of objects, with worked answers (chain of thought); generator.py joins the
 makers into one `World`; writer.py writes it all to disk.
 """
@@ -18,6 +19,7 @@ from kosmo.data.world.documents import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WOR
 from kosmo.data.world.drawing import CATEGORIES, PROMPT_STYLES, DrawItem
 from kosmo.data.world.generator import World
 from kosmo.data.world.judge import Judgement, answer_matches, judge
+from kosmo.data.world.mockups import ACTIONS, Element, Mockup, mockup, render_mockup
 from kosmo.data.world.reasoning import THINK, ReasoningItem, parse_answer, reasoning_item
 from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, WorldConfig
 from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, synthesise
@@ -27,14 +29,15 @@ from kosmo.data.world.writer import (
     write_audio,
     write_drawing,
     write_fewshot,
+    write_mockups,
     write_reasoning,
     write_vqa_documents,
     write_world,
 )
 
-__all__ = ["CATEGORIES", "COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "PROMPT_STYLES",
-           "QTYPES", "REFUSAL", "SHAPES", "SIZES", "SOUND_CLASSES", "STYLES", "THINK", "AlignPrompt", "DrawItem",
-           "Judgement", "Obj", "ReasoningItem", "Scene", "Voice", "World", "WorldConfig", "answer_matches",
-           "apply_style", "complies", "judge", "parse_answer", "reasoning_item", "sound_event", "synthesise",
-           "system_prompt", "write_audio", "write_drawing", "write_fewshot", "write_reasoning", "write_vqa_documents",
-           "write_world"]
+__all__ = ["ACTIONS", "CATEGORIES", "COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS",
+           "PROMPT_STYLES", "QTYPES", "REFUSAL", "SHAPES", "SIZES", "SOUND_CLASSES", "STYLES", "THINK", "AlignPrompt",
+           "DrawItem", "Element", "Judgement", "Mockup", "Obj", "ReasoningItem", "Scene", "Voice", "World",
+           "WorldConfig", "answer_matches", "apply_style", "complies", "judge", "mockup", "parse_answer",
+           "reasoning_item", "render_mockup", "sound_event", "synthesise", "system_prompt", "write_audio",
+           "write_drawing", "write_fewshot", "write_mockups", "write_reasoning", "write_vqa_documents", "write_world"]

@@ -17,6 +17,7 @@ from kosmo.data.audio import SAMPLE_RATE
 from kosmo.data.world.documents import Episode, Recall, Segment
 from kosmo.data.world.drawing import CATEGORIES
 from kosmo.data.world.generator import World
+from kosmo.data.world.mockups import PROMPT, Mockup, mockup, render_mockup
 from kosmo.data.world.reasoning import eval_record, reasoning_item
 from kosmo.data.world.scenes import Scene, WorldConfig
 from kosmo.data.world.speech import SOUND_CLASSES, sound_event, speak
@@ -189,6 +190,31 @@ def write_reasoning(world: World, out_dir: str | Path, *, n: int, val: int) -> d
                                            ({"messages": it.messages(think=i % 2 == 0, system=i % 2 == 0)}
                                             for i, it in enumerate(items))),
             "val_reasoning": _write_jsonl(out / "val_reasoning.jsonl", (eval_record(it) for it in held_out))}
+
+
+def write_mockups(out_dir: str | Path, *, n: int, val: int, seed: int = 0, image_size: int = 128
+                  ) -> dict[str, Path]:
+    """Mockups to turn into HTML: mockups.jsonl, `n` training chats (the picture and PROMPT, answered by the
+    canonical page), and val_mockups.jsonl, `val` held-out ones whose lines add the page ("html") and the ground
+    truth kosmo.eval.html checks a page against ("spec"). Pictures go to out_dir/images/mockup-<id>.png."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    def line(m: Mockup) -> dict:
+        rel = f"images/mockup-{m.id}.png"
+        render_mockup(m, image_size).save(out / rel)
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT},
+                                                          {"type": "image", "image": rel}]},
+                             {"role": "assistant", "content": m.html()}]}
+
+    def evaluation(i: int) -> dict:
+        m = mockup(seed, "val", i)
+        chat = line(m)
+        return {"messages": chat["messages"][:1], "image": chat["messages"][0]["content"][1]["image"],
+                "html": m.html(), "spec": m.spec()}
+
+    return {"mockups": _write_jsonl(out / "mockups.jsonl", (line(mockup(seed, "train", i)) for i in range(n))),
+            "val_mockups": _write_jsonl(out / "val_mockups.jsonl", (evaluation(i) for i in range(val)))}
 
 
 def _sentence(world: World, split: str, index: int) -> str:
