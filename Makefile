@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow setup browser-deps speech-deps clean
+.PHONY: demo test test-slow setup browser-deps speech-deps font-deps clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: setup speech-deps
+demo: setup speech-deps font-deps
 	$(VENV)/bin/kosmo demo --out out
 
-test: setup browser-deps speech-deps
+test: setup browser-deps speech-deps font-deps
 	$(PY) -m pytest -q
 
 # The playground's browser test drives Debian's Chromium through Playwright.
@@ -33,6 +33,10 @@ browser-deps:
 # The world's spoken sentences are synthesised by Debian's espeak-ng.
 speech-deps:
 	command -v espeak-ng >/dev/null 2>&1 || (apt-get update && apt-get install -y espeak-ng)
+
+# The world's signs set their text in DejaVu Sans, from Debian's fonts-dejavu-core.
+font-deps:
+	test -f /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf || (apt-get update && apt-get install -y fonts-dejavu-core)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

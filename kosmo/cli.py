@@ -15,18 +15,22 @@ from kosmo.train.run import stages
 
 
 def cmd_world(args):
-    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_world
-    for flag in ("audio", "draw"):
+    from kosmo.data.world import World, WorldConfig, write_audio, write_drawing, write_signs, write_world
+    for flag in ("audio", "draw", "signs"):
         if getattr(args, flag) < 0:
             raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
-    paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
+    if args.signs:
+        world.sign(0)  # too small a picture or a missing font, also before the pictures
+    paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     if args.audio:
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
     if args.draw:
         paths.update(write_drawing(world, args.out, n=args.draw, val=max(1, args.draw // 20)))
+    if args.signs:
+        paths.update(write_signs(world, args.out, n=args.signs, val=max(30, args.signs // 10)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -302,6 +306,11 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--draw", type=int, default=0, metavar="N",
                    help="also N prompts to draw training pictures from, and N/20 evaluation prompts of each "
                         "GenEval category with the specs that check their pictures (draw.jsonl, val_draw.jsonl)")
+    w.add_argument("--signs", type=int, default=0, metavar="N",
+                   help="also N pictures of signs, number labels and price tags to read (and a tenth as many, at "
+                        "least 30, with numbers training never shows) as captions and reading questions "
+                        "(signs.jsonl, signs_vqa.jsonl and their val_ files); needs --image-size 40 or more and "
+                        "fonts-dejavu-core")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")

@@ -8,9 +8,10 @@ any answer. A few (colour, shape) pairs never occur outside the "heldout" split,
 scenes.py draws scenes and renders them; text.py says what they show (captions, corpus paragraphs, VQA);
 documents.py lays pictures and text out as documents, few-shot episodes and picture recall; chats.py makes
 dialogues and alignment prompts; styles.py puts answers in the form a system prompt asks for; judge.py grades
-replies; speech.py reads sentences aloud with espeak-ng and makes sound events; drawing.py writes prompts to draw
-a scene from and GenEval-style evaluation items whose pictures kosmo.eval.imagegen checks; generator.py joins the
-makers into one `World`; writer.py writes it all to disk.
+replies; signs.py sets short words, numbers and prices on signs in a real font, to be read back; speech.py reads
+sentences aloud with espeak-ng and makes sound events; drawing.py writes prompts to draw a scene from and
+GenEval-style evaluation items whose pictures kosmo.eval.imagegen checks; generator.py joins the makers into one
+`World`; writer.py writes it all to disk.
 """
 from kosmo.data.world.chats import REFUSAL, AlignPrompt, system_prompt
 from kosmo.data.world.documents import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS
@@ -18,13 +19,15 @@ from kosmo.data.world.drawing import CATEGORIES, PROMPT_STYLES, DrawItem
 from kosmo.data.world.generator import World
 from kosmo.data.world.judge import Judgement, answer_matches, judge
 from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, WorldConfig
+from kosmo.data.world.signs import SIGN_KINDS, WORDS, Sign, font_path
 from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, synthesise
 from kosmo.data.world.styles import STYLES, apply_style, complies
 from kosmo.data.world.text import FACTS, QTYPES
-from kosmo.data.world.writer import write_audio, write_drawing, write_fewshot, write_vqa_documents, write_world
+from kosmo.data.world.writer import (write_audio, write_drawing, write_fewshot, write_signs, write_vqa_documents,
+                                     write_world)
 
 __all__ = ["CATEGORIES", "COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "PROMPT_STYLES",
-           "QTYPES", "REFUSAL", "SHAPES", "SIZES", "SOUND_CLASSES", "STYLES", "AlignPrompt", "DrawItem", "Judgement",
-           "Obj", "Scene", "Voice", "World", "WorldConfig", "answer_matches", "apply_style", "complies", "judge",
-           "sound_event", "synthesise", "system_prompt", "write_audio", "write_drawing", "write_fewshot",
-           "write_vqa_documents", "write_world"]
+           "QTYPES", "REFUSAL", "SHAPES", "SIGN_KINDS", "SIZES", "SOUND_CLASSES", "STYLES", "WORDS", "AlignPrompt",
+           "DrawItem", "Judgement", "Obj", "Scene", "Sign", "Voice", "World", "WorldConfig", "answer_matches",
+           "apply_style", "complies", "font_path", "judge", "sound_event", "synthesise", "system_prompt",
+           "write_audio", "write_drawing", "write_fewshot", "write_signs", "write_vqa_documents", "write_world"]
