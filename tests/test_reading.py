@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kosmo
 from kosmo.data.world import SIGN_KINDS, WORDS, World, font_path, write_signs
 from kosmo.data.world import signs as signs_module
 from kosmo.errors import KosmoError
@@ -48,8 +49,8 @@ def test_signs_are_deterministic_and_fit_the_picture():
 
 
 def test_heldout_numbers_never_appear_in_training_and_every_digit_does(world):
-    train = {world.sign(i).text.lstrip("$") for i in range(3000) if world.sign(i).kind != "word"}
-    val = {world.sign(i, "val").text.lstrip("$") for i in range(300) if world.sign(i, "val").kind != "word"}
+    train = {s.text.lstrip("$") for s in map(world.sign, range(1500)) if s.kind != "word"}
+    val = {s.text.lstrip("$") for s in (world.sign(i, "val") for i in range(300)) if s.kind != "word"}
     assert val and val <= world.heldout_numbers and not train & world.heldout_numbers
     assert len(world.heldout_numbers) == 18
     for place in range(2):
@@ -83,9 +84,12 @@ def test_a_missing_font_is_a_clear_error(monkeypatch):
         signs_module._font.cache_clear()
 
 
-def test_a_picture_too_small_for_text_is_refused():
+def test_a_picture_too_small_for_text_is_refused(tmp_path):
     with pytest.raises(KosmoError, match="image_size"):
         World(seed=0, image_size=32).sign(0)
+    proc = kosmo("world", "--out", tmp_path, "--n", 5, "--signs", 3, check=False)  # the default 32 px
+    assert proc.returncode != 0 and "image_size must be at least 40" in proc.stderr
+    assert not (tmp_path / "text.jsonl").exists()  # refused before writing anything
 
 
 def test_reading_evaluation_runs_on_a_random_model(world, tmp_path):

@@ -3,7 +3,8 @@ asked about them.
 
 A sign is a coloured plate on the world's light background with a short word ("OPEN"), a two-digit number ("37")
 or a price ("$37") on it, in DejaVu Sans (Debian's fonts-dejavu-core; `make font-deps` installs it). Its plate
-colour, place, font size and weight are jittered, so no two pictures of the same text are alike.
+colour, font size and weight, the background and the place (a few pixels about the middle) are jittered, so
+pictures of the same text differ.
 
 Reading is measured on text the training split never shows: a seeded fifth of the two-digit numbers (every
 digit still seen in every place) is kept out of training, and every other split writes only those, as numbers
@@ -106,14 +107,19 @@ class Signs(Scenes):
         rng = self._rng("sign", split, index)
         numbers = self.seen_numbers if split == "train" else sorted(self.heldout_numbers)
         text = pick(rng, WORDS) if kind == "word" else ("$" if kind == "price" else "") + pick(rng, numbers)
-        font_size = int(rng.integers(size * 11 // 48, size * 13 // 48 + 1))
+        # as large as the text fits: a four-letter word at 11-13 px in a 48-pixel picture, a number at 14-16 px
+        lo, hi = (11, 13) if kind == "word" else (14, 16)
+        font_size = int(rng.integers(size * lo // 48, size * hi // 48 + 1))
         bold = bool(rng.integers(2))
         left, top, right, bottom = _font(bold, font_size).getbbox(text, anchor="mm")
         pad = _pad(size)
-        # any centre that keeps the plate a pixel clear of the picture's edge (the box is around the centre)
+        # Near the middle, a sixteenth of the picture either way, and always a pixel clear of its edge (the
+        # text's box lies around its centre): a sign anywhere in the picture is a harder reading task than a
+        # small ViT learns in CPU minutes (docs/reading.md).
+        dx, dy = (int(v) for v in rng.integers(-(size // 16), size // 16 + 1, size=2))
         x0, y0 = 1 + pad - left, 1 + pad - top
-        cx = int(rng.integers(x0, max(x0, size - 2 - pad - right) + 1))
-        cy = int(rng.integers(y0, max(y0, size - 2 - pad - bottom) + 1))
+        cx = int(np.clip(size // 2 + dx, x0, max(x0, size - 2 - pad - right)))
+        cy = int(np.clip(size // 2 + dy, y0, max(y0, size - 2 - pad - bottom)))
         return Sign(kind, text, pick(rng, list(PLATES)), background(rng), cx, cy, font_size, bold)
 
     def render_sign(self, sign: Sign) -> Image.Image:

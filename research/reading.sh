@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Reading text in pictures: how far does the KOSMOS path get at reading the world's signs, number labels and
+# price tags in a few CPU minutes, beside the blind baseline? The figures and their times are in docs/reading.md.
+#
+#     bash research/reading.sh [OUT]        # default OUT=/tmp/reading; needs fonts-dejavu-core (make font-deps)
+#
+# Held-out pictures (val_signs_vqa.jsonl) are new renders, and their numbers and prices are numbers training
+# never shows, so the model must read them digit by digit. That needs a tokenizer that spells a number digit by
+# digit too: BPE trained on the training text would merge the numbers it sees into single tokens and write an
+# unseen one with tokens it never learned to write, so the runs share a byte-level tokenizer (a vocabulary of
+# the 256 bytes and the 16 special tokens, no merges).
+set -euo pipefail
+OUT=${1:-/tmp/reading}
+KOSMO=${KOSMO:-kosmo}
+D=$OUT/data
+R=$OUT/runs
+rm -rf "$R"  # a run left there would resume, finished, instead of training
+mkdir -p "$R"
+t0=$SECONDS
+step() { echo "== $1 ($((SECONDS - t0)) s)" >&2; }
+
+step "data: 6000 training signs, 600 held out"
+$KOSMO world --out "$D" --n 20 --image-size 48 --signs 6000 >/dev/null
+$KOSMO tokenizer --data "$D/signs.jsonl" --vocab-size 272 --out "$R/tok" >/dev/null
+
+COMMON=(train.progress=false train.tensorboard=false)
+step "image encoder: CLIP on the sign captions"
+$KOSMO train clip --data "$D/signs.jsonl" --tokenizer "$R/tok" --out "$R/clip" "${COMMON[@]}" \
+    vision.image_size=48 vision.patch_size=8 vision.dim=128 vision.mlp_dim=512 \
+    train.max_steps=400 train.batch_size=64 train.lr=1e-3 train.warmup_steps=20 train.eval_every=400 >/dev/null
+
+step "language model: the caption text, a small LM"
+$KOSMO train lm --data "$D/signs.jsonl" --tokenizer "$R/tok" --out "$R/lm" "${COMMON[@]}" \
+    model.dim=128 model.n_layers=2 model.n_heads=4 model.n_kv_heads=2 seq_len=128 \
+    train.max_steps=100 train.batch_size=16 train.lr=2e-3 train.warmup_steps=10 train.eval_every=100 >/dev/null
+
+step "reading: SFT on the reading questions, the encoder learning too (freeze=all)"
+$KOSMO train sft --init "$R/lm" --data "$D/signs_vqa.jsonl" --out "$R/sft" "${COMMON[@]}" \
+    vision="$R/clip" freeze=all seq_len=128 \
+    train.max_steps=800 train.batch_size=32 train.lr=1e-3 train.warmup_steps=20 train.eval_every=400 >/dev/null
+
+step "evaluation: held-out pictures, beside blind"
+$KOSMO eval vqa --model "$R/sft" --data "$D/val_signs_vqa.jsonl" | tail -1 | tee "$OUT/reading.json"
+step "done"
