@@ -23,7 +23,7 @@ def cmd_world(args):
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
     if args.signs:
-        world.sign(0)  # too small a picture or a missing font, also before the pictures
+        world.render_sign(world.sign(0))  # too small a picture or a missing font, also before the pictures
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     if args.audio:
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))

@@ -26,7 +26,7 @@ $KOSMO tokenizer --data "$D/signs.jsonl" --vocab-size 272 --out "$R/tok" >/dev/n
 COMMON=(train.progress=false train.tensorboard=false)
 step "image encoder: CLIP on the sign captions"
 $KOSMO train clip --data "$D/signs.jsonl" --tokenizer "$R/tok" --out "$R/clip" "${COMMON[@]}" \
-    vision.image_size=48 vision.patch_size=8 vision.dim=128 vision.mlp_dim=512 \
+    vision.image_size=48 vision.patch_size=12 vision.dim=128 vision.mlp_dim=512 \
     train.max_steps=400 train.batch_size=64 train.lr=1e-3 train.warmup_steps=20 train.eval_every=400 >/dev/null
 
 step "language model: the caption text, a small LM"
@@ -36,7 +36,7 @@ $KOSMO train lm --data "$D/signs.jsonl" --tokenizer "$R/tok" --out "$R/lm" "${CO
 
 step "reading: SFT on the reading questions, the encoder learning too (freeze=all)"
 $KOSMO train sft --init "$R/lm" --data "$D/signs_vqa.jsonl" --out "$R/sft" "${COMMON[@]}" \
-    vision="$R/clip" freeze=all seq_len=128 \
+    vision="$R/clip" freeze=all seq_len=80 \
     train.max_steps=800 train.batch_size=32 train.lr=1e-3 train.warmup_steps=20 train.eval_every=400 >/dev/null
 
 step "evaluation: held-out pictures, beside blind"

@@ -16,35 +16,38 @@ def world():
     return World(seed=0, image_size=48)
 
 
-def test_a_sign_is_its_text_in_the_font(world):
-    from PIL import ImageDraw, ImageFont
-    sign = world.sign(1)
+def test_a_sign_is_its_text_in_the_font_a_character_to_a_cell(world):
+    from PIL import Image, ImageDraw, ImageFont
+    sign = next(s for s in map(world.sign, range(30)) if s.kind == "price")
     pixels = np.asarray(world.render_sign(sign))
-    # redrawn by hand from the font file: the text's ink is exactly where that font puts it
     plate, ink = signs_module.PLATES[sign.plate]
-    img = world.render_sign(sign).copy()
-    draw = ImageDraw.Draw(img)
+    cell = 48 // signs_module.GRID
     font = ImageFont.truetype(str(font_path(sign.bold)), sign.font_size)
-    draw.text((sign.cx, sign.cy), sign.text, font=font, fill=plate, anchor="mm")  # paint the text out
-    erased = np.asarray(img)
-    changed = (pixels != erased).any(-1)
-    assert changed.sum() >= 20  # a two-digit number covers plenty of pixels at this size
-    assert (pixels[changed] == ink).all(-1).sum() >= 5  # solid ink inside the glyphs, antialiased at the edges
+    for i, char in enumerate(sign.text):
+        top, left = sign.row * cell, (sign.col + i) * cell
+        # the cell drawn by hand: the character from the font file at the cell's centre plus the sign's shift
+        own = Image.new("RGB", (cell, cell), plate)
+        ImageDraw.Draw(own).text((cell // 2 + sign.shift[0], cell // 2 + sign.shift[1]), char, font=font,
+                                 fill=ink, anchor="mm")
+        assert (pixels[top:top + cell, left:left + cell] == np.asarray(own)).all()
+        assert (np.asarray(own) == ink).all(-1).sum() >= 5  # solid ink inside the glyph
+    # beyond the plate's cells (and the pixel or two a tall glyph such as "$" reaches past them) is background
+    outside = np.ones((48, 48), bool)
+    outside[max(0, sign.row * cell - 2):(sign.row + 1) * cell + 2,
+            max(0, sign.col * cell - 2):(sign.col + len(sign.text)) * cell + 2] = False
+    assert (pixels[outside] == sign.background).all()
     # another text at the same place and size draws other pixels
-    other = world.render_sign(signs_module.Sign(sign.kind, "11" if sign.text != "11" else "88", sign.plate,
-                                                sign.background, sign.cx, sign.cy, sign.font_size, sign.bold))
-    assert (np.asarray(other) != pixels).any()
+    swapped = signs_module.Sign(sign.kind, "$11" if sign.text != "$11" else "$88", sign.plate, sign.background,
+                                sign.row, sign.col, sign.shift, sign.font_size, sign.bold)
+    assert (np.asarray(world.render_sign(swapped)) != pixels).any()
 
 
-def test_signs_are_deterministic_and_fit_the_picture():
+def test_signs_are_deterministic_and_fit_the_grid():
     a, b = World(seed=3, image_size=48), World(seed=3, image_size=48)
     for i in range(30):
         sa, sb = a.sign(i, "val"), b.sign(i, "val")
         assert sa == sb and a.render_sign(sa).tobytes() == b.render_sign(sb).tobytes()
-        assert sa.kind == SIGN_KINDS[i % 3]
-        pixels = np.asarray(a.render_sign(sa))
-        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-        assert (border == sa.background).all()  # the plate never leaves the picture
+        assert sa.kind == SIGN_KINDS[i % 3] and 0 <= sa.col <= signs_module.GRID - len(sa.text)
     assert [World(seed=4, image_size=48).sign(i) for i in range(10)] != [a.sign(i) for i in range(10)]
 
 
@@ -76,9 +79,10 @@ def test_a_missing_font_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(signs_module.shutil, "which", lambda name: None)
     signs_module.font_path.cache_clear()
     signs_module._font.cache_clear()
+    fresh = World(seed=0, image_size=48)
     try:
         with pytest.raises(KosmoError, match="fonts-dejavu-core"):
-            World(seed=0, image_size=48).sign(0)
+            fresh.render_sign(fresh.sign(0))
     finally:
         signs_module.font_path.cache_clear()
         signs_module._font.cache_clear()

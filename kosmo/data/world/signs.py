@@ -2,9 +2,12 @@
 asked about them.
 
 A sign is a coloured plate on the world's light background with a short word ("OPEN"), a two-digit number ("37")
-or a price ("$37") on it, in DejaVu Sans (Debian's fonts-dejavu-core; `make font-deps` installs it). Its plate
-colour, font size and weight, the background and the place (a few pixels about the middle) are jittered, so
-pictures of the same text differ.
+or a price ("$37") on it, in DejaVu Sans (Debian's fonts-dejavu-core; `make font-deps` installs it). The picture
+is a 4 x 4 grid of cells and the text sits in one row of it, a character to a cell, as the shapes world's objects
+sit one to a cell of its grid: a ViT whose patches are the cells (12 px patches of a 48 px picture) sees each
+character in a patch of its own. Which row and cells, the plate colour, the background, the font weight and size
+and a pixel of shift are drawn at random, so pictures of the same text differ. Text at any pixel offset is a
+harder task than a small ViT learns in CPU minutes (docs/reading.md).
 
 Reading is measured on text the training split never shows: a seeded fifth of the two-digit numbers (every
 digit still seen in every place) is kept out of training, and every other split writes only those, as numbers
@@ -36,6 +39,7 @@ PLATES = {"white": ((250, 250, 250), (20, 20, 20)), "yellow": ((240, 205, 20), (
           "black": ((25, 25, 25), (255, 255, 255))}
 NUMBERS = tuple(str(n) for n in range(10, 100))
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu",)
+GRID = 4  # a picture is GRID x GRID cells, a character to a cell: give the ViT patches of image_size / GRID
 _FONTS = {False: ("DejaVuSans.ttf", "DejaVu Sans"), True: ("DejaVuSans-Bold.ttf", "DejaVu Sans:bold")}
 _QUESTIONS = {"word": ("What does the sign say?", "What is written on the sign?", "What word is on the sign?"),
               "number": ("What number is written on the label?", "What number is on the label?",
@@ -62,20 +66,17 @@ def _font(bold: bool, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(font_path(bold)), size)
 
 
-def _pad(image_size: int) -> int:
-    """The plate's margin around the text: small, so that a four-letter word fits a 48-pixel picture."""
-    return max(2, image_size // 24)
-
-
 @dataclass(frozen=True)
 class Sign:
-    """What a sign picture shows and how it is drawn: the text's centre (cx, cy) in pixels and its font."""
+    """What a sign picture shows and how it is drawn: its first character's grid cell (row, col), each later
+    character in the next cell to the right, every character `shift` pixels (x, y) off its cell's centre."""
     kind: str   # one of SIGN_KINDS
     text: str
     plate: str  # a key of PLATES
     background: tuple[int, int, int]
-    cx: int
-    cy: int
+    row: int
+    col: int
+    shift: tuple[int, int]
     font_size: int
     bold: bool
 
@@ -97,42 +98,37 @@ class Signs(Scenes):
         self.heldout_numbers = frozenset(f"{t}{(t + s) % 10}" for t in range(1, 10) for s in shifts)
         self.seen_numbers = tuple(n for n in NUMBERS if n not in self.heldout_numbers)
 
-    def sign(self, index: int, split: str = "train") -> Sign:
-        """The sign at (seed, split, index); the kinds take turns, so any three in a row hold one of each."""
+    def _cell(self) -> int:
         size = self.config.image_size
         if size < 40:  # only a world that draws signs needs room for their text
-            raise KosmoError(f"signs: image_size must be at least 40 to hold a sign's text, "
-                             f"got {self.config.image_size}")
+            raise KosmoError(f"signs: image_size must be at least 40 to hold a sign's text, got {size}")
+        return size // GRID
+
+    def sign(self, index: int, split: str = "train") -> Sign:
+        """The sign at (seed, split, index); the kinds take turns, so any three in a row hold one of each."""
+        cell = self._cell()
         kind = SIGN_KINDS[int(index) % len(SIGN_KINDS)]
         rng = self._rng("sign", split, index)
         numbers = self.seen_numbers if split == "train" else sorted(self.heldout_numbers)
         text = pick(rng, WORDS) if kind == "word" else ("$" if kind == "price" else "") + pick(rng, numbers)
-        # as large as the text fits: a four-letter word at 11-13 px in a 48-pixel picture, a number at 14-16 px
-        lo, hi = (11, 13) if kind == "word" else (14, 16)
-        font_size = int(rng.integers(size * lo // 48, size * hi // 48 + 1))
-        bold = bool(rng.integers(2))
-        left, top, right, bottom = _font(bold, font_size).getbbox(text, anchor="mm")
-        pad = _pad(size)
-        # Near the middle, a sixteenth of the picture either way, and always a pixel clear of its edge (the
-        # text's box lies around its centre): a sign anywhere in the picture is a harder reading task than a
-        # small ViT learns in CPU minutes (docs/reading.md).
-        dx, dy = (int(v) for v in rng.integers(-(size // 16), size // 16 + 1, size=2))
-        x0, y0 = 1 + pad - left, 1 + pad - top
-        cx = int(np.clip(size // 2 + dx, x0, max(x0, size - 2 - pad - right)))
-        cy = int(np.clip(size // 2 + dy, y0, max(y0, size - 2 - pad - bottom)))
-        return Sign(kind, text, pick(rng, list(PLATES)), background(rng), cx, cy, font_size, bold)
+        row, col = int(rng.integers(GRID)), int(rng.integers(GRID - len(text) + 1))
+        shift = tuple(int(v) for v in rng.integers(-(cell // 12), cell // 12 + 1, size=2))
+        font_size = int(rng.integers(cell * 11 // 12, cell * 13 // 12 + 1))  # 11-13 px in a 12-pixel cell
+        return Sign(kind, text, pick(rng, list(PLATES)), background(rng), row, col, shift, font_size,
+                    bool(rng.integers(2)))
 
     def render_sign(self, sign: Sign) -> Image.Image:
-        """The sign's picture: its plate, just larger than the text, and the text on it."""
-        size = self.config.image_size
-        img = Image.new("RGB", (size, size), sign.background)
+        """The sign's picture: its plate over the text's cells, and each character centred in its cell."""
+        cell = self._cell()
+        img = Image.new("RGB", (cell * GRID, cell * GRID), sign.background)
         draw = ImageDraw.Draw(img)
         font = _font(sign.bold, sign.font_size)
-        left, top, right, bottom = draw.textbbox((sign.cx, sign.cy), sign.text, font=font, anchor="mm")
-        pad = _pad(size)
         plate, ink = PLATES[sign.plate]
-        draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=plate)
-        draw.text((sign.cx, sign.cy), sign.text, font=font, fill=ink, anchor="mm")
+        top, left = sign.row * cell, sign.col * cell
+        draw.rectangle((left, top, left + len(sign.text) * cell - 1, top + cell - 1), fill=plate)
+        for i, char in enumerate(sign.text):
+            centre = (left + i * cell + cell // 2 + sign.shift[0], top + cell // 2 + sign.shift[1])
+            draw.text(centre, char, font=font, fill=ink, anchor="mm")
         return img
 
     def sign_captions(self, sign: Sign) -> list[str]:
