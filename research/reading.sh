@@ -34,10 +34,15 @@ $KOSMO train lm --data "$D/signs.jsonl" --tokenizer "$R/tok" --out "$R/lm" "${CO
     model.dim=128 model.n_layers=2 model.n_heads=4 model.n_kv_heads=2 seq_len=128 \
     train.max_steps=100 train.batch_size=16 train.lr=2e-3 train.warmup_steps=10 train.eval_every=100 >/dev/null
 
-step "reading: SFT on the reading questions, the encoder learning too (freeze=all)"
-$KOSMO train sft --init "$R/lm" --data "$D/signs_vqa.jsonl" --out "$R/sft" "${COMMON[@]}" \
-    vision="$R/clip" freeze=all seq_len=80 \
-    train.max_steps=800 train.batch_size=32 train.lr=1e-3 train.warmup_steps=20 train.eval_every=400 >/dev/null
+step "stage 1: the connector alone learns to make the LM's captions true of the picture (freeze=connector)"
+$KOSMO train mllm --init "$R/lm" --data "$D/signs.jsonl" --out "$R/mllm" "${COMMON[@]}" \
+    vision="$R/clip" freeze=connector seq_len=80 \
+    train.max_steps=250 train.batch_size=32 train.lr=2e-3 train.warmup_steps=10 train.eval_every=250 >/dev/null
+
+step "reading: SFT on the reading questions and the captions, the encoder learning too (freeze=all)"
+$KOSMO train sft --init "$R/mllm" --data "$D/signs_vqa.jsonl" "$D/signs.jsonl" --out "$R/sft" "${COMMON[@]}" \
+    freeze=all seq_len=80 \
+    train.max_steps=1000 train.batch_size=32 train.lr=5e-4 train.warmup_steps=20 train.eval_every=500 >/dev/null
 
 step "evaluation: held-out pictures, beside blind"
 $KOSMO eval vqa --model "$R/sft" --data "$D/val_signs_vqa.jsonl" | tail -1 | tee "$OUT/reading.json"
