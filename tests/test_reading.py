@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import kosmo
+
 from kosmo.data.world import SIGN_KINDS, WORDS, World, font_path, write_signs
 from kosmo.data.world import signs as signs_module
 from kosmo.errors import KosmoError

@@ -23,8 +23,14 @@ from kosmo.data.world.signs import SIGN_KINDS, WORDS, Sign, font_path
 from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, synthesise
 from kosmo.data.world.styles import STYLES, apply_style, complies
 from kosmo.data.world.text import FACTS, QTYPES
-from kosmo.data.world.writer import (write_audio, write_drawing, write_fewshot, write_signs, write_vqa_documents,
-                                     write_world)
+from kosmo.data.world.writer import (
+                                     write_audio,
+                                     write_drawing,
+                                     write_fewshot,
+                                     write_signs,
+                                     write_vqa_documents,
+                                     write_world,
+)
 
 __all__ = ["CATEGORIES", "COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "PROMPT_STYLES",
            "QTYPES", "REFUSAL", "SHAPES", "SIGN_KINDS", "SIZES", "SOUND_CLASSES", "STYLES", "WORDS", "AlignPrompt",

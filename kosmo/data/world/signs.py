@@ -55,7 +55,8 @@ def font_path(bold: bool) -> Path:
         if (Path(folder) / file).is_file():
             return Path(folder) / file
     if shutil.which("fc-match"):
-        found = subprocess.run(["fc-match", "-f", "%{file}", pattern], capture_output=True, text=True).stdout
+        found = subprocess.run(["fc-match", "-f", "%{file}", pattern], capture_output=True, text=True,
+                               check=False).stdout
         if Path(found).name == file:  # fc-match always answers; a substitute font would be a different world
             return Path(found)
     raise KosmoError(f"signs: font {file} not found; install fonts-dejavu-core (`make font-deps` does)")
