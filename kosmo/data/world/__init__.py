@@ -24,12 +24,12 @@ from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, synthesis
 from kosmo.data.world.styles import STYLES, apply_style, complies
 from kosmo.data.world.text import FACTS, QTYPES
 from kosmo.data.world.writer import (
-                                     write_audio,
-                                     write_drawing,
-                                     write_fewshot,
-                                     write_signs,
-                                     write_vqa_documents,
-                                     write_world,
+    write_audio,
+    write_drawing,
+    write_fewshot,
+    write_signs,
+    write_vqa_documents,
+    write_world,
 )
 
 __all__ = ["CATEGORIES", "COLOURS", "EPISODE_EXAMPLE", "EPISODE_QUERY", "FACTS", "NONCE_WORDS", "PROMPT_STYLES",
