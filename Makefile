@@ -34,9 +34,9 @@ browser-deps:
 speech-deps:
 	command -v espeak-ng >/dev/null 2>&1 || (apt-get update && apt-get install -y espeak-ng)
 
-# The web-page mockups are sketched in DejaVu Sans.
+# The world's signs and web-page mockups set their text in DejaVu Sans, from Debian's fonts-dejavu-core.
 font-deps:
-	test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || (apt-get update && apt-get install -y fonts-dejavu-core)
+	test -f /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf || (apt-get update && apt-get install -y fonts-dejavu-core)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -22,17 +22,20 @@ def cmd_world(args):
         write_drawing,
         write_mockups,
         write_reasoning,
+        write_signs,
         write_world,
     )
-    for flag in ("audio", "draw", "mockups", "reasoning"):
+    for flag in ("audio", "draw", "mockups", "signs", "reasoning"):
         if getattr(args, flag) < 0:
             raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
         raise KosmoError(f"--mockup-size must be at least 64, got {args.mockup_size}")
-    paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
+    if args.signs:
+        world.render_sign(world.sign(0))  # too small a picture or a missing font, also before the pictures
+    paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
     if args.audio:
         paths.update(write_audio(world, args.out, n=args.audio, val=max(1, args.audio // 10)))
     if args.draw:
@@ -40,6 +43,8 @@ def cmd_world(args):
     if args.mockups:
         paths.update(write_mockups(args.out, n=args.mockups, val=max(1, args.mockups // 10), seed=args.seed,
                                    image_size=args.mockup_size))
+    if args.signs:
+        paths.update(write_signs(world, args.out, n=args.signs, val=max(30, args.signs // 10)))
     if args.reasoning:
         paths.update(write_reasoning(world, args.out, n=args.reasoning, val=max(1, args.reasoning // 20)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -349,6 +354,11 @@ def parser() -> argparse.ArgumentParser:
                    help="also N hand-drawn web-page mockups answered by their HTML, and N/10 held out with the "
                         "ground truth `eval html` checks pages against (mockups.jsonl, val_mockups.jsonl)")
     w.add_argument("--mockup-size", type=int, default=128, help="the mockups' pictures, in pixels a side")
+    w.add_argument("--signs", type=int, default=0, metavar="N",
+                   help="also N pictures of signs, number labels and price tags to read (and a tenth as many, at "
+                        "least 30, with numbers training never shows) as captions and reading questions "
+                        "(signs.jsonl, signs_vqa.jsonl and their val_ files); needs --image-size 40 or more and "
+                        "fonts-dejavu-core")
     w.add_argument("--reasoning", type=int, default=0, metavar="N",
                    help="also N counting questions with direct and worked answers (reasoning_direct.jsonl, "
                         "reasoning_worked.jsonl, reasoning_chat.jsonl) and N/20 held out in and N/20 out of "

@@ -24,8 +24,9 @@ _POSITIONS = (("in the top left corner", "in the top middle", "in the top right 
               ("in the bottom left corner", "in the bottom middle", "in the bottom right corner"))
 # Every kind of item draws from a random stream of its own, so that drawing more for one kind never shifts another.
 _STREAMS = {"scene": 0, "text": 1, "vqa": 2, "interleaved": 3, "episode": 4, "chat": 5, "align": 6,
-            "heldout": 7, "render": 8, "caption": 9, "draw": 10, "draw_item": 11, "reasoning": 12, "reasoning_ood": 13,
-            "voice": 100, "sound": 101, "question_voice": 102, "mockup": 110, "mockup_render": 111}
+            "heldout": 7, "render": 8, "caption": 9, "draw": 10, "draw_item": 11, "sign": 12,
+            "heldout_numbers": 13, "voice": 100, "sound": 101, "question_voice": 102, "mockup": 110,
+            "mockup_render": 111, "reasoning": 120, "reasoning_ood": 121}
 
 
 def item_rng(seed: int, kind: str, split: str, index: int) -> np.random.Generator:

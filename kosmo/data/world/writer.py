@@ -20,6 +20,7 @@ from kosmo.data.world.generator import World
 from kosmo.data.world.mockups import PROMPT, Mockup, mockup, render_mockup
 from kosmo.data.world.reasoning import eval_record, reasoning_item
 from kosmo.data.world.scenes import Scene, WorldConfig
+from kosmo.data.world.signs import Sign
 from kosmo.data.world.speech import SOUND_CLASSES, sound_event, speak
 from kosmo.data.world.text import QTYPES
 
@@ -31,10 +32,11 @@ class Pictures:
         self.world, self.out, self.saved = world, out, set()
         (out / "images").mkdir(parents=True, exist_ok=True)
 
-    def path(self, scene: Scene) -> str:
+    def path(self, scene: Scene | Sign) -> str:
         rel = f"images/{scene.id}.png"
         if scene.id not in self.saved:
-            self.world.render(scene).save(self.out / rel)
+            picture = self.world.render_sign(scene) if isinstance(scene, Sign) else self.world.render(scene)
+            picture.save(self.out / rel)
             self.saved.add(scene.id)
         return rel
 
@@ -147,6 +149,30 @@ def write_vqa_documents(out_dir: str | Path) -> Path:
     return _write_jsonl(out / "vqa_docs.jsonl", ({"content": [
         {"image": item["image"]}, {"text": f"Question: {item['question']} Answer: {item['answers'][0]}."}]}
         for item in items))
+
+
+def write_signs(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
+    """Pictures with text to read: `n` training signs and `val` held-out ones (whose numbers and prices training
+    never shows), each as a caption line in signs.jsonl / val_signs.jsonl and as a reading question, the answer
+    the text as written and the qtype the sign's kind, in signs_vqa.jsonl / val_signs_vqa.jsonl."""
+    out = Path(out_dir)
+    pictures = Pictures(world, out)
+
+    def caption(split: str, i: int) -> dict:
+        sign = world.sign(i, split)
+        caps = world.sign_captions(sign)
+        return {"image": pictures.path(sign), "text": caps[0], "captions": caps}
+
+    def vqa(split: str, i: int) -> dict:
+        sign = world.sign(i, split)
+        item = world.sign_question(sign, i)
+        return {"image": pictures.path(sign), "question": item.question, "answers": [item.answer] * 10,
+                "qtype": item.qtype}
+
+    plan = {"signs": (caption, "train", n), "signs_vqa": (vqa, "train", n),
+            "val_signs": (caption, "val", val), "val_signs_vqa": (vqa, "val", val)}
+    return {key: _write_jsonl(out / f"{key}.jsonl", (make(split, i) for i in range(count)))
+            for key, (make, split, count) in plan.items()}
 
 
 def write_drawing(world: World, out_dir: str | Path, *, n: int, val: int) -> dict[str, Path]:
