@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kosmo.cli import main
+from kosmo.data.world import fonts
 from kosmo.data.world import mockups as M
 from kosmo.errors import KosmoError
 from kosmo.eval import html as H
@@ -41,11 +42,14 @@ def test_mockup_is_sketched_with_the_dejavu_font(monkeypatch, tmp_path):
     picture = M.render_mockup(m, 128)
     assert picture.size == (128, 128) and picture.mode == "RGB"
     assert len(np.unique(np.asarray(picture).reshape(-1, 3), axis=0)) > 20  # text is antialiased: many shades of ink on paper
-    M.font.cache_clear()
-    monkeypatch.setattr(M, "FONT_DIR", tmp_path)
-    with pytest.raises(KosmoError, match=r"DejaVuSans.*fonts-dejavu-core"):
-        M.render_mockup(m, 128)
-    M.font.cache_clear()
+    fonts.clear_cache()
+    monkeypatch.setattr(fonts, "FONT_DIRS", (str(tmp_path),))
+    monkeypatch.setattr(fonts.shutil, "which", lambda name: None)
+    try:
+        with pytest.raises(KosmoError, match=r"DejaVuSans.*fonts-dejavu-core"):
+            M.render_mockup(m, 128)
+    finally:
+        fonts.clear_cache()
 
 
 def test_parse_error_names_what_is_wrong():

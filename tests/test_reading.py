@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import kosmo
 
-from kosmo.data.world import SIGN_KINDS, WORDS, World, font_path, write_signs
+from kosmo.data.world import SIGN_KINDS, WORDS, World, font_path, fonts, write_signs
 from kosmo.data.world import signs as signs_module
 from kosmo.errors import KosmoError
 
@@ -75,17 +75,15 @@ def test_files_agree_with_the_rendered_text(world, tmp_path):
 
 
 def test_a_missing_font_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(signs_module, "FONT_DIRS", ("/nonexistent",))
-    monkeypatch.setattr(signs_module.shutil, "which", lambda name: None)
-    signs_module.font_path.cache_clear()
-    signs_module._font.cache_clear()
+    monkeypatch.setattr(fonts, "FONT_DIRS", ("/nonexistent",))
+    monkeypatch.setattr(fonts.shutil, "which", lambda name: None)
+    fonts.clear_cache()
     fresh = World(seed=0, image_size=48)
     try:
         with pytest.raises(KosmoError, match="fonts-dejavu-core"):
             fresh.render_sign(fresh.sign(0))
     finally:
-        signs_module.font_path.cache_clear()
-        signs_module._font.cache_clear()
+        fonts.clear_cache()
 
 
 def test_a_picture_too_small_for_text_is_refused(tmp_path):

@@ -18,12 +18,13 @@ writes it all to disk.
 from kosmo.data.world.chats import REFUSAL, AlignPrompt, system_prompt
 from kosmo.data.world.documents import EPISODE_EXAMPLE, EPISODE_QUERY, NONCE_WORDS
 from kosmo.data.world.drawing import CATEGORIES, PROMPT_STYLES, DrawItem
+from kosmo.data.world.fonts import font_path
 from kosmo.data.world.generator import World
 from kosmo.data.world.judge import Judgement, answer_matches, judge
 from kosmo.data.world.mockups import ACTIONS, Element, Mockup, mockup, render_mockup
 from kosmo.data.world.reasoning import THINK, ReasoningItem, parse_answer, reasoning_item
 from kosmo.data.world.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, WorldConfig
-from kosmo.data.world.signs import SIGN_KINDS, WORDS, Sign, font_path
+from kosmo.data.world.signs import SIGN_KINDS, WORDS, Sign
 from kosmo.data.world.speech import SOUND_CLASSES, Voice, sound_event, synthesise
 from kosmo.data.world.styles import STYLES, apply_style, complies
 from kosmo.data.world.text import FACTS, QTYPES

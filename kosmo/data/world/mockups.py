@@ -22,19 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from functools import cache
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from kosmo.data.world.fonts import font
 from kosmo.data.world.scenes import item_rng, pick
-from kosmo.errors import KosmoError
 
 ROWS, COLS = 4, 2
 VIEWPORT, PAD, GAP = 512, 16, 16  # the page in CSS pixels; the grid's padding and gap, shared by HEAD and box()
 PROMPT = "Turn this mockup into HTML."
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
 TITLES = ("Shop", "News", "Login", "Notes", "Photos", "Music", "Recipes", "Weather", "Games", "Travel", "Books",
           "Sports")
@@ -177,12 +174,6 @@ def _elements(rng: np.random.Generator) -> tuple[Element, ...]:
     return tuple(elements)
 
 
-@cache
-def font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
-    path = FONT_DIR / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
-    if not path.is_file():  # checked here: Pillow would quietly take a font of that name from elsewhere
-        raise KosmoError(f"{path}: font not found; install fonts-dejavu-core (make test does)")
-    return ImageFont.truetype(str(path), size)
 
 
 def _stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, a, b, ink, wobble: float):

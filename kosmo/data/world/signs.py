@@ -16,15 +16,13 @@ and prices. Words come from a closed list, so on held-out pictures a word is a n
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
 from dataclasses import dataclass
-from functools import cache, cached_property
-from pathlib import Path
+from functools import cached_property
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from kosmo.data.world.fonts import font
 from kosmo.data.world.scenes import _STREAMS, Scenes, background, pick
 from kosmo.data.world.text import VQAItem, capitalised, with_article
 from kosmo.errors import KosmoError
@@ -38,33 +36,11 @@ PLATES = {"white": ((250, 250, 250), (20, 20, 20)), "yellow": ((240, 205, 20), (
           "green": ((30, 130, 50), (255, 255, 255)), "blue": ((40, 70, 200), (255, 255, 255)),
           "black": ((25, 25, 25), (255, 255, 255))}
 NUMBERS = tuple(str(n) for n in range(10, 100))
-FONT_DIRS = ("/usr/share/fonts/truetype/dejavu",)
 GRID = 4  # a picture is GRID x GRID cells, a character to a cell: give the ViT patches of image_size / GRID
-_FONTS = {False: ("DejaVuSans.ttf", "DejaVu Sans"), True: ("DejaVuSans-Bold.ttf", "DejaVu Sans:bold")}
 _QUESTIONS = {"word": ("What does the sign say?", "What is written on the sign?", "What word is on the sign?"),
               "number": ("What number is written on the label?", "What number is on the label?",
                          "Which number does the label show?"),
               "price": ("What is the price?", "How much does it cost?", "What price is on the tag?")}
-
-
-@cache
-def font_path(bold: bool) -> Path:
-    """DejaVu Sans (bold or regular): from Debian's fonts-dejavu-core directory, else wherever fontconfig has it."""
-    file, pattern = _FONTS[bold]
-    for folder in FONT_DIRS:
-        if (Path(folder) / file).is_file():
-            return Path(folder) / file
-    if shutil.which("fc-match"):
-        found = subprocess.run(["fc-match", "-f", "%{file}", pattern], capture_output=True, text=True,
-                               check=False).stdout
-        if Path(found).name == file:  # fc-match always answers; a substitute font would be a different world
-            return Path(found)
-    raise KosmoError(f"signs: font {file} not found; install fonts-dejavu-core (`make font-deps` does)")
-
-
-@cache
-def _font(bold: bool, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(font_path(bold)), size)
 
 
 @dataclass(frozen=True)
@@ -123,13 +99,13 @@ class Signs(Scenes):
         cell = self._cell()
         img = Image.new("RGB", (cell * GRID, cell * GRID), sign.background)
         draw = ImageDraw.Draw(img)
-        font = _font(sign.bold, sign.font_size)
+        face = font(sign.font_size, sign.bold)
         plate, ink = PLATES[sign.plate]
         top, left = sign.row * cell, sign.col * cell
         draw.rectangle((left, top, left + len(sign.text) * cell - 1, top + cell - 1), fill=plate)
         for i, char in enumerate(sign.text):
             centre = (left + i * cell + cell // 2 + sign.shift[0], top + cell // 2 + sign.shift[1])
-            draw.text(centre, char, font=font, fill=ink, anchor="mm")
+            draw.text(centre, char, font=face, fill=ink, anchor="mm")
         return img
 
     def sign_captions(self, sign: Sign) -> list[str]:
