@@ -28,6 +28,7 @@ from tqdm import tqdm
 from kosmo import checkpoint, hardware
 from kosmo.data.audio import Clips
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.train import distributed as D
 
 
@@ -123,6 +124,9 @@ class Trainer:
         if cfg.max_steps == 0:
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=self.budget["steps"])
         torch.manual_seed(cfg.seed + self.env.rank)
+        # a LoRA run keeps only what trains; its frozen base is rebuilt from --init on resume
+        self.adapted = bool(lora.adapters(model))
+        self.weights_file = "adapter.safetensors" if self.adapted else "model.safetensors"
         if cfg.compile:
             for block in D.blocks_of(model):
                 block.compile()
@@ -146,7 +150,7 @@ class Trainer:
         if not (self.out / "state" / "latest.json").is_file():
             return
         saved = checkpoint.read_json(self.out / "config.json")
-        for key in ("model", "stage"):
+        for key in ("model", "stage", "lora"):
             if saved.get(key) != self.run_config.get(key):
                 raise KosmoError(f"{self.out}: holds a run with another '{key}' config; "
                                  "use a new --out or delete it to start over")
@@ -305,8 +309,8 @@ class Trainer:
         state_dir = self.out / "state" / f"step-{self.step:08d}"
         if env.main:
             inner = D.unwrap(self.model)
-            names = set(checkpoint.model_tensors(inner))
-            checkpoint.save_tensors(state_dir / "model.safetensors", {k: v for k, v in weights.items() if k in names})
+            names = set(lora.trained_tensors(inner) if self.adapted else checkpoint.model_tensors(inner))
+            checkpoint.save_tensors(state_dir / self.weights_file, {k: v for k, v in weights.items() if k in names})
             tensors, groups = _flatten_optimizer(optim)
             checkpoint.save_tensors(state_dir / "optimizer.safetensors", tensors)
             checkpoint.write_json(state_dir / "trainer.json", {
@@ -320,7 +324,7 @@ class Trainer:
         D.barrier()
         if env.main:
             checkpoint.write_json(self.out / "state" / "latest.json", {"step": self.step, "dir": state_dir.name})
-            _publish_link(state_dir / "model.safetensors", self.out / "model.safetensors")
+            _publish_link(state_dir / self.weights_file, self.out / self.weights_file)
             for old in (self.out / "state").glob("step-*"):
                 if old != state_dir:
                     shutil.rmtree(old, ignore_errors=True)
@@ -333,7 +337,7 @@ class Trainer:
         info = checkpoint.read_json(latest)
         state_dir = self.out / "state" / info["dir"]
         trainer = checkpoint.read_json(state_dir / "trainer.json")
-        D.load_model_state(self.model, checkpoint.load_tensors(state_dir / "model.safetensors"))
+        D.load_model_state(self.model, checkpoint.load_tensors(state_dir / self.weights_file))
         optim = _unflatten_optimizer(checkpoint.load_tensors(state_dir / "optimizer.safetensors"),
                                      trainer["param_groups"])
         D.load_optimizer_state(self.model, self.optimizer, optim)
