@@ -255,13 +255,20 @@ def test_dpo_trains_adapters_against_the_base_and_the_run_loads(runs, prefs, tmp
     assert ((pi[0] - ref[0]) - (pi[1] - ref[1])).min() > 0  # every pair's chosen reply gained on its rejected one
 
 
-def test_reward_lora_trains_the_head_whole(runs, prefs):
+def test_reward_lora_trains_the_head_whole_and_its_run_loads_on_the_lm_base(runs, prefs, tmp_path):
     d, tok = runs
     cfg = C.load(reward.StageConfig, overrides=["freeze=lora", "val_fraction=0"])
     model, _, _, _ = reward.build(cfg, [prefs], tok, load_run(d / "base")[0])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"head.weight", "head.bias"} <= trainable
     assert all(n.endswith((".lora_a", ".lora_b")) for n in trainable - {"head.weight", "head.bias"})
+
+    run_stage("reward", [prefs], tmp_path / "rm", init=d / "base",
+              overrides=["freeze=lora", "val_fraction=0", "train.max_steps=2", *QUIET])
+    adapter = checkpoint.load_tensors(tmp_path / "rm" / "adapter.safetensors")
+    assert set(adapter) == trainable
+    loaded = load_run(tmp_path / "rm")[0]
+    assert isinstance(loaded, reward.RewardModel) and torch.equal(loaded.head.weight, adapter["head.weight"])
 
 
 def test_ppo_lora_takes_the_policy_without_adapters_as_its_reference(runs, prefs, tmp_path):
@@ -278,3 +285,10 @@ def test_ppo_lora_takes_the_policy_without_adapters_as_its_reference(runs, prefs
         torch.testing.assert_close(rollout.reference(ids), load_run(d / "base")[0](ids), atol=1e-5, rtol=0)
         assert (model.policy(ids) - rollout.reference(ids)).abs().max() > 1e-3
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"policy", "value"}
+
+    run_stage("ppo", [prefs], tmp_path / "ppo", init=d / "base", overrides=[
+        "freeze=lora", "lora.rank=4", f"reward={d / 'rm'}", "max_new_tokens=4", "seq_len=48", "epochs=1",
+        "minibatches=2", "train.max_steps=1", *QUIET])
+    published = checkpoint.load_tensors(tmp_path / "ppo" / "adapter.safetensors")
+    assert set(published) == {n for n, p in model.policy.named_parameters() if p.requires_grad}  # the policy's alone
+    assert not lora.adapters(load_run(tmp_path / "ppo")[0])
