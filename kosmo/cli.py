@@ -433,7 +433,7 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint (a LoRA run's adapters merged)")
     x.add_argument("--model", required=True)
     x.add_argument("--out", required=True)
     x.set_defaults(fn=cmd_export)

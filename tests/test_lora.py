@@ -150,6 +150,8 @@ def test_export_of_a_lora_run_is_the_merged_model_and_transformers_agrees(runs, 
     adapted = lora.add_adapters(load_run(d / "base")[0], lora.LoRAConfig(rank=4, targets=["qkv", "gate_up", "down"]))
     assert not adapted.load_state_dict(checkpoint.load_tensors(d / "lora" / "adapter.safetensors"),
                                        strict=False).unexpected_keys
+    with pytest.raises(KosmoError, match="merge them"):
+        export_hf(adapted, tmp_path / "unmerged")
     export_hf(lora.merge(adapted), tmp_path / "merged")
     a, b = (checkpoint.load_tensors(tmp_path / name / "model.safetensors") for name in ("hf", "merged"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -237,21 +239,21 @@ def prefs(runs):
     return path
 
 
-def test_dpo_trains_adapters_against_the_base_and_the_run_loads(runs, prefs, tmp_path):
+def test_dpo_trains_adapters_on_a_lora_run_and_its_run_loads_through_both(runs, prefs, tmp_path):
+    """DPO with adapters over the LoRA run of `runs`: its base is itself a LoRA run, loaded merged."""
     d, tok = runs
     cfg = C.load(dpo.StageConfig, overrides=["freeze=lora", "lora.rank=4", "val_fraction=0", *QUIET])
-    model, loss_fn, train, _ = dpo.build(cfg, [prefs], tok, load_run(d / "base")[0])
+    model, loss_fn, train, _ = dpo.build(cfg, [prefs], tok, load_run(d / "lora")[0])
     assert all(n.endswith((".lora_a", ".lora_b")) for n, p in model.named_parameters() if p.requires_grad)
     batch = train.collate([0, 1, 2])
     assert (loss_fn(model, batch)[0] / batch["n_targets"]).item() == pytest.approx(math.log(2), abs=1e-5)
 
-    run_stage("dpo", [prefs], tmp_path / "dpo", init=d / "base",
+    run_stage("dpo", [prefs], tmp_path / "dpo", init=d / "lora",
               overrides=["freeze=lora", "lora.rank=4", "val_fraction=0", "train.max_steps=3", *QUIET])
-    trained = load_run(tmp_path / "dpo")[0]
-    base = load_run(d / "base")[0]
+    assert checkpoint.read_json(tmp_path / "dpo" / "config.json")["base"] == str((d / "lora").resolve())
     with torch.no_grad():
-        pi = dpo.A.sequence_logprobs(trained, batch).chunk(2)
-        ref = dpo.A.sequence_logprobs(base, batch).chunk(2)
+        pi = dpo.A.sequence_logprobs(load_run(tmp_path / "dpo")[0], batch).chunk(2)
+        ref = dpo.A.sequence_logprobs(load_run(d / "lora")[0], batch).chunk(2)
     assert ((pi[0] - ref[0]) - (pi[1] - ref[1])).min() > 0  # every pair's chosen reply gained on its rejected one
 
 

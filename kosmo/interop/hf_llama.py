@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from kosmo import checkpoint
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.lm import LM, LMConfig
 
 # kosmo name (per layer, after "blocks.{i}.") -> HF names (after "model.layers.{i}.") concatenated in order
@@ -107,6 +108,8 @@ def export_hf(model: LM, out: str | Path, tokenizer=None, dtype=torch.float32) -
     cfg = model.cfg
     if cfg.smear_keys:
         raise KosmoError("model.smear_keys=true has no counterpart in transformers' Llama; it cannot be exported")
+    if lora.adapters(model):  # their tensors have no Llama name: the export would silently be the base
+        raise KosmoError("the model has LoRA adapters: merge them into its weights first (kosmo.model.lora.merge)")
     sd = model.state_dict()
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     split = {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}
