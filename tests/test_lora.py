@@ -3,9 +3,13 @@ loads merged, exports like its merged model, resumes exactly, and trains in the 
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import read_metrics
 
 from kosmo import checkpoint
 from kosmo import config as C
@@ -294,3 +298,21 @@ def test_ppo_lora_takes_the_policy_without_adapters_as_its_reference(runs, prefs
     published = checkpoint.load_tensors(tmp_path / "ppo" / "adapter.safetensors")
     assert set(published) == {n for n, p in model.policy.named_parameters() if p.requires_grad}  # the policy's alone
     assert not lora.adapters(load_run(tmp_path / "ppo")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_adapters_as_one_does(parallel, runs, text_corpus, tmp_path):
+    d, _ = runs
+    common = ["train", "lm", "--init", d / "base", "--data", text_corpus, *QUIET, "freeze=lora", "seq_len=32",
+              "train.max_steps=4"]
+    run_stage("lm", [text_corpus], tmp_path / "one", init=d / "base", overrides=common[6:])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29000 + os.getpid() % 500 + (parallel == "fsdp")), "-m", "kosmo", *map(str, common),
+                           "train.batch_size=2", f"train.parallel={parallel}", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-5)
+    for name, t in checkpoint.load_tensors(tmp_path / "one" / "adapter.safetensors").items():
+        torch.testing.assert_close(t, checkpoint.load_tensors(tmp_path / "two" / "adapter.safetensors")[name])
