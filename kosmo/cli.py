@@ -279,10 +279,16 @@ def _guidance_scales(text: str) -> list[float]:
 
 
 def cmd_export(args):
-    from kosmo.interop.hf_llama import export_hf
+    from kosmo.interop.hf_llama import export_hf, export_peft_adapter
     from kosmo.model.load import load_run
-    model, tok, _ = load_run(args.model)
-    export_hf(model, args.out, tokenizer=tok)
+    from kosmo.model.lora import LoRAConfig
+    model, tok, config = load_run(args.model, merge=not args.adapter)
+    if args.adapter:
+        if "lora" not in config:
+            raise KosmoError(f"{args.model}: --adapter exports a LoRA run's adapters; this run has none")
+        export_peft_adapter(model, LoRAConfig(**config["lora"]), args.out)
+    else:
+        export_hf(model, args.out, tokenizer=tok)
     print(json.dumps({"exported": str(args.out)}))
 
 
@@ -436,6 +442,8 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint (a LoRA run's adapters merged)")
     x.add_argument("--model", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")

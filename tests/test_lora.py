@@ -165,6 +165,24 @@ def test_export_of_a_lora_run_is_the_merged_model_and_transformers_agrees(runs, 
         torch.testing.assert_close(hf(ids).logits, load_run(d / "lora")[0](ids), atol=1e-4, rtol=0)
 
 
+def test_the_adapters_export_for_peft_over_the_base_export(runs, tmp_path):
+    """q/k/v (and gate/up) share one adapter in kosmo; PEFT's per-projection pairs compute the same."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    d, tok = runs
+    assert cli(["export", "--model", str(d / "base"), "--out", str(tmp_path / "base")]) == 0
+    assert cli(["export", "--model", str(d / "lora"), "--adapter", "--out", str(tmp_path / "adapter")]) == 0
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    unmerged, _, _ = load_run(d / "lora", merge=False)
+    assert lora.adapters(unmerged)
+    ids = torch.tensor([tok.encode("three small yellow circles")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, unmerged(ids), atol=1e-5, rtol=0)
+        with model.disable_adapter():
+            assert (model(ids).logits - unmerged(ids)).abs().max() > 1e-3
+    assert cli(["export", "--model", str(d / "base"), "--adapter", "--out", str(tmp_path / "x")]) == 2
+
+
 def test_a_lora_run_resumes_exactly(tmp_path):
     """A crash after the checkpoint at step 2; the resumed run rebuilds the base, whose adapters start
     elsewhere (another seed) until the state restores them, and its dropout draws from the saved RNG."""

@@ -43,18 +43,19 @@ def build_model(config: dict, where: str) -> torch.nn.Module:
         raise KosmoError(f"{where}: invalid model config ({e})") from None
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu",
-             precision: str = "fp32") -> tuple[torch.nn.Module, Tokenizer, dict]:
+def load_run(run: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
+             merge: bool = True) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """The run's model on `device`, its tokenizer and its config. A model loaded to infer in bf16
     (`precision` bf16, or auto where bf16 is native) holds bf16 weights: under autocast, fp32 weights
-    would be cast afresh at every call, which costs a decode step more than bf16 saves."""
+    would be cast afresh at every call, which costs a decode step more than bf16 saves. A LoRA run's
+    adapters are merged into the weights unless `merge` is false."""
     run = Path(run)
     if not run.is_dir():
         raise KosmoError(f"{run}: run directory not found")
     config = checkpoint.read_json(run / "config.json")
     model = build_model(config, str(run / "config.json"))
     if "lora" in config:
-        load_adapted(model, run, config)
+        load_adapted(model, run, config, merge)
     else:
         checkpoint.load_weights(model, checkpoint.load_tensors(run / "model.safetensors"), run / "model.safetensors")
     tokenizer = Tokenizer.load(run / "tokenizer.json")
@@ -67,9 +68,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu",
     return model.to(device, dtype).eval(), tokenizer, config
 
 
-def load_adapted(model: torch.nn.Module, run: Path, config: dict):
+def load_adapted(model: torch.nn.Module, run: Path, config: dict, merge: bool = True):
     """Fills `model` from a LoRA run: its base run's weights, then the run's adapters (and whatever else
-    it trained) on top, merged into the weights."""
+    it trained) on top, merged into the weights if `merge`."""
     base_dir = Path(config.get("base") or "")
     if not (base_dir / "config.json").is_file():
         raise KosmoError(f"{run}: a LoRA run holds only its adapters, and its base run {str(base_dir)!r} "
@@ -88,7 +89,8 @@ def load_adapted(model: torch.nn.Module, run: Path, config: dict):
     if missing:
         raise KosmoError(f"{path}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
     checkpoint.load_weights(model, {**checkpoint.model_tensors(model), **adapter}, path)
-    lora.merge(model)
+    if merge:
+        lora.merge(model)
 
 
 def save_run(run: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, config: dict):
