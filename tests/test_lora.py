@@ -250,6 +250,20 @@ def test_lora_needs_a_model_to_adapt(runs, text_corpus, tmp_path):
         load_run(moved_run)
 
 
+def test_sft_on_a_text_lm_trains_adapters_alone(runs, tmp_path):
+    d, tok = runs
+    with (tmp_path / "chat.jsonl").open("w") as f:
+        for i in range(16):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Name shape {i}."},
+                                             {"role": "assistant", "content": ["A circle.", "A square."][i % 2]}]})
+                    + "\n")
+    run_stage("sft", [tmp_path / "chat.jsonl"], tmp_path / "sft", init=d / "base",
+              overrides=["freeze=lora", "seq_len=32", "val_fraction=0", "train.max_steps=2", *QUIET])
+    adapter = checkpoint.load_tensors(tmp_path / "sft" / "adapter.safetensors")
+    assert adapter and all(n.endswith((".lora_a", ".lora_b")) for n in adapter)
+    assert not lora.adapters(load_run(tmp_path / "sft")[0])
+
+
 @pytest.fixture(scope="module")
 def prefs(runs):
     d, _ = runs
