@@ -202,7 +202,8 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
 
 
 def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
-             cache_dtype=None, images: torch.Tensor | None = None, audio=None) -> list[Completion]:
+             cache_dtype=None, images: torch.Tensor | None = None, audio=None,
+             compile: bool = False) -> list[Completion]:
     """Completions for a batch of tokenised prompts; stop strings are cut from the returned text."""
     # A stop string of L characters lies within the last L tokens (+3 for a character split into
     # bytes), so each step decodes a short tail instead of the whole completion.
@@ -213,7 +214,8 @@ def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(
         return any(st in tail for st in s.stop)
 
     out, reasons = generate_ids(model, prompts, s, stop_ids, cache_dtype=cache_dtype,
-                                should_stop=hits_stop if s.stop else None, images=images, audio=audio)
+                                should_stop=hits_stop if s.stop else None, images=images, audio=audio,
+                                compile=compile)
     results = []
     for toks, reason in zip(out, reasons):
         text = tokenizer.decode(toks)
