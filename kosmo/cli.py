@@ -99,7 +99,7 @@ def cmd_generate(args):
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s, images=images, audio=audio)
+            results = generate(model, tok, ids, s, images=images, audio=audio, compile=args.compile)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
@@ -405,6 +405,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action="store_true",
+                   help="decode with one torch.compile graph a step (pays for its compilation on long outputs)")
     add_device_args(g)
     g.set_defaults(fn=cmd_generate)
 

@@ -156,6 +156,10 @@ class MLLM(CausalLM):
             return self.lm.hidden(idx, **kw)
         return self.lm.transform(self.embed_inputs(idx, images, audio), **kw)
 
+    def decode_step(self, tok: torch.Tensor, cache) -> torch.Tensor:
+        # what a cached sequence continues with is text: the LM's own step, without the media checks
+        return self.lm.decode_step(tok, cache)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.vqvae is not None:

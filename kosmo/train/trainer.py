@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from torch.utils import flop_counter
 from tqdm import tqdm
 
 from kosmo import checkpoint, hardware
@@ -94,6 +95,21 @@ class Dataset(Protocol):
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 
 
+def _count_cpu_attention():
+    """torch counts the FLOPs of the GPU's attention kernels but not of the CPU's flash attention; same maths."""
+    aten = torch.ops.aten
+    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, \
+        aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(forward)(
+            lambda q, k, v, *args, **kw: flop_counter.sdpa_flop_count(q, k, v))
+        flop_counter.register_flop_formula(backward)(
+            lambda grad, q, k, v, *args, **kw: flop_counter.sdpa_backward_flop_count(grad, q, k, v))
+
+
+_count_cpu_attention()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -137,6 +153,10 @@ class Trainer:
         self.nonfinite_run = 0
         self._perm_epoch, self._perm = -1, None
         self._check_resumable()
+        # MFU: the model's FLOPs (forward and backward, as torch's FlopCounterMode counts them on the first step,
+        # per target token) at the step's tokens/s, over the matmul peak measured on this machine and precision
+        self.flops_per_token: float | None = None
+        self.peak_flops = hardware.matmul_peak(self.env.device, self.precision) * self.env.world
 
     def _budget(self, cfg: TrainConfig, n: int) -> dict:
         """The run's length in steps, and in passes over the data."""
@@ -206,16 +226,24 @@ class Trainer:
         self.model.train()
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            last = self._train_step()
+            if self.flops_per_token is None:
+                with flop_counter.FlopCounterMode(display=False) as flops:
+                    last = self._train_step()
+                # this rank's FLOPs over every rank's tokens: the FLOPs of a token are world times that
+                self.flops_per_token = flops.get_total_flops() * env.world / max(1, last["tokens"])
+            else:
+                last = self._train_step()
             last["step_time"] = time.perf_counter() - t0
             last["tok_per_s"] = last["tokens"] / last["step_time"]
+            last["mfu"] = self.flops_per_token * last["tok_per_s"] / self.peak_flops
             self.step += 1
             if cfg.eval_every and self.eval_set is not None and (self.step % cfg.eval_every == 0
                                                                  or self.step == cfg.max_steps):
                 last["eval_loss"] = self.evaluate()
             if env.main and (self.step % cfg.log_every == 0 or "eval_loss" in last):
                 self._log(last, writer)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}", mfu=f"{last['mfu']:.1%}",
+                            refresh=False)
             bar.update(1)
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                 self.save()
@@ -292,7 +320,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1)
 
     def _log(self, row: dict, writer):
-        row = {k: (round(v, 6) if k in ("step_time", "tok_per_s") else v) for k, v in row.items()}
+        row = {k: (round(v, 6) if k in ("step_time", "tok_per_s", "mfu") else v) for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer:
