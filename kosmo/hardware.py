@@ -137,7 +137,8 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n, largest, best = 256, 8192 if device.type == "cuda" else 2048, 0.0
     while True:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        gen = torch.Generator(device).manual_seed(0)  # the global RNG is the run's: leave it untouched
+        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
         a @ b  # warm-up: kernel choice, allocation
         times = []
         for _ in range(5):

@@ -97,14 +97,9 @@ LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]
 
 def _count_cpu_attention():
     """torch counts the FLOPs of the GPU's attention kernels but not of the CPU's flash attention; same maths."""
-    aten = torch.ops.aten
-    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, \
-        aten._scaled_dot_product_flash_attention_for_cpu_backward
-    if forward not in flop_counter.flop_registry:
-        flop_counter.register_flop_formula(forward)(
-            lambda q, k, v, *args, **kw: flop_counter.sdpa_flop_count(q, k, v))
-        flop_counter.register_flop_formula(backward)(
-            lambda grad, q, k, v, *args, **kw: flop_counter.sdpa_backward_flop_count(grad, q, k, v))
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(op)(lambda q, k, v, *args, **kw: flop_counter.sdpa_flop_count(q, k, v))
 
 
 _count_cpu_attention()
@@ -153,8 +148,8 @@ class Trainer:
         self.nonfinite_run = 0
         self._perm_epoch, self._perm = -1, None
         self._check_resumable()
-        # MFU: the model's FLOPs (forward and backward, as torch's FlopCounterMode counts them on the first step,
-        # per target token) at the step's tokens/s, over the matmul peak measured on this machine and precision
+        # MFU: the model's FLOPs a target token (see _train_step) at the step's tokens/s, over the matmul peak
+        # measured on this machine and precision
         self.flops_per_token: float | None = None
         self.peak_flops = hardware.matmul_peak(self.env.device, self.precision) * self.env.world
 
@@ -226,24 +221,19 @@ class Trainer:
         self.model.train()
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            if self.flops_per_token is None:
-                with flop_counter.FlopCounterMode(display=False) as flops:
-                    last = self._train_step()
-                # this rank's FLOPs over every rank's tokens: the FLOPs of a token are world times that
-                self.flops_per_token = flops.get_total_flops() * env.world / max(1, last["tokens"])
-            else:
-                last = self._train_step()
+            last = self._train_step()
             last["step_time"] = time.perf_counter() - t0
             last["tok_per_s"] = last["tokens"] / last["step_time"]
-            last["mfu"] = self.flops_per_token * last["tok_per_s"] / self.peak_flops
+            if self.flops_per_token is not None:  # (PPO's steps, rollouts and all, are not counted)
+                last["mfu"] = self.flops_per_token * last["tok_per_s"] / self.peak_flops
             self.step += 1
             if cfg.eval_every and self.eval_set is not None and (self.step % cfg.eval_every == 0
                                                                  or self.step == cfg.max_steps):
                 last["eval_loss"] = self.evaluate()
             if env.main and (self.step % cfg.log_every == 0 or "eval_loss" in last):
                 self._log(last, writer)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}", mfu=f"{last['mfu']:.1%}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}",
+                            **({"mfu": f"{last['mfu']:.1%}"} if "mfu" in last else {}), refresh=False)
             bar.update(1)
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                 self.save()
@@ -261,17 +251,25 @@ class Trainer:
         n_total = D.all_reduce_sum(torch.tensor(float(sum(b["n_targets"] for b in batches)), device=env.device))
         loss_sum = torch.zeros((), device=env.device)
         extras: dict[str, float] = {}
+        # MFU counts the model's FLOPs as PaLM does: three times the forward's (a backward's matmuls are
+        # twice its forward's), the forward's counted by torch on the first step. (Counting the backward
+        # too would change its numbers: under the counter some ops take other kernels, and resume is exact.)
+        counter = flop_counter.FlopCounterMode(display=False) if self.flops_per_token is None else None
         for m, batch in enumerate(batches):
             no_sync = getattr(self.model, "no_sync", None)
             ctx = no_sync() if no_sync and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, hardware.autocast(env.device, self.precision):
-                loss, metrics = self.loss_fn(self.model, to_device(batch, env.device))
-            # Sum over targets / global target count: the exact mean even when micro-batches and ranks
-            # hold different numbers of targets. DDP averages gradients over ranks, hence * world.
-            (loss * env.world / n_total.clamp(min=1)).backward()
+            with ctx:
+                with counter or contextlib.nullcontext(), hardware.autocast(env.device, self.precision):
+                    loss, metrics = self.loss_fn(self.model, to_device(batch, env.device))
+                # Sum over targets / global target count: the exact mean even when micro-batches and ranks
+                # hold different numbers of targets. DDP averages gradients over ranks, hence * world.
+                (loss * env.world / n_total.clamp(min=1)).backward()
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / cfg.grad_accum
+        if counter is not None:
+            # this rank's FLOPs over every rank's tokens: the FLOPs of a token are world times that
+            self.flops_per_token = 3 * counter.get_total_flops() * env.world / max(1.0, float(n_total))
         loss_mean = (D.all_reduce_sum(loss_sum) / n_total.clamp(min=1)).item()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
