@@ -13,6 +13,8 @@ from kosmo.errors import KosmoError
 from kosmo.hardware import PRECISIONS
 from kosmo.train.run import stages
 
+FORMAT_ARCH = {"llava": "mllm", "llama": "lm"}  # `kosmo export --format` -> the run arch it writes
+
 
 def cmd_world(args):
     from kosmo.data.world import (
@@ -279,22 +281,39 @@ def _guidance_scales(text: str) -> list[float]:
 
 
 def cmd_export(args):
-    from kosmo.interop.hf_llama import export_hf
     from kosmo.model.load import load_run
-    model, tok, _ = load_run(args.model)
-    export_hf(model, args.out, tokenizer=tok)
-    print(json.dumps({"exported": str(args.out)}))
+    model, tok, config = load_run(args.model)
+    arch = config.get("arch", "lm")
+    fmt = args.format or ("llava" if arch == "mllm" else "llama")
+    if arch != FORMAT_ARCH[fmt]:
+        raise KosmoError(f"{args.model}: --format {fmt} exports runs of arch {FORMAT_ARCH[fmt]}, "
+                         f"and this one is {arch}")
+    if fmt == "llava":
+        from kosmo.interop.hf_llava import export_hf_llava
+        export_hf_llava(model, args.out, tok, image_mode=config.get("config", {}).get("image_mode", "crop"))
+    else:
+        from kosmo.interop.hf_llama import export_hf
+        export_hf(model, args.out, tokenizer=tok)
+    print(json.dumps({"exported": str(args.out), "format": fmt}))
 
 
 def cmd_import(args):
-    from kosmo.interop.hf_llama import import_hf
+    from kosmo import checkpoint
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
-    model = import_hf(args.hf)
+    extra = {}
+    if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
+        from kosmo.interop.hf_llava import import_hf_llava
+        model, image_mode = import_hf_llava(args.hf)
+        arch, extra = "mllm", {"config": {"image_mode": image_mode}}
+    else:
+        from kosmo.interop.hf_llama import import_hf
+        model, arch = import_hf(args.hf), "lm"
     tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")
-    save_run(args.out, model, tok, {"stage": "import", "arch": "lm", "model": model.cfg.to_dict(),
-                                    "source": str(args.hf)})
-    print(json.dumps({"imported": str(args.out), "params": model.num_params()}))
+    save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
+                                    "source": str(args.hf), **extra})
+    print(json.dumps({"imported": str(args.out), "arch": arch,
+                      "params": sum(p.numel() for p in model.parameters())}))
 
 
 def cmd_demo(args):
@@ -433,12 +452,15 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x = sub.add_parser("export", help="write a Hugging Face checkpoint: LlavaForConditionalGeneration with its "
+                                      "processor, or LlamaForCausalLM")
     x.add_argument("--model", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--format", choices=list(FORMAT_ARCH),
+                   help="llava for a multimodal run, llama for a text-only one (default: the run's own)")
     x.set_defaults(fn=cmd_export)
 
-    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")
+    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama or LLaVA checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
