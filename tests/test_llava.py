@@ -19,7 +19,7 @@ from kosmo.model.lm import LMConfig  # noqa: E402
 from kosmo.model.load import load_run, save_run  # noqa: E402
 from kosmo.model.mllm import MLLM, MLLMConfig  # noqa: E402
 from kosmo.model.vision import VisionConfig  # noqa: E402
-from kosmo.tokenizer import IMAGE_PAD, Tokenizer  # noqa: E402
+from kosmo.tokenizer import IMAGE_PAD, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 VOCAB = 300
 
@@ -59,7 +59,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(tok, t
     model = tiny_mllm(connector, use_cls, feature_layer, tie)
     export_hf_llava(model, tmp_path, tok)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path, backend="pil")  # PIL's bicubic, as kosmo's
     prompt = processor.apply_chat_template(chat(), add_generation_prompt=True)
     inputs = processor(images=picture(), text=prompt, return_tensors="pt")
 
@@ -76,6 +76,16 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(tok, t
                                 pad_token_id=0)[0, len(ids):].tolist()
     ours, _ = generate_ids(model, [ids], Sampling(max_new_tokens=12), stop_ids=(), images=pixels)
     assert ours[0] == hf_tokens
+
+
+def test_pad_mode_exports_llava_padding_and_imports_back(tok, tmp_path):
+    export_hf_llava(tiny_mllm(), tmp_path, tok, image_mode="pad")
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path, backend="pil")
+    assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil"
+    square = picture().crop((0, 0, 32, 32))  # a square at the model's size is neither padded nor resampled
+    pixels = processor(images=square, text=SPECIAL_TOKENS[IMAGE_PAD], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, preprocess(square, 32, "pad")[None], atol=1e-6, rtol=0)
+    assert import_hf_llava(tmp_path)[1] == "pad"
 
 
 def test_chat_template_renders_kosmo_chats(tok, tmp_path):

@@ -10,11 +10,13 @@ post-layernorm. It drops the class token unless `vision_feature_select_strategy`
 
 Image embeddings go where the ids hold `<|image_pad|>` (`image_token_index`). The exported `LlavaProcessor`
 expands each `<|image_pad|>` in a prompt into as many as the model has per image. Its image processor
-reproduces kosmo's "crop" mode (CLIP's: shortest side to the size, bicubic, then a centre crop). There is
-one exception: when the resized long side exceeds the size by 4k + 3 pixels, transformers floors the crop
-offset where kosmo rounds it as torchvision does, so the crop sits one pixel over. The "pad" mode is
-written as LLaVA's own processor, which pads to a square before it resizes. kosmo resizes first, so
-padded pictures agree only to resampling error.
+reproduces kosmo's "crop" mode (CLIP's: shortest side to the size, bicubic, then a centre crop), pixel
+for pixel with transformers' PIL backend (`backend="pil"`; its torchvision backend resamples on its own
+terms). There is one exception: when the resized long side exceeds the size by 4k + 3 pixels,
+transformers floors the crop offset where kosmo rounds it as torchvision does, so the crop sits one pixel
+over. The "pad" mode is written as LLaVA's own processor, which pads to a square before it resizes, where
+kosmo resizes first. So a padded picture's border lands up to a pixel apart, and only square pictures
+agree exactly.
 
 Tensor names: export writes them as transformers 5 holds them in memory: `model.vision_tower.vision_model.`,
 `model.multi_modal_projector.`, `model.language_model.` and `lm_head.`. The llava-hf checkpoints, and
