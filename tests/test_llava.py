@@ -135,16 +135,21 @@ def test_import_matches_transformers_and_round_trips_exactly(tok, tmp_path, stra
         assert torch.equal(a, b), name
 
 
-def test_llava_hf_tensor_names_are_read(tmp_path):
-    """transformers 5 saves under the old prefixes but without CLIP's `vision_model.` level, which the llava-hf
-    checkpoints (saved by transformers 4) have: `vision_tower.vision_model.`, `language_model.model.`, ..."""
+@pytest.mark.parametrize("layout", ["save_pretrained", "llava-hf", "in memory"])
+def test_every_tensor_layout_is_read(tmp_path, layout):
+    """transformers 5's save_pretrained writes the old prefixes without CLIP's `vision_model.` level; the llava-hf
+    checkpoints (transformers 4) have it; transformers 5 holds `model.language_model.` etc. in memory."""
     from safetensors.torch import load_file, save_file
     hf = hf_llava()
     hf.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     assert "language_model.model.norm.weight" in tensors and "vision_tower.pre_layrnorm.weight" in tensors
-    save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in tensors.items()},
-              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    if layout == "llava-hf":
+        tensors = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in tensors.items()}
+    elif layout == "in memory":
+        tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        assert "model.language_model.norm.weight" in tensors
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     model, _ = import_hf_llava(tmp_path)
     ids = torch.tensor([[1, 7, 3] + [IMAGE_PAD] * 16 + [4, 9]])
     pixels = torch.randn(1, 3, 32, 32)

@@ -18,10 +18,11 @@ over. The "pad" mode is written as LLaVA's own processor, which pads to a square
 kosmo resizes first. So a padded picture's border lands up to a pixel apart, and only square pictures
 agree exactly.
 
-Tensor names: export writes them as transformers 5 holds them in memory: `model.vision_tower.vision_model.`,
-`model.multi_modal_projector.`, `model.language_model.` and `lm_head.`. The llava-hf checkpoints, and
-transformers 5's own `save_pretrained`, use the older `vision_tower.` (with or without `vision_model.`),
-`multi_modal_projector.`, `language_model.model.` and `language_model.lm_head.`. Import reads all of these.
+Tensor names: export writes those of the llava-hf checkpoints (`vision_tower.vision_model.`,
+`multi_modal_projector.`, `language_model.model.`, `language_model.lm_head.`), which transformers 4 reads
+as they are and transformers 5 renames on loading. Import also reads transformers 5's own names
+(`model.vision_tower.`, `model.multi_modal_projector.`, `model.language_model.`, `lm_head.`), and the CLIP
+tower without its `vision_model.` level, as transformers 5's `save_pretrained` writes it.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ from kosmo.interop.hf_llama import (
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.tokenizer import IMAGE_PAD, SPECIAL_TOKENS
 
-VISION, PROJECTOR, LM_BODY, LM_HEAD = ("model.vision_tower.vision_model.", "model.multi_modal_projector.",
-                                       "model.language_model.", "lm_head.weight")
-VISION_V5 = "model.vision_tower."  # transformers 5 saves the CLIP tower without its `vision_model.` level
-# transformers 4's prefixes -> transformers 5's, in the order they are tried
-RENAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-           ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+# the names of the llava-hf checkpoints, which every transformers version since LLaVA's first reads
+VISION, PROJECTOR, LM_BODY, LM_HEAD = ("vision_tower.vision_model.", "multi_modal_projector.",
+                                       "language_model.model.", "language_model.lm_head.weight")
+VISION_BARE = "vision_tower."  # transformers 5 saves the CLIP tower without its `vision_model.` level
+# transformers 5's names in memory -> the checkpoints' names
+RENAMES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+           ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
 STRATEGY = {"default": False, "full": True}  # vision_feature_select_strategy -> use_cls
 PROJECTOR_ACTS = {"mlp": "gelu", "linear": "linear"}  # kosmo connector -> projector_hidden_act
 
@@ -159,7 +161,7 @@ def import_hf_llava(path: str | Path) -> tuple[MLLM, str]:
     hf = {_renamed(k): v for k, v in _read_hf_tensors(path).items()}
     model = MLLM(cfg)
     state = {f"lm.{k}": v for k, v in _lm_state(hf, cfg.lm, path, body=LM_BODY, head=LM_HEAD).items()}
-    vision = VISION if any(k.startswith(VISION) for k in hf) else VISION_V5
+    vision = VISION if any(k.startswith(VISION) for k in hf) else VISION_BARE
     state |= {f"vision.{k}": v.float()
               for k, v in _tower_state(hf, vision, VISION_MAP, cfg.vision.n_layers, path).items()}
     w1, b1, w2, b2 = (_take(hf, f"{PROJECTOR}linear_{i}.{p}", path).float() for i in (1, 2) for p in ("weight", "bias"))
@@ -172,8 +174,6 @@ def import_hf_llava(path: str | Path) -> tuple[MLLM, str]:
 
 
 def _renamed(name: str) -> str:
-    if name.startswith(("model.", "lm_head.")):
-        return name
     for old, new in RENAMES:
         if name.startswith(old):
             return new + name[len(old):]
