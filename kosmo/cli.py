@@ -301,6 +301,7 @@ def cmd_import(args):
     from kosmo import checkpoint
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
+    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")  # before the weights: it fails faster
     extra = {}
     if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
         from kosmo.interop.hf_llava import import_hf_llava
@@ -309,7 +310,6 @@ def cmd_import(args):
     else:
         from kosmo.interop.hf_llama import import_hf
         model, arch = import_hf(args.hf), "lm"
-    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")
     save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
                                     "source": str(args.hf), **extra})
     print(json.dumps({"imported": str(args.out), "arch": arch,

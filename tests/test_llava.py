@@ -99,14 +99,14 @@ def test_chat_template_renders_kosmo_chats(tok, tmp_path):
     assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == ours
 
 
-def hf_llava(strategy="default", act="gelu", seed=1):
+def hf_llava(strategy="default", act="gelu", layer=-2, seed=1):
     vision = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                                            num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
     text = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                     rms_norm_eps=1e-5, tie_word_embeddings=False)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_PAD,
-                                   vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+                                   vision_feature_select_strategy=strategy, vision_feature_layer=layer,
                                    projector_hidden_act=act, image_seq_length=16 + (strategy == "full"))
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
@@ -117,12 +117,12 @@ def hf_llava(strategy="default", act="gelu", seed=1):
     return model
 
 
-@pytest.mark.parametrize("strategy", ["default", "full"])
-def test_import_matches_transformers_and_round_trips_exactly(tok, tmp_path, strategy):
-    hf = hf_llava(strategy)
+@pytest.mark.parametrize("strategy,layer", [("default", -2), ("full", -1)])
+def test_import_matches_transformers_and_round_trips_exactly(tok, tmp_path, strategy, layer):
+    hf = hf_llava(strategy, layer=layer)
     hf.save_pretrained(tmp_path / "hf")
     model, mode = import_hf_llava(tmp_path / "hf")
-    assert mode == "crop" and model.cfg.use_cls == (strategy == "full")
+    assert mode == "crop" and model.cfg.use_cls == (strategy == "full") and model.cfg.feature_layer == layer
     n = model.tokens_per_image
     ids = torch.tensor([[1, 7, 40, 41, 3] + [IMAGE_PAD] * n + [4, 9, 8]])
     pixels = torch.randn(1, 3, 32, 32)

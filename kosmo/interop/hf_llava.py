@@ -12,11 +12,11 @@ Image embeddings go where the ids hold `<|image_pad|>` (`image_token_index`). Th
 expands each `<|image_pad|>` in a prompt into as many as the model has per image. Its image processor
 reproduces kosmo's "crop" mode (CLIP's: shortest side to the size, bicubic, then a centre crop), pixel
 for pixel with transformers' PIL backend (`backend="pil"`; its torchvision backend resamples on its own
-terms). There is one exception: when the resized long side exceeds the size by 4k + 3 pixels,
+terms). There are two exceptions. When the resized long side exceeds the size by 4k + 3 pixels,
 transformers floors the crop offset where kosmo rounds it as torchvision does, so the crop sits one pixel
-over. The "pad" mode is written as LLaVA's own processor, which pads to a square before it resizes, where
-kosmo resizes first. So a padded picture's border lands up to a pixel apart, and only square pictures
-agree exactly.
+over. Strips thinner than 1:16 differ by rounding, because kosmo resamples only the crop's box. The "pad"
+mode is written as LLaVA's own processor, which pads to a square before it resizes, where kosmo resizes
+first. So a padded picture's border lands up to a pixel apart, and only square pictures agree exactly.
 
 Tensor names: export writes those of the llava-hf checkpoints (`vision_tower.vision_model.`,
 `multi_modal_projector.`, `language_model.model.`, `language_model.lm_head.`), which transformers 4 reads
