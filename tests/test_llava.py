@@ -86,6 +86,13 @@ def test_pad_mode_exports_llava_padding_and_imports_back(tok, tmp_path):
     pixels = processor(images=square, text=SPECIAL_TOKENS[IMAGE_PAD], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, preprocess(square, 32, "pad")[None], atol=1e-6, rtol=0)
     assert import_hf_llava(tmp_path)[1] == "pad"
+    (tmp_path / "preprocessor_config.json").unlink()  # transformers 5 keeps it in processor_config.json alone
+    assert import_hf_llava(tmp_path)[1] == "pad"
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    config["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]  # SigLIP's
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(KosmoError, match=re.escape("image_mean [0.5, 0.5, 0.5] is not CLIP's")):
+        import_hf_llava(tmp_path)
 
 
 def test_chat_template_renders_kosmo_chats(tok, tmp_path):

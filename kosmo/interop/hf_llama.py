@@ -17,7 +17,7 @@ from kosmo.errors import KosmoError
 from kosmo.model.lm import LM, LMConfig
 from kosmo.tokenizer import BOS, END_OF_TURN, EOS, PAD
 
-# kosmo name (per layer, after "blocks.{i}.") -> HF names (after "model.layers.{i}.") concatenated in order
+# kosmo name (per layer, after "blocks.{i}.") -> HF names (after "{body}layers.{i}.") concatenated in order
 LAYER_MAP = {
     "attn_norm.weight": ["input_layernorm.weight"],
     "attn.qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
@@ -26,7 +26,7 @@ LAYER_MAP = {
     "mlp.gate_up.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
     "mlp.down.weight": ["mlp.down_proj.weight"],
 }
-BODY_MAP = {"embed.weight": "embed_tokens.weight", "norm.weight": "norm.weight"}  # after "model."
+BODY_MAP = {"embed.weight": "embed_tokens.weight", "norm.weight": "norm.weight"}  # after the body, "model." in Llama
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> LMConfig:

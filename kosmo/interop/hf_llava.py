@@ -181,14 +181,16 @@ def _renamed(name: str) -> str:
 
 
 def _image_mode(path: Path) -> str:
-    """"pad" where the processor pads to a square, else "crop"; kosmo normalises with CLIP's statistics only."""
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        if (path / name).is_file():
-            image = checkpoint.read_json(path / name)
-            image = image.get("image_processor", image)
-            for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
-                if key in image and (len(image[key]) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(image[key], want))):
-                    raise KosmoError(f"{path / name}: {key} {image[key]} is not CLIP's {list(want)}, "
-                                     "the only normalisation kosmo applies")
-            return "pad" if image.get("do_pad") else "crop"
+    """"pad" where the processor pads to a square, else "crop"; kosmo normalises with CLIP's statistics only.
+    transformers 4 keeps the image processor in preprocessor_config.json, 5 inside processor_config.json."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        image = checkpoint.read_json(path / name) if (path / name).is_file() else {}
+        image = image.get(key) if key else image
+        if not image:
+            continue
+        for stat, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+            if stat in image and (len(image[stat]) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(image[stat], want))):
+                raise KosmoError(f"{path / name}: {stat} {image[stat]} is not CLIP's {list(want)}, "
+                                 "the only normalisation kosmo applies")
+        return "pad" if image.get("do_pad") else "crop"
     return "crop"
