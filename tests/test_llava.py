@@ -1,5 +1,6 @@
 """Parity with transformers' LlavaForConditionalGeneration and LlavaProcessor: export, import, CLI."""
 
+import dataclasses
 import json
 import re
 
@@ -15,6 +16,7 @@ from kosmo.data.images import preprocess  # noqa: E402
 from kosmo.errors import KosmoError  # noqa: E402
 from kosmo.generate import Sampling, generate_ids  # noqa: E402
 from kosmo.interop.hf_llava import export_hf_llava, import_hf_llava  # noqa: E402
+from kosmo.model.audio import AudioConfig  # noqa: E402
 from kosmo.model.lm import LMConfig  # noqa: E402
 from kosmo.model.load import load_run, save_run  # noqa: E402
 from kosmo.model.mllm import MLLM, MLLMConfig  # noqa: E402
@@ -168,6 +170,9 @@ def test_every_tensor_layout_is_read(tmp_path, layout):
 def test_export_refuses_what_llava_lacks(tok, tmp_path):
     with pytest.raises(KosmoError, match="connector='resampler' has no LLaVA counterpart"):
         export_hf_llava(tiny_mllm("resampler"), tmp_path / "out", tok)
+    hearing = MLLM(dataclasses.replace(tiny_mllm().cfg, audio=AudioConfig(dim=32, n_layers=1, n_heads=2, mlp_dim=64)))
+    with pytest.raises(KosmoError, match="this model has an audio encoder, which LLaVA lacks"):
+        export_hf_llava(hearing, tmp_path / "out", tok)
     assert not (tmp_path / "out").exists()
 
 
