@@ -31,8 +31,8 @@ def tok():
     return Tokenizer.train(["what shape is it? a red circle left of a blue square"] * 50, vocab_size=VOCAB)
 
 
-def tiny_mllm(connector="mlp", use_cls=False, feature_layer=-2, tie=True, seed=0) -> MLLM:
-    torch.manual_seed(seed)
+def tiny_mllm(connector="mlp", use_cls=False, feature_layer=-2, tie=True) -> MLLM:
+    torch.manual_seed(0)
     cfg = MLLMConfig(vision=VisionConfig(image_size=32, patch_size=8, dim=48, n_layers=3, n_heads=4, mlp_dim=96),
                      lm=LMConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
                                  tie_embeddings=tie),
@@ -51,8 +51,9 @@ def picture() -> Image.Image:
     return Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy())
 
 
-def chat(question="what shape is it?"):
-    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image", "image": "p.png"}]}]
+def chat():
+    return [{"role": "user", "content": [{"type": "text", "text": "what shape is it?"},
+                                         {"type": "image", "image": "p.png"}]}]
 
 
 @pytest.mark.parametrize("connector,use_cls,feature_layer,tie", [("mlp", False, -2, True), ("linear", True, 1, False)])
@@ -108,7 +109,7 @@ def test_chat_template_renders_kosmo_chats(tok, tmp_path):
     assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == ours
 
 
-def hf_llava(strategy="default", act="gelu", layer=-2, seed=1):
+def hf_llava(strategy="default", act="gelu", layer=-2):
     vision = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                                            num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
     text = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -117,7 +118,7 @@ def hf_llava(strategy="default", act="gelu", layer=-2, seed=1):
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_PAD,
                                    vision_feature_select_strategy=strategy, vision_feature_layer=layer,
                                    projector_hidden_act=act, image_seq_length=16 + (strategy == "full"))
-    torch.manual_seed(seed)
+    torch.manual_seed(1)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -126,12 +127,13 @@ def hf_llava(strategy="default", act="gelu", layer=-2, seed=1):
     return model
 
 
-@pytest.mark.parametrize("strategy,layer", [("default", -2), ("full", -1)])
-def test_import_matches_transformers_and_round_trips_exactly(tok, tmp_path, strategy, layer):
-    hf = hf_llava(strategy, layer=layer)
+@pytest.mark.parametrize("strategy,layer,act", [("default", -2, "gelu"), ("full", -1, "linear")])
+def test_import_matches_transformers_and_round_trips_exactly(tok, tmp_path, strategy, layer, act):
+    hf = hf_llava(strategy, act, layer)
     hf.save_pretrained(tmp_path / "hf")
     model, mode = import_hf_llava(tmp_path / "hf")
     assert mode == "crop" and model.cfg.use_cls == (strategy == "full") and model.cfg.feature_layer == layer
+    assert model.cfg.connector == {"gelu": "mlp", "linear": "linear"}[act]  # a linear projector's two layers, folded
     n = model.tokens_per_image
     ids = torch.tensor([[1, 7, 40, 41, 3] + [IMAGE_PAD] * n + [4, 9, 8]])
     pixels = torch.randn(1, 3, 32, 32)
