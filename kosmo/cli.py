@@ -279,11 +279,28 @@ def _guidance_scales(text: str) -> list[float]:
 
 
 def cmd_export(args):
-    from kosmo.interop.hf_llama import export_hf
     from kosmo.model.load import load_run
+    if args.dtype is not None and args.format != "gguf":
+        raise KosmoError(f"--dtype is for --format gguf; --format {args.format} writes fp32")
     model, tok, _ = load_run(args.model)
+    try:
+        EXPORTS[args.format](model, tok, args)
+    except KosmoError as e:
+        raise KosmoError(f"{args.model}: {e}") from None
+    print(json.dumps({"exported": str(args.out), "format": args.format}))
+
+
+def export_llama(model, tok, args):
+    from kosmo.interop.hf_llama import export_hf
     export_hf(model, args.out, tokenizer=tok)
-    print(json.dumps({"exported": str(args.out)}))
+
+
+def export_gguf(model, tok, args):
+    from kosmo.interop.gguf import export_gguf
+    export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
+
+
+EXPORTS = {"llama": export_llama, "gguf": export_gguf}  # --format -> writer
 
 
 def cmd_import(args):
@@ -433,9 +450,13 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x = sub.add_parser("export", help="write a run's LM for other tools: a Hugging Face Llama checkpoint or GGUF")
     x.add_argument("--model", required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("--format", choices=sorted(EXPORTS), default="llama",
+                   help="llama: a transformers LlamaForCausalLM directory; gguf: one file for llama.cpp")
+    x.add_argument("--out", required=True, help="the directory to write (llama), or the file (gguf)")
+    x.add_argument("--dtype", choices=["f32", "f16", "q8_0"],
+                   help="gguf: the type of the weight matrices (default f32; norms stay f32)")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")

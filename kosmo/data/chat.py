@@ -30,6 +30,26 @@ from kosmo.tokenizer import (
 
 ROLES = tuple(ROLE_IDS)
 
+# The same format for tools that render chats as text (llama.cpp, transformers' apply_chat_template) and
+# then tokenize it with special tokens parsed. Text only: such a tool has no way to hand over pixels. The
+# text parts of a message are joined, where `render` encodes each apart: ids differ only if a part ends
+# inside what the tokenizer's pre-tokenizer takes as one word.
+JINJA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant, not ' + message['role']) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] != 'text' %}{{ raise_exception('this template takes text parts only') }}{% endif %}"
+    "{{ part['text'] }}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
 
 class Rendered(NamedTuple):
     ids: list[int]
