@@ -290,17 +290,17 @@ def cmd_export(args):
     print(json.dumps({"exported": str(args.out), "format": args.format}))
 
 
-def export_llama(model, tok, args):
+def _to_llama(model, tok, args):
     from kosmo.interop.hf_llama import export_hf
     export_hf(model, args.out, tokenizer=tok)
 
 
-def export_gguf(model, tok, args):
+def _to_gguf(model, tok, args):
     from kosmo.interop.gguf import export_gguf
     export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
 
 
-EXPORTS = {"llama": export_llama, "gguf": export_gguf}  # --format -> writer
+EXPORTS = {"llama": _to_llama, "gguf": _to_gguf}  # --format -> writer
 
 
 def cmd_import(args):

@@ -12,13 +12,13 @@ from the Hugging Face export:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
+from kosmo import checkpoint
 from kosmo.data.chat import JINJA_TEMPLATE
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM, LMConfig, llama3_scaled
@@ -67,17 +67,16 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | Path, d
     write_tokenizer(writer, tokenizer, cfg.vocab_size, model.text_vocab if isinstance(model, MLLM) else cfg.vocab_size)
     for tensor_name, w in tensors(lm):
         add_tensor(writer, tensor_name, w, weight_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    return checkpoint.atomic_write(out, lambda tmp: write(writer, tmp))
+
+
+def write(writer: gguf.GGUFWriter, path: Path):
     try:
-        writer.write_header_to_file(tmp)
+        writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
-    return out
+        writer.close()
 
 
 def language_model(model: torch.nn.Module) -> LM:
