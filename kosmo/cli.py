@@ -99,7 +99,7 @@ def cmd_generate(args):
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s, images=images, audio=audio)
+            results = generate(model, tok, ids, s, images=images, audio=audio, compile=args.compile)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
@@ -282,20 +282,28 @@ def cmd_export(args):
     from kosmo.model.load import load_run
     if args.dtype is not None and args.format != "gguf":
         raise KosmoError(f"--dtype is for --format gguf; --format {args.format} writes fp32")
-    model, tok, _ = load_run(args.model)
+    if args.adapter and args.format != "llama":
+        raise KosmoError(f"--adapter writes a PEFT adapter, for --format llama; --format {args.format} merges it")
+    model, tok, config = load_run(args.model, merge=not args.adapter)
     try:
-        EXPORTS[args.format](model, tok, args)
+        EXPORTS[args.format](model, tok, config, args)
     except KosmoError as e:
         raise KosmoError(f"{args.model}: {e}") from None
     print(json.dumps({"exported": str(args.out), "format": args.format}))
 
 
-def _to_llama(model, tok, args):
-    from kosmo.interop.hf_llama import export_hf
-    export_hf(model, args.out, tokenizer=tok)
+def _to_llama(model, tok, config: dict, args):
+    from kosmo.interop.hf_llama import export_hf, export_peft_adapter
+    from kosmo.model.lora import LoRAConfig
+    if not args.adapter:
+        export_hf(model, args.out, tokenizer=tok)
+    elif "lora" not in config:
+        raise KosmoError("--adapter exports a LoRA run's adapters; this run has none")
+    else:
+        export_peft_adapter(model, LoRAConfig(**config["lora"]), args.out)
 
 
-def _to_gguf(model, tok, args):
+def _to_gguf(model, tok, config: dict, args):
     from kosmo.interop.gguf import export_gguf
     export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
 
@@ -416,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action="store_true",
+                   help="decode with one torch.compile graph a step (pays for its compilation on long outputs)")
     add_device_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -450,13 +460,16 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a run's LM for other tools: a Hugging Face Llama checkpoint or GGUF")
+    x = sub.add_parser("export", help="write a run's LM for other tools: a Hugging Face Llama checkpoint or GGUF "
+                                      "(a LoRA run's adapters merged)")
     x.add_argument("--model", required=True)
     x.add_argument("--format", choices=sorted(EXPORTS), default="llama",
                    help="llama: a transformers LlamaForCausalLM directory; gguf: one file for llama.cpp")
     x.add_argument("--out", required=True, help="the directory to write (llama), or the file (gguf)")
     x.add_argument("--dtype", choices=["f32", "f16", "q8_0"],
                    help="gguf: the type of the weight matrices (default f32; norms stay f32)")
+    x.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")

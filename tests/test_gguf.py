@@ -245,6 +245,8 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(tok, tmp_path, capsys):
     assert "argument --dtype: invalid choice: 'q4_0'" in capsys.readouterr().err
     assert export(tmp_path / "lm", "--dtype", "f16", "--out", tmp_path / "hf") == 2
     assert_one_line(capsys, "--dtype is for --format gguf")
+    assert export(tmp_path / "lm", "--format", "gguf", "--adapter", "--out", tmp_path / "m.gguf") == 2
+    assert_one_line(capsys, "--adapter writes a PEFT adapter, for --format llama")
     assert export(tmp_path / "lm", "--format", "gguf", "--out", tmp_path) == 2
     assert_one_line(capsys, "is a directory; GGUF is one file")
     with pytest.raises(KosmoError, match="--dtype 'bf16' is not one of f32, f16, q8_0"):
