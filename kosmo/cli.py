@@ -13,6 +13,9 @@ from kosmo.errors import KosmoError
 from kosmo.hardware import PRECISIONS
 from kosmo.train.run import stages
 
+# `kosmo export --format` -> the run archs it writes (gguf: an mllm's LM alone)
+FORMAT_ARCH = {"llava": ("mllm",), "llama": ("lm",), "gguf": ("lm", "mllm")}
+
 
 def cmd_world(args):
     from kosmo.data.world import (
@@ -281,45 +284,55 @@ def _guidance_scales(text: str) -> list[float]:
 def cmd_export(args):
     from kosmo.model.load import load_run
     if args.dtype is not None and args.format != "gguf":
-        raise KosmoError(f"--dtype is for --format gguf; --format {args.format} writes fp32")
-    if args.adapter and args.format != "llama":
-        raise KosmoError(f"--adapter writes a PEFT adapter, for --format llama; --format {args.format} merges it")
+        raise KosmoError("--dtype is for --format gguf")
+    if args.adapter and args.format == "gguf":
+        raise KosmoError("--adapter writes a PEFT adapter; --format gguf writes the merged model")
     model, tok, config = load_run(args.model, merge=not args.adapter)
-    try:
-        EXPORTS[args.format](model, tok, config, args)
-    except KosmoError as e:
-        raise KosmoError(f"{args.model}: {e}") from None
-    print(json.dumps({"exported": str(args.out), "format": args.format}))
-
-
-def _to_llama(model, tok, config: dict, args):
-    from kosmo.interop.hf_llama import export_hf, export_peft_adapter
-    from kosmo.model.lora import LoRAConfig
-    if not args.adapter:
-        export_hf(model, args.out, tokenizer=tok)
-    elif "lora" not in config:
-        raise KosmoError("--adapter exports a LoRA run's adapters; this run has none")
-    else:
+    if args.adapter:
+        from kosmo.interop.hf_llama import export_peft_adapter
+        from kosmo.model.lora import LoRAConfig
+        if "lora" not in config:
+            raise KosmoError(f"{args.model}: --adapter exports a LoRA run's adapters; this run has none")
         export_peft_adapter(model, LoRAConfig(**config["lora"]), args.out)
-
-
-def _to_gguf(model, tok, config: dict, args):
-    from kosmo.interop.gguf import export_gguf
-    export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
-
-
-EXPORTS = {"llama": _to_llama, "gguf": _to_gguf}  # --format -> writer
+        print(json.dumps({"exported": str(args.out), "format": "peft"}))
+        return
+    arch = config.get("arch", "lm")
+    fmt = args.format or ("llava" if arch == "mllm" else "llama")
+    if arch not in FORMAT_ARCH[fmt]:
+        raise KosmoError(f"{args.model}: --format {fmt} exports runs of arch {' or '.join(FORMAT_ARCH[fmt])}, "
+                         f"and this one is {arch}")
+    if fmt == "llava":
+        from kosmo.interop.hf_llava import export_hf_llava
+        export_hf_llava(model, args.out, tok, image_mode=config.get("config", {}).get("image_mode", "crop"))
+    elif fmt == "gguf":
+        from kosmo.interop.gguf import export_gguf
+        try:
+            export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
+        except KosmoError as e:
+            raise KosmoError(f"{args.model}: {e}") from None
+    else:
+        from kosmo.interop.hf_llama import export_hf
+        export_hf(model, args.out, tokenizer=tok)
+    print(json.dumps({"exported": str(args.out), "format": fmt}))
 
 
 def cmd_import(args):
-    from kosmo.interop.hf_llama import import_hf
+    from kosmo import checkpoint
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
-    model = import_hf(args.hf)
-    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")
-    save_run(args.out, model, tok, {"stage": "import", "arch": "lm", "model": model.cfg.to_dict(),
-                                    "source": str(args.hf)})
-    print(json.dumps({"imported": str(args.out), "params": model.num_params()}))
+    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")  # before the weights: it fails faster
+    extra = {}
+    if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
+        from kosmo.interop.hf_llava import import_hf_llava
+        model, image_mode = import_hf_llava(args.hf)
+        arch, extra = "mllm", {"config": {"image_mode": image_mode}}
+    else:
+        from kosmo.interop.hf_llama import import_hf
+        model, arch = import_hf(args.hf), "lm"
+    save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
+                                    "source": str(args.hf), **extra})
+    print(json.dumps({"imported": str(args.out), "arch": arch,
+                      "params": sum(p.numel() for p in model.parameters())}))
 
 
 def cmd_demo(args):
@@ -460,19 +473,20 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a run's LM for other tools: a Hugging Face Llama checkpoint or GGUF "
-                                      "(a LoRA run's adapters merged)")
+    x = sub.add_parser("export", help="write a Hugging Face checkpoint: LlavaForConditionalGeneration with its "
+                                      "processor, or LlamaForCausalLM (a LoRA run's adapters merged); or GGUF")
     x.add_argument("--model", required=True)
-    x.add_argument("--format", choices=sorted(EXPORTS), default="llama",
-                   help="llama: a transformers LlamaForCausalLM directory; gguf: one file for llama.cpp")
-    x.add_argument("--out", required=True, help="the directory to write (llama), or the file (gguf)")
+    x.add_argument("--out", required=True, help="the directory to write; with --format gguf, the file")
+    x.add_argument("--format", choices=list(FORMAT_ARCH),
+                   help="llava for a multimodal run, llama for a text-only one (default: the run's own); "
+                        "gguf: the LM as one file for llama.cpp")
     x.add_argument("--dtype", choices=["f32", "f16", "q8_0"],
                    help="gguf: the type of the weight matrices (default f32; norms stay f32)")
     x.add_argument("--adapter", action="store_true",
                    help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)
 
-    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")
+    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama or LLaVA checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")

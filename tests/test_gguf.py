@@ -238,15 +238,18 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(tok, tmp_path, capsys):
     save_run(tmp_path / "lm", lm, tok, {"arch": "lm", "model": lm.cfg.to_dict()})
     export = lambda *args: main(["export", "--model", *map(str, args)])  # noqa: E731
     assert export(tmp_path / "flamingo", "--format", "gguf", "--out", tmp_path / "f.gguf") == 2
-    assert_one_line(capsys, "flamingo: a Flamingo model cannot be written as GGUF", "cross-attention")
+    assert_one_line(capsys, "flamingo: --format gguf exports runs of arch lm or mllm, and this one is flamingo")
     assert not (tmp_path / "f.gguf").exists()
     with pytest.raises(SystemExit):
         export(tmp_path / "lm", "--format", "gguf", "--dtype", "q4_0", "--out", tmp_path / "m.gguf")
     assert "argument --dtype: invalid choice: 'q4_0'" in capsys.readouterr().err
     assert export(tmp_path / "lm", "--dtype", "f16", "--out", tmp_path / "hf") == 2
     assert_one_line(capsys, "--dtype is for --format gguf")
+    with pytest.raises(KosmoError, match="Flamingo model cannot be written as GGUF: its LM reads pictures through "
+                                         "gated cross-attention"):
+        export_gguf(Flamingo(cfg, lm=lm), tok, tmp_path / "m.gguf")
     assert export(tmp_path / "lm", "--format", "gguf", "--adapter", "--out", tmp_path / "m.gguf") == 2
-    assert_one_line(capsys, "--adapter writes a PEFT adapter, for --format llama")
+    assert_one_line(capsys, "--adapter writes a PEFT adapter; --format gguf writes the merged model")
     assert export(tmp_path / "lm", "--format", "gguf", "--out", tmp_path) == 2
     assert_one_line(capsys, "is a directory; GGUF is one file")
     with pytest.raises(KosmoError, match="--dtype 'bf16' is not one of f32, f16, q8_0"):
