@@ -13,7 +13,8 @@ from kosmo.errors import KosmoError
 from kosmo.hardware import PRECISIONS
 from kosmo.train.run import stages
 
-FORMAT_ARCH = {"llava": "mllm", "llama": "lm"}  # `kosmo export --format` -> the run arch it writes
+# `kosmo export --format` -> the run archs it writes (gguf: an mllm's LM alone)
+FORMAT_ARCH = {"llava": ("mllm",), "llama": ("lm",), "gguf": ("lm", "mllm")}
 
 
 def cmd_world(args):
@@ -282,6 +283,10 @@ def _guidance_scales(text: str) -> list[float]:
 
 def cmd_export(args):
     from kosmo.model.load import load_run
+    if args.dtype is not None and args.format != "gguf":
+        raise KosmoError("--dtype is for --format gguf")
+    if args.adapter and args.format == "gguf":
+        raise KosmoError("--adapter writes a PEFT adapter; --format gguf writes the merged model")
     model, tok, config = load_run(args.model, merge=not args.adapter)
     if args.adapter:
         from kosmo.interop.hf_llama import export_peft_adapter
@@ -293,12 +298,18 @@ def cmd_export(args):
         return
     arch = config.get("arch", "lm")
     fmt = args.format or ("llava" if arch == "mllm" else "llama")
-    if arch != FORMAT_ARCH[fmt]:
-        raise KosmoError(f"{args.model}: --format {fmt} exports runs of arch {FORMAT_ARCH[fmt]}, "
+    if arch not in FORMAT_ARCH[fmt]:
+        raise KosmoError(f"{args.model}: --format {fmt} exports runs of arch {' or '.join(FORMAT_ARCH[fmt])}, "
                          f"and this one is {arch}")
     if fmt == "llava":
         from kosmo.interop.hf_llava import export_hf_llava
         export_hf_llava(model, args.out, tok, image_mode=config.get("config", {}).get("image_mode", "crop"))
+    elif fmt == "gguf":
+        from kosmo.interop.gguf import export_gguf
+        try:
+            export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
+        except KosmoError as e:
+            raise KosmoError(f"{args.model}: {e}") from None
     else:
         from kosmo.interop.hf_llama import export_hf
         export_hf(model, args.out, tokenizer=tok)
@@ -463,11 +474,14 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face checkpoint: LlavaForConditionalGeneration with its "
-                                      "processor, or LlamaForCausalLM (a LoRA run's adapters merged)")
+                                      "processor, or LlamaForCausalLM (a LoRA run's adapters merged); or GGUF")
     x.add_argument("--model", required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="the directory to write; with --format gguf, the file")
     x.add_argument("--format", choices=list(FORMAT_ARCH),
-                   help="llava for a multimodal run, llama for a text-only one (default: the run's own)")
+                   help="llava for a multimodal run, llama for a text-only one (default: the run's own); "
+                        "gguf: the LM as one file for llama.cpp")
+    x.add_argument("--dtype", choices=["f32", "f16", "q8_0"],
+                   help="gguf: the type of the weight matrices (default f32; norms stay f32)")
     x.add_argument("--adapter", action="store_true",
                    help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)

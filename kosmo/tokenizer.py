@@ -9,6 +9,7 @@ vocabulary (`kosmo.model.mllm`); text decoding skips them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -101,3 +102,7 @@ class Tokenizer:
 
     def token(self, i: int) -> str:
         return self._tok.id_to_token(i)
+
+    def to_json(self) -> dict:
+        """The whole tokenizer as its `tokenizer.json` document: model, merges, added tokens, pre-tokenizer."""
+        return json.loads(self._tok.to_str())
