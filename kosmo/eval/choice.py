@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import yaml
 
 from kosmo.data.jsonl import read_jsonl
@@ -48,6 +49,7 @@ def choice_rows(tokenizer, context: str, choices: list[str]) -> list[tuple[list[
     return [(ctx + ([BOS] + tokenizer.encode(f"{context} {c}"))[len(ctx):], [], len(ctx)) for c in choices]
 
 
+@torch.no_grad()
 def choice_loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16) -> list[list[float]]:
     """Each item's log-likelihood of each of its choices."""
     rows = [row for it in items for row in choice_rows(tokenizer, it["context"], it["choices"])]
