@@ -67,8 +67,8 @@ def test_lm_eval_through_the_server_equals_kosmos_scorer(run, loaded, tmp_path):
     ours = choice_accuracy(model, tok, items)
     assert ours["n"] == N_ITEMS and round(100 * out["results"]["shapes_qa"]["acc,none"], 2) == ours["acc"]
     samples = sorted(out["samples"]["shapes_qa"], key=lambda s: s["doc_id"])
-    theirs = [[ll for ll, _ in s["filtered_resps"]] for s in samples]
-    assert theirs == pytest.approx(choice_loglikelihoods(model, tok, items), abs=1e-4)
+    theirs = [ll for s in samples for ll, _ in s["filtered_resps"]]
+    assert theirs == pytest.approx([ll for lls in choice_loglikelihoods(model, tok, items) for ll in lls], abs=1e-4)
 
 
 def test_echo_scores_a_token_prompt_with_the_models_forward(client, loaded):
