@@ -97,6 +97,10 @@ def test_max_tokens_1_adds_the_greedy_token_after_the_scored_prompt(client, load
     assert choice["text"] == tok.decode(ids) + plain["text"]
     with torch.no_grad():
         assert lp["tokens"][-1] == tok.decode([int(model(torch.tensor([ids]))[0, -1].argmax())])
+    # sampled, the token comes from the same stream of the same seed as in the engine, for each of the n samples
+    kw = dict(prompt=ids, max_tokens=1, temperature=1.0, seed=7, n=4)
+    echoed = [c["text"] for c in complete(client, echo=True, **kw)["choices"]]
+    assert echoed == [tok.decode(ids) + c["text"] for c in complete(client, **kw)["choices"]]
 
 
 def test_a_batch_of_prompts_scores_each_as_alone(client):

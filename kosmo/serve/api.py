@@ -12,8 +12,9 @@ size or an integer multiple of it (nearest-neighbour, so every pixel stays a cri
 
 Text completions take what lm-evaluation-harness's `local-completions` model sends: a prompt of text or token ids,
 or a batch of either, and `echo` with `logprobs`, which scores every prompt token in one forward pass of the model
-(`kosmo.serve.score`); `max_tokens` 0 then generates nothing. /tokenizer_info, /tokenize and /detokenize are vLLM's
-tokenizer endpoints, which lm-eval's `tokenizer_backend=remote` calls.
+(`kosmo.serve.score`); `max_tokens` 0 then generates nothing, and the one token of `max_tokens` 1 (lm-eval's
+loglikelihood request) is sampled from that same pass, as the engine would sample it. /tokenizer_info, /tokenize
+and /detokenize are vLLM's tokenizer endpoints, which lm-eval's `tokenizer_backend=remote` calls.
 
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad values (bad audio among them) are 400, values of the wrong type 422, a wrong key 401, an unknown
@@ -51,7 +52,7 @@ from kosmo.data.chat import audio_block, render
 from kosmo.data.images import preprocess
 from kosmo.draw import DrawSampling, prompt_ids
 from kosmo.errors import KosmoError
-from kosmo.serve.engine import Engine, Event, Params, Picture, QueueFull
+from kosmo.serve.engine import Engine, Event, Params, Picture, QueueFull, TextStream, sample_event, seeded
 from kosmo.serve.engine import Request as EngineRequest
 from kosmo.serve.media import MediaError, MediaPolicy, load_image
 from kosmo.serve.score import Scored, Scorer
@@ -273,14 +274,22 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         reply = Reply(tokenizer, model_name, sum(map(len, prompts)), len(prompts) * body.n, chat=False)
         if body.echo:
             scores = None
-            if body.logprobs is not None:
+            if body.logprobs is not None or body.max_tokens == 1:
                 try:
-                    scores = await asyncio.to_thread(scorer, prompts, body.logprobs)
+                    scores = await asyncio.to_thread(scorer, prompts, body.logprobs or 0)
                 except Exception as e:
                     raise APIError(500, f"scoring failed ({type(e).__name__})", type="server_error") from None
             for p, ids in enumerate(prompts):
                 for i in range(p * body.n, (p + 1) * body.n):
-                    reply.echo(i, ids, None if scores is None else scores[p])
+                    reply.echo(i, ids, None if body.logprobs is None else scores[p])
+            if body.max_tokens == 1:  # lm-eval's loglikelihood request: the one token is the scoring pass's too
+                for p, scored in enumerate(scores):
+                    for i in range(body.n):
+                        sample = nth_sample(params[p], i)
+                        event = sample_event(scored.next, sample, TextStream(tokenizer, sample.stop),
+                                             seeded(sample.seed, engine.device), 1)
+                        reply.add(p * body.n + i, event)
+                return reply.whole()
         if params is None:
             return reply.whole()
         requests, events = submit(engine, prompts, params, body.n, None, None)
@@ -576,6 +585,11 @@ def hear(data: bytes, where: str, engine: Engine, limits: Limits) -> torch.Tenso
 
 # ---- responses
 
+def nth_sample(params: Params, i: int) -> Params:
+    """The params of a prompt's i-th sample: n samples of one seed still differ."""
+    return dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+
+
 def streamed(reply: "Reply", events: asyncio.Queue, requests: list[EngineRequest], body: Sampled):
     usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
@@ -598,8 +612,7 @@ def submit(engine: Engine, prompts: list[list[int]], params: list[Params] | None
                 seed = None if draw.seed is None else draw.seed + i
                 requests.append(EngineRequest(ids, None, emit, draw=dataclasses.replace(draw, seed=seed)))
                 continue
-            seed = None if params[p].seed is None else params[p].seed + i  # n samples of one seed still differ
-            requests.append(EngineRequest(ids, dataclasses.replace(params[p], seed=seed), emit, images, audio))
+            requests.append(EngineRequest(ids, nth_sample(params[p], i), emit, images, audio))
     try:
         for r in requests:
             engine.submit(r)

@@ -1,5 +1,5 @@
-"""Prompt scoring for `echo` with `logprobs`: the log-probability of every prompt token after those before it,
-which lm-evaluation-harness's loglikelihood requests read.
+"""Prompt scoring for `echo`: the log-probability of every prompt token after those before it, which
+lm-evaluation-harness's loglikelihood requests read, and the logits of the token after the prompt.
 
 A prompt is scored by one forward pass of the model over all of it, the prompts of a request right-padded into
 one batch (a causal model's real positions never see the padding after them). Scoring runs beside the engine,
@@ -25,9 +25,11 @@ HEAD_CHUNK = 1024  # positions whose vocabulary logits are held at once
 @dataclass
 class Scored:
     """One prompt's scores: entry t - 1 holds token t's log-probability after tokens 0..t-1, and the k likeliest
-    tokens at t; token 0 has nothing before it and no entry."""
+    tokens at t; token 0 has nothing before it and no entry. `next`: the (text vocabulary,) logits after the last
+    token, which a reply of one token is sampled from."""
     logprobs: list[float]
     top: list[list[tuple[int, float]]]
+    next: torch.Tensor
 
 
 class Scorer:
@@ -52,18 +54,21 @@ class Scorer:
         idx = idx.to(self.device)
         with self.lock, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             h = self.model.hidden(idx)
-            return [self._row(h[r, :len(ids) - 1], idx[r, 1:len(ids)], k) for r, ids in enumerate(prompts)]
+            return [self._row(h[r, :len(ids)], idx[r, :len(ids)], k) for r, ids in enumerate(prompts)]
 
-    def _row(self, h: torch.Tensor, targets: torch.Tensor, k: int) -> Scored:
-        """Scores of `targets` (T-1,) from the hidden states before them (T-1, dim), a chunk of positions at a time."""
+    def _row(self, h: torch.Tensor, ids: torch.Tensor, k: int) -> Scored:
+        """The scores of a prompt's tokens `ids` (T,) from their hidden states (T, dim), a chunk of positions at a
+        time; each position predicts the token after it, the last one the reply's first."""
         head, vocab = self.model.decoder.lm_head, self.model.text_vocab
         logprobs, top = [], []
-        for s in range(0, len(targets), HEAD_CHUNK):
-            lp = head(h[s:s + HEAD_CHUNK]).float()[:, :vocab].log_softmax(-1)
-            logprobs += lp.gather(-1, targets[s:s + HEAD_CHUNK, None])[:, 0].tolist()
+        for s in range(0, len(ids), HEAD_CHUNK):
+            logits = head(h[s:s + HEAD_CHUNK]).float()[:, :vocab]
+            targets = ids[s + 1:s + 1 + HEAD_CHUNK]
+            lp = logits[:len(targets)].log_softmax(-1)
+            logprobs += lp.gather(-1, targets[:, None])[:, 0].tolist()
             if k:
                 best = lp.topk(k)
                 top += [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
             else:
                 top += [[] for _ in range(len(lp))]
-        return Scored(logprobs, top)
+        return Scored(logprobs, top, logits[-1])
