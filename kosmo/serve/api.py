@@ -266,32 +266,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 if len(ids) > engine.context:
                     raise APIError(400, f"prompt[{i}] is {len(ids)} tokens; this model's context is {engine.context}",
                                    code="context_length_exceeded", param="prompt")
-            params = None
-        else:
-            params = [make_params(body, ids, body.max_tokens, engine, body.logprobs, "prompt") for ids in prompts]
+        params = [] if body.max_tokens == 0 else [make_params(body, ids, body.max_tokens, engine, body.logprobs,
+                                                              "prompt") for ids in prompts]
         if not engine.alive:
             raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
         reply = Reply(tokenizer, model_name, sum(map(len, prompts)), len(prompts) * body.n, chat=False)
         if body.echo:
-            scores = None
-            if body.logprobs is not None or body.max_tokens == 1:
-                try:
-                    scores = await asyncio.to_thread(scorer, prompts, body.logprobs or 0)
-                except Exception as e:
-                    raise APIError(500, f"scoring failed ({type(e).__name__})", type="server_error") from None
-            for p, ids in enumerate(prompts):
-                for i in range(p * body.n, (p + 1) * body.n):
-                    reply.echo(i, ids, None if body.logprobs is None else scores[p])
-            if body.max_tokens == 1:  # lm-eval's loglikelihood request: the one token is the scoring pass's too
-                for p, scored in enumerate(scores):
-                    for i in range(body.n):
-                        sample = nth_sample(params[p], i)
-                        event = sample_event(scored.next, sample, TextStream(tokenizer, sample.stop),
-                                             seeded(sample.seed, engine.device), 1)
-                        reply.add(p * body.n + i, event)
+            await echo(reply, scorer, prompts, params, body, tokenizer)
+            if body.max_tokens in (0, 1):
                 return reply.whole()
-        if params is None:
-            return reply.whole()
         requests, events = submit(engine, prompts, params, body.n, None, None)
         if body.stream:
             return streamed(reply, events, requests, body)
@@ -584,6 +567,26 @@ def hear(data: bytes, where: str, engine: Engine, limits: Limits) -> torch.Tenso
 
 
 # ---- responses
+
+async def echo(reply: "Reply", scorer: Scorer, prompts: list[list[int]], params: list[Params],
+               body: CompletionRequest, tokenizer):
+    """Starts each prompt's choices with the prompt, scored if `logprobs` asks. With max_tokens 1 (lm-eval's
+    loglikelihood request) it also finishes them: their one token is sampled, as the engine samples, from the
+    scoring pass's last position, so the prompt is read once."""
+    scores = None
+    if body.logprobs is not None or body.max_tokens == 1:
+        try:
+            scores = await asyncio.to_thread(scorer, prompts, body.logprobs or 0)
+        except Exception as e:
+            raise APIError(500, f"scoring failed ({type(e).__name__})", type="server_error") from None
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            reply.echo(p * body.n + i, ids, None if body.logprobs is None else scores[p])
+            if body.max_tokens == 1:
+                sample = nth_sample(params[p], i)
+                reply.add(p * body.n + i, sample_event(scores[p].next, sample, TextStream(tokenizer, sample.stop),
+                                                       seeded(sample.seed, scorer.device), 1))
+
 
 def nth_sample(params: Params, i: int) -> Params:
     """The params of a prompt's i-th sample: n samples of one seed still differ."""
