@@ -2,11 +2,14 @@
 shapes_qa task to the accuracy and log-likelihoods kosmo's own scorer gives in process; and the endpoints it uses,
 token-id prompts with echo and logprobs, max_tokens 0 and 1, /tokenize and /detokenize, and their errors."""
 
+import json
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from serve_helpers import Server, build_runs
 
+from kosmo.cli import main
 from kosmo.data.world import World
 from kosmo.eval.choice import choice_accuracy, choice_loglikelihoods, read_items, write_lm_eval_task
 from kosmo.model.load import load_run
@@ -69,6 +72,30 @@ def test_lm_eval_through_the_server_equals_kosmos_scorer(run, loaded, tmp_path):
     samples = sorted(out["samples"]["shapes_qa"], key=lambda s: s["doc_id"])
     theirs = [ll for s in samples for ll, _ in s["filtered_resps"]]
     assert theirs == pytest.approx([ll for lls in choice_loglikelihoods(model, tok, items) for ll in lls], abs=1e-4)
+
+
+def test_the_items_are_true_of_their_scenes(tmp_path):
+    world = World()
+    items = read_items(write_lm_eval_task(world, tmp_path, 12)["lm_eval_items"])
+    for i, item in enumerate(items):
+        scene = world.scene(i, "val")
+        assert item["context"].startswith(world.captions(scene)[0])
+        truth = {o.colour if i % 2 == 0 else o.shape for o in scene.objects}
+        assert item["choices"][item["answer"]] in truth and len(item["choices"]) == (6 if i % 2 == 0 else 4)
+
+
+def test_eval_choice_on_the_command_line(run, loaded, tmp_path, capsys):
+    model, tok = loaded
+    assert main(["world", "--out", str(tmp_path), "--n", "0", "--lm-eval", "10"]) == 0
+    data = tmp_path / "lm_eval" / "shapes_qa.jsonl"
+    capsys.readouterr()
+    assert main(["eval", "choice", "--model", str(run), "--data", str(data), "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == choice_accuracy(model, tok, read_items(data))
+    data.write_text('{"context": "A red circle.", "choices": ["red"], "answer": 1}\n')
+    assert main(["eval", "choice", "--model", str(run), "--data", str(data), "--device", "cpu"]) == 2
+    assert f"{data}:1: 'answer' must be the index of the right choice (0 to 0), got 1" in capsys.readouterr().err
+    assert main(["world", "--out", str(tmp_path), "--lm-eval", "-1"]) == 2
 
 
 def test_echo_scores_a_token_prompt_with_the_models_forward(client, loaded):
