@@ -2,7 +2,8 @@
 
 Special tokens have fixed ids (below) in every kosmo tokenizer, so templates, data pipelines and
 checkpoints agree without looking anything up. Ordinary text can never produce them: encoding treats
-the literal string "<s>" as five characters of text, and only templates insert specials, by id.
+the literal string "<s>" as five characters of text, and only templates insert specials, by id
+(`encode_with_specials` reads such strings as the tokens, for clients that name them so: the server's /tokenize).
 A model that draws has ids beyond the tokenizer's: the image tokenizer's codes, appended to the LM's
 vocabulary (`kosmo.model.mllm`); text decoding skips them.
 """

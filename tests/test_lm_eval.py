@@ -151,6 +151,19 @@ def test_token_and_text_prompts_generate_alike(client, loaded):
         "index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
 
 
+def test_a_streamed_batch_numbers_its_choices_by_prompt(client):
+    prompts = [[BOS, 40, 41], [BOS, 50, 51, 52]]
+    whole = complete(client, prompt=prompts, max_tokens=4, n=2)["choices"]
+    with client.stream("POST", "/v1/completions", json={"prompt": prompts, "max_tokens": 4, "n": 2,
+                                                         "temperature": 0, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = ["", "", "", ""]
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] += c["text"]
+    assert texts == [c["text"] for c in whole] and [c["index"] for c in whole] == [0, 1, 2, 3]
+
+
 def test_tokenizer_endpoints_follow_vllm(client, loaded):
     _, tok = loaded
     info = client.get("/tokenizer_info").json()
