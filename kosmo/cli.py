@@ -102,7 +102,7 @@ def cmd_generate(args):
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s, images=images, audio=audio)
+            results = generate(model, tok, ids, s, images=images, audio=audio, compile=args.compile)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
@@ -285,10 +285,16 @@ def _guidance_scales(text: str) -> list[float]:
 
 
 def cmd_export(args):
-    from kosmo.interop.hf_llama import export_hf
+    from kosmo.interop.hf_llama import export_hf, export_peft_adapter
     from kosmo.model.load import load_run
-    model, tok, _ = load_run(args.model)
-    export_hf(model, args.out, tokenizer=tok)
+    from kosmo.model.lora import LoRAConfig
+    model, tok, config = load_run(args.model, merge=not args.adapter)
+    if args.adapter:
+        if "lora" not in config:
+            raise KosmoError(f"{args.model}: --adapter exports a LoRA run's adapters; this run has none")
+        export_peft_adapter(model, LoRAConfig(**config["lora"]), args.out)
+    else:
+        export_hf(model, args.out, tokenizer=tok)
     print(json.dumps({"exported": str(args.out)}))
 
 
@@ -408,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action="store_true",
+                   help="decode with one torch.compile graph a step (pays for its compilation on long outputs)")
     add_device_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -442,9 +450,11 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint (a LoRA run's adapters merged)")
     x.add_argument("--model", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")

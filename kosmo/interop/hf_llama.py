@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from kosmo import checkpoint
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.lm import LM, LMConfig
 
 # kosmo name (per layer, after "blocks.{i}.") -> HF names (after "model.layers.{i}.") concatenated in order
@@ -101,15 +102,49 @@ def _take(tensors: dict, name: str, path: Path) -> torch.Tensor:
     return tensors[name]
 
 
+def fused_sizes(cfg: LMConfig) -> dict[str, list[int]]:
+    """The output sizes of the Llama projections each fused kosmo weight stacks."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}
+
+
+def export_peft_adapter(model: LM, lora_cfg: lora.LoRAConfig, out: str | Path) -> Path:
+    """Writes the adapters of `model` (unmerged) as a PEFT LoRA adapter (adapter_config.json +
+    adapter_model.safetensors) over the Llama export of its base. A fused layer's update B A splits by
+    B's rows into one pair per projection that shares A, which PEFT computes exactly as kosmo does."""
+    out = Path(out)
+    if not isinstance(model, LM) or not lora.adapters(model):
+        raise KosmoError("only a text LM with LoRA adapters exports them for a Llama base")
+    split, tensors = fused_sizes(model.cfg), {}
+    for i, block in enumerate(model.blocks):
+        for target in lora_cfg.targets:
+            layer = block.get_submodule(lora.TARGETS[target])
+            weight = f"{lora.TARGETS[target]}.weight"
+            parts = layer.lora_b.split(split[weight], 0) if weight in split else [layer.lora_b]
+            for hf_name, b in zip(LAYER_MAP[weight], parts):
+                prefix = f"base_model.model.model.layers.{i}.{hf_name.removesuffix('.weight')}"
+                tensors[f"{prefix}.lora_A.weight"] = layer.lora_a.detach().clone()  # one A per projection
+                tensors[f"{prefix}.lora_B.weight"] = b
+    checkpoint.save_tensors(out / "adapter_model.safetensors", tensors)
+    modules = sorted({n.removesuffix(".weight").split(".")[-1] for t in lora_cfg.targets
+                      for n in LAYER_MAP[f"{lora.TARGETS[t]}.weight"]})
+    checkpoint.write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "base_model_name_or_path": None})
+    return out
+
+
 def export_hf(model: LM, out: str | Path, tokenizer=None, dtype=torch.float32) -> Path:
     """Writes config.json, model.safetensors and (given a tokenizer) tokenizer files for transformers."""
     out = Path(out)
     cfg = model.cfg
     if cfg.smear_keys:
         raise KosmoError("model.smear_keys=true has no counterpart in transformers' Llama; it cannot be exported")
+    if lora.adapters(model):  # their tensors have no Llama name: the export would silently be the base
+        raise KosmoError("the model has LoRA adapters: merge them into its weights first (kosmo.model.lora.merge)")
     sd = model.state_dict()
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    split = {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}
+    split = fused_sizes(cfg)
     tensors = {hf: sd[k].to(dtype) for k, hf in GLOBAL_MAP.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
     for i in range(cfg.n_layers):
         for kosmo_name, hf_names in LAYER_MAP.items():
