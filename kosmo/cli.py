@@ -28,9 +28,9 @@ def cmd_world(args):
         write_signs,
         write_world,
     )
-    for flag in ("audio", "draw", "mockups", "signs", "reasoning"):
+    for flag in ("audio", "draw", "mockups", "signs", "reasoning", "lm_eval"):
         if getattr(args, flag) < 0:
-            raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+            raise KosmoError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
@@ -50,6 +50,9 @@ def cmd_world(args):
         paths.update(write_signs(world, args.out, n=args.signs, val=max(30, args.signs // 10)))
     if args.reasoning:
         paths.update(write_reasoning(world, args.out, n=args.reasoning, val=max(1, args.reasoning // 20)))
+    if args.lm_eval:
+        from kosmo.eval.choice import write_lm_eval_task
+        paths.update(write_lm_eval_task(world, Path(args.out) / "lm_eval", args.lm_eval))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -215,6 +218,9 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.align import evaluate_align
         reference = load_run(args.reference, device, precision)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
+    elif args.kind == "choice":
+        from kosmo.eval.choice import choice_accuracy, read_items
+        metrics = choice_accuracy(model, tok, read_items(args.data[0], args.limit))
     elif args.kind == "reasoning":
         from kosmo.eval.reasoning import evaluate_reasoning
         metrics = evaluate_reasoning(model, tok, args.data[0], think=args.think, limit=args.limit)
@@ -401,6 +407,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also N counting questions with direct and worked answers (reasoning_direct.jsonl, "
                         "reasoning_worked.jsonl, reasoning_chat.jsonl) and N/20 held out in and N/20 out of "
                         "distribution (val_reasoning.jsonl)")
+    w.add_argument("--lm-eval", type=int, default=0, metavar="N",
+                   help="also N held-out multiple-choice questions answered from text (lm_eval/shapes_qa.jsonl) and "
+                        "the lm-evaluation-harness task over them (lm_eval/shapes_qa.yaml); `eval choice` scores them")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -444,7 +453,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae", "imagegen", "needle", "html", "reasoning"])
+                                    "retrieval", "align", "vqvae", "imagegen", "needle", "html", "reasoning", "choice"])
     e.add_argument("--model", help="the run to evaluate (html with --pages needs none)")
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy and needle)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")

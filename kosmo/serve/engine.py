@@ -143,6 +143,35 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+def seeded(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own random stream: from its seed, or from a fresh one."""
+    seed = seed if seed is not None else random.getrandbits(64)
+    return torch.Generator(device=device).manual_seed(seed % 2**64)
+
+
+def sample_event(logits: torch.Tensor, p: Params, stream: TextStream, generator: torch.Generator,
+                 count: int) -> Event:
+    """The `count`-th token of a text request, sampled from its (text vocabulary,) logits, as the client sees it."""
+    token = int(next_tokens(logits[None], Sampling(temperature=p.temperature, top_p=p.top_p), generator)[0])
+    event = Event(token, "")
+    if p.logprobs is not None:
+        logprobs = logits.log_softmax(-1)
+        event.logprob = float(logprobs[token])
+        if p.logprobs:
+            top = logprobs.topk(p.logprobs)
+            event.top = list(zip(top.indices.tolist(), top.values.tolist()))
+    if token in STOP_IDS:
+        event.text, event.finish = stream.flush(), "stop"
+    else:
+        event.text, hit_stop = stream.push(token)
+        if hit_stop:
+            event.finish = "stop"
+        elif count >= p.max_tokens:
+            event.text += stream.flush()
+            event.finish = "length"
+    return event
+
+
 @dataclass
 class _Running:
     request: Request
@@ -271,8 +300,7 @@ class Engine:
                 self._fail(slot, e)
 
     def _generator(self, seed: int | None) -> torch.Generator:
-        seed = seed if seed is not None else random.getrandbits(64)
-        return torch.Generator(device=self.device).manual_seed(seed % 2**64)
+        return seeded(seed, self.device)
 
     def _start_drawing(self, request: Request, slots: list[int]):
         run = _Drawing(request, self._generator(request.draw.seed), slots)
@@ -341,28 +369,10 @@ class Engine:
         """Samples the next token of `slot` from its (V,) logits, of which text sees its own, and tells the
         client."""
         run = self.slots[slot]
-        logits = logits[:self.model.text_vocab]
-        p = run.request.params
-        s = Sampling(temperature=p.temperature, top_p=p.top_p)
-        token = int(next_tokens(logits[None], s, run.generator)[0])
-        event = Event(token, "")
-        if p.logprobs is not None:
-            logprobs = logits.log_softmax(-1)
-            event.logprob = float(logprobs[token])
-            if p.logprobs:
-                top = logprobs.topk(p.logprobs)
-                event.top = list(zip(top.indices.tolist(), top.values.tolist()))
         run.tokens += 1
-        if token in STOP_IDS:
-            event.text, event.finish = run.stream.flush(), "stop"
-        else:
-            event.text, hit_stop = run.stream.push(token)
-            if hit_stop:
-                event.finish = "stop"
-            elif run.tokens >= p.max_tokens:
-                event.text += run.stream.flush()
-                event.finish = "length"
-        run.last = token
+        event = sample_event(logits[:self.model.text_vocab], run.request.params, run.stream, run.generator,
+                             run.tokens)
+        run.last = event.token
         if event.finish:
             self.slots[slot] = None
         self._tell(run.request, event)
