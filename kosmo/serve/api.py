@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from kosmo.data.audio import HOP_LENGTH, MAX_SECONDS, SAMPLE_RATE, Clips, batch_clips, clip_features, decode_audio_bytes
-from kosmo.data.chat import audio_block, render
+from kosmo.data.chat import JINJA_TEMPLATE, audio_block, render
 from kosmo.data.images import preprocess
 from kosmo.draw import DrawSampling, prompt_ids
 from kosmo.errors import KosmoError
@@ -282,9 +282,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/tokenizer_info", dependencies=auth)
     async def tokenizer_info():
-        # vLLM's fields, which lm-eval's remote tokenizer reads; the chat template is kosmo's own code, not Jinja
+        # vLLM's fields, which lm-eval's remote tokenizer reads; the chat template renders as kosmo.data.chat does
         return {"tokenizer_class": "kosmo.tokenizer.Tokenizer", "bos_token": SPECIAL_TOKENS[BOS],
-                "eos_token": SPECIAL_TOKENS[EOS], "pad_token": SPECIAL_TOKENS[PAD], "chat_template": None,
+                "eos_token": SPECIAL_TOKENS[EOS], "pad_token": SPECIAL_TOKENS[PAD], "chat_template": JINJA_TEMPLATE,
                 "model_max_length": engine.context}
 
     @app.post("/tokenize", dependencies=auth)
