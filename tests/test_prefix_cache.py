@@ -166,3 +166,11 @@ def test_bucketed_steps_decode_like_generate_ids_alone_and_beside_others(model):
         assert tokens[:len(ref[0])] == ref[0]
     with pytest.raises(ValueError, match="batch_shapes must be one of full, bucketed, not 'fixed'"):
         Engine(model, Letters(), batch_shapes="fixed")
+
+
+def test_serve_refuses_a_prefix_cache_smaller_than_one_block(tmp_path):
+    from conftest import kosmo
+    proc = kosmo("serve", "--model", tmp_path, "--prefix-cache-tokens", 10, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "kosmo: error: --prefix-cache-tokens must be 0 (off) or at least one block of 64, " \
+                                  "got 10"
