@@ -358,23 +358,24 @@ class Engine:
     def _prefill_blocks(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
         """Prefills a text prompt into the one-row `cache` through the prefix cache: the longest run of
         cached blocks it begins with is copied in, and the rest goes in one block per forward, each new
-        whole block kept for later prompts. A block is computed by the same forward whether or not the
-        blocks before it were cached, so its keys, and the logits, have the same bits either way."""
+        whole block kept for later prompts, as far as the pool could hold a prompt's blocks; after that,
+        in `prefill_chunk`s. The forwards' spans are the same whether or not the blocks before them were
+        cached, so the keys, and the logits, have the same bits either way."""
         chain = self.prefix.match(ids)
         self.prefix.load(cache, chain)
         block = self.prefix.block
+        blockwise = min(len(ids), self.prefix.capacity * block)
+        starts = [*range(len(chain) * block, blockwise, block),
+                  *range(blockwise, len(ids), self.prefill_chunk or len(ids))]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            for start in range(len(chain) * block, len(ids), block):
-                tokens = ids[start:start + block]
-                idx = torch.tensor([tokens], device=self.device)
-                if start + block >= len(ids):
+            for start, stop in zip(starts, starts[1:] + [len(ids)]):
+                idx = torch.tensor([ids[start:stop]], device=self.device)
+                if stop == len(ids):
                     logits = self.model(idx, cache=cache, last_only=True)[0, -1]
                 else:  # no logits wanted: only the keys and values
                     self.model(idx, cache=cache, logits_at=torch.zeros_like(idx, dtype=torch.bool))
-                if len(tokens) == block and len(chain) * block == start:  # kept while the blocks before it are
-                    kept = self.prefix.add(cache, chain[-1] if chain else None, tuple(tokens))
-                    if kept is not None:
-                        chain.append(kept)
+                if stop <= blockwise and stop - start == block:
+                    chain.append(self.prefix.add(cache, chain[-1] if chain else None, tuple(ids[start:stop])))
         self.prefix.touch(chain)
         return logits.float()
 

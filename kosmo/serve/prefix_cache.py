@@ -29,10 +29,6 @@ class Block:
     tokens: tuple[int, ...]
     index: int             # its place in the pool
 
-    @property
-    def depth(self) -> int:
-        return 0 if self.parent is None else self.parent.depth + 1
-
 
 def chain_key(parent: Block | None, tokens: tuple[int, ...]) -> int:
     return hash((None if parent is None else parent.key, tokens))
@@ -88,16 +84,14 @@ class PrefixCache:
         row.lengths.fill_(n)
         self.hit_tokens += n
 
-    def add(self, row: KVCache, parent: Block | None, tokens: tuple[int, ...]) -> Block | None:
+    def add(self, row: KVCache, parent: Block | None, tokens: tuple[int, ...]) -> Block:
         """Keeps the block of `tokens` after `parent` that the one-row cache `row` has just computed as its
-        last `block` positions, evicting the least recently used block if the pool is full. A chain longer
-        than the pool is kept only as far as it fits, so that adding its end never evicts its start."""
+        last `block` positions, evicting the least recently used block if the pool is full. The engine keeps
+        no more of a prompt than the pool holds, so adding a chain's end never evicts its start."""
         key = chain_key(parent, tokens)
         found = self.blocks.get(key)
         if found is not None and found.parent is parent and found.tokens == tokens:
             return found
-        if (0 if parent is None else parent.depth + 1) >= self.capacity:
-            return None
         if found is not None:  # a hash collision: the newer block takes the key
             self.free.append(self.blocks.pop(key).index)
         if not self.free:
