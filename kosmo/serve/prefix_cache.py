@@ -3,13 +3,13 @@ begin the same way (a shared system prompt, the earlier turns of a chat) to reus
 
 A prompt is cut into blocks of `block` tokens. A block is known by a chained hash, of the hash of the
 blocks before it and its own tokens, so it stands for its whole prefix, as in vLLM. A hash only finds a
-block: the block's own tokens and its parent's hash are compared before it is used, so a collision costs
-a miss, never another prompt's keys. The blocks live in a pool preallocated for `tokens` positions,
+block: its own tokens and the block before it (the very block, not its hash) are compared before it is
+used, so a collision costs a miss, never another prompt's keys. The blocks live in a pool preallocated for `tokens` positions,
 and the least recently used one makes room for a new one.
 
-The cache never changes a number, because the engine always prefills a cacheable prompt block by block
-(`Engine._prefill_blocks`): block j is computed by the same calls on the same inputs whether the blocks
-before it were computed just now or copied from here, and these are their bits.
+The cache never changes a number, because the engine prefills a cacheable prompt block by block
+(`Engine._prefill_blocks`): block j is computed by the same call on the same inputs whether the blocks
+before it were computed just now or copied from here, with the bits that call gave them.
 """
 
 from __future__ import annotations
