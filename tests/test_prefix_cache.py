@@ -79,9 +79,9 @@ def test_a_shared_system_prompt_is_computed_once_with_the_same_bits_as_uncached(
 
 def test_a_whole_cached_prompt_still_computes_its_last_token(model):
     prompt = SYSTEM[:128]
-    first, engine = run_each([(model, prompt), (model, prompt)])
+    (first, second), engine = run_each([(model, prompt), (model, prompt)])
     assert engine.prefix.hit_tokens == 64  # the second block holds the last token, which must give logits
-    assert first[0] == first[1]
+    assert first == second
 
 
 def test_prompts_that_part_after_the_first_block_share_only_that_block(model):
@@ -151,9 +151,14 @@ def test_prompts_with_images_neither_use_nor_fill_the_prefix_cache():
 def test_bucketed_steps_decode_like_generate_ids_alone_and_beside_others(model):
     prompts = [SYSTEM[:9], SYSTEM[:3] + QUESTIONS[0], QUESTIONS[1], QUESTIONS[2][:7], [1, 7]]
     assert [bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
-    engine = Engine(model, Letters(), max_batch=3, precision="fp32", batch_shapes="bucketed").start()
+    engine = Engine(model, Letters(), max_batch=3, precision="fp32", batch_shapes="bucketed")
+    rows, decode = [], engine._decode
+    engine._decode = lambda tokens, active: rows.append(len(tokens)) or decode(tokens, active)
+    engine.start()
     events = queue.Queue()
     try:
+        run_one(engine, prompts[0])
+        assert set(rows) == {1}  # a lone request decodes in a batch of one
         for i, p in enumerate(prompts):
             engine.submit(Request(p, Params(max_tokens=8, temperature=0), lambda e, i=i: events.put((i, e))))
         out, done = [[] for _ in prompts], 0
@@ -163,6 +168,7 @@ def test_bucketed_steps_decode_like_generate_ids_alone_and_beside_others(model):
             done += e.finish is not None
     finally:
         engine.stop()
+    assert max(rows) == 3
     for p, tokens in zip(prompts, out):
         ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=8))
         assert tokens[:len(ref[0])] == ref[0]
