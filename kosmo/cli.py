@@ -352,6 +352,7 @@ def cmd_demo(args):
 
 def cmd_serve(args):
     from kosmo.serve.api import Limits, serve
+    from kosmo.serve.engine import PREFIX_BLOCK
     from kosmo.serve.media import MediaPolicy
     domains = tuple(d.strip().lower() for d in (args.allowed_media_domains or "").split(",") if d.strip())
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
@@ -359,13 +360,16 @@ def cmd_serve(args):
         raise KosmoError(f"--allowed-local-media-path: {local} is not a directory")
     if args.prefill_chunk < 0:
         raise KosmoError(f"--prefill-chunk must be at least 0 (0: prompts go in at once), got {args.prefill_chunk}")
+    if args.prefix_cache_tokens != 0 and args.prefix_cache_tokens < PREFIX_BLOCK:
+        raise KosmoError(f"--prefix-cache-tokens must be 0 (off) or at least one block of {PREFIX_BLOCK}, "
+                         f"got {args.prefix_cache_tokens}")
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
           args.max_batch, args.max_queue, media,
           Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
                  max_audio_seconds=args.max_audio_seconds, max_pictures=args.max_images_per_request),
-          args.precision, args.prefill_chunk or None)
+          args.precision, args.prefill_chunk or None, args.prefix_cache_tokens, args.batch_shapes)
 
 
 def cmd_chat(args):
@@ -512,6 +516,13 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=int, default=2048,
                     help="a longer prompt goes in as chunks of this many tokens, bounding a long context's "
                          "activation memory (0: all at once)")
+    sv.add_argument("--prefix-cache-tokens", type=int, default=8192,
+                    help="prompt positions whose keys and values are kept for later prompts that begin the same "
+                         "way, in blocks of 64 (0: off)")
+    sv.add_argument("--batch-shapes", choices=("full", "bucketed"), default="full",
+                    help="full: every decode step runs --max-batch rows, so a request's numbers never depend on "
+                         "the others; bucketed: the busy rows rounded up to a power of two, faster when few "
+                         "requests run, its last bits depending on how many")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
     sv.add_argument("--max-images-per-request", type=int, default=4,

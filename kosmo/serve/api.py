@@ -787,7 +787,8 @@ def png_base64(image, scale: int) -> str:
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
           max_batch: int = 16, max_queue: int = 64, media: MediaPolicy = MediaPolicy(), limits: Limits = Limits(),
-          precision: str = "auto", prefill_chunk: int | None = 2048):
+          precision: str = "auto", prefill_chunk: int | None = 2048, prefix_cache_tokens: int = 8192,
+          batch_shapes: str = "full"):
     """Loads a run and serves it until interrupted."""
     import uvicorn
 
@@ -797,7 +798,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     try:
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                         image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision,
-                        max_images=limits.max_images, prefill_chunk=prefill_chunk)
+                        max_images=limits.max_images, prefill_chunk=prefill_chunk,
+                        prefix_cache_tokens=prefix_cache_tokens, batch_shapes=batch_shapes)
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None
     app = create_app(engine.start(), tokenizer, Path(run).resolve().name, api_key, media, limits)
