@@ -28,8 +28,8 @@ CONTEXT = 48
 FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(scope="module")
-def app():
+def tiny_engine() -> tuple[Engine, Tokenizer]:
+    """A started engine over a random model that sees, hears and draws, with its tokenizer."""
     tok = Tokenizer.train((World().text(i, "train") for i in range(100)), vocab_size=300)
     torch.manual_seed(0)
     lm = LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=CONTEXT)
@@ -38,7 +38,12 @@ def app():
     coder = VQVAE(VQVAEConfig(image_size=DRAWS, downsample=4, channels=16, n_res_blocks=1, codebook_size=16,
                               code_dim=4))
     model = with_image_tokenizer(MLLM(MLLMConfig(vision=vision, lm=lm, audio=audio)), coder).eval()
-    engine = Engine(model, tok, max_batch=4, max_queue=16, precision="fp32").start()
+    return Engine(model, tok, max_batch=4, max_queue=16, precision="fp32").start(), tok
+
+
+@pytest.fixture(scope="module")
+def app():
+    engine, tok = tiny_engine()
     yield create_app(engine, tok, "tiny")
     engine.stop()
 
