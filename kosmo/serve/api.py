@@ -13,7 +13,10 @@ size or an integer multiple of it (nearest-neighbour, so every pixel stays a cri
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad values (bad audio among them) are 400, values of the wrong type 422, a wrong key 401, an unknown
 model 404, an oversized body or image 413, a full queue 429, an engine that is not running 503. Nothing
-a client sends leads to a 500.
+a client sends leads to a 500 (tests/test_fuzz.py fuzzes every operation to hold that).
+
+The OpenAPI schema, request bodies included, is at /openapi.json, open like /health; /health also tells how
+many of the engine's slots are free, which a client that hung up must not keep.
 """
 
 from __future__ import annotations
