@@ -30,9 +30,9 @@ from kosmo.tokenizer import (
     Tokenizer,
 )
 
-settings.register_profile("kosmo", max_examples=60, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.load_profile("kosmo")
+# a fixed sequence of examples: the same cases on every machine, so a failure is never a fluke of the draw
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -50,6 +50,7 @@ def one_line_naming(error: Exception, where: str):
 
 # ---- JSONL
 
+@PROPERTY
 @given(lines=st.lists(st.binary(max_size=40) | st.builds(json.dumps, JSON).map(str.encode), max_size=6))
 @example(lines=[b'{"text": "a"}', b"[" * 100_000])  # nested deeper than the parser recurses
 @example(lines=[b'{"text": "a"}', b"\xff\xfe", b"{}"])
@@ -70,6 +71,7 @@ def test_any_bytes_are_rows_or_an_error_naming_the_line(tmp_path_factory, lines)
     assert [n for n, _ in rows] == [i + 1 for i, line in enumerate(lines) if line.decode().strip()]
 
 
+@PROPERTY
 @given(objects=st.lists(st.dictionaries(st.text(), JSON, max_size=4), max_size=5))
 def test_objects_written_as_jsonl_read_back_equal(tmp_path_factory, objects):
     path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
@@ -77,6 +79,7 @@ def test_objects_written_as_jsonl_read_back_equal(tmp_path_factory, objects):
     assert [obj for _, obj in read_jsonl(path)] == objects
 
 
+@PROPERTY
 @given(record=RECORDS)
 @example(record={"messages": "hello"})
 @example(record={"question": "q", "answers": 3})
@@ -108,6 +111,7 @@ MESSAGE = st.one_of(
               st.lists(st.builds(lambda t: {"type": "text", "text": t}, TEXT) | IMAGE_REF, max_size=3)))
 
 
+@PROPERTY
 @given(messages=st.lists(MESSAGE, min_size=1, max_size=4), generation_prompt=st.booleans())
 def test_render_keeps_every_turn_and_text_cannot_forge_one(tok, messages, generation_prompt):
     tokens_per_image = 3
@@ -133,6 +137,7 @@ def test_render_keeps_every_turn_and_text_cannot_forge_one(tok, messages, genera
                               if isinstance(m["content"], list) for p in m["content"])
 
 
+@PROPERTY
 @given(messages=st.lists(JSON, min_size=1, max_size=3) | JSON)
 @example(messages=[{"role": "user", "content": [{"type": "text"}]}])
 @example(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
@@ -164,6 +169,7 @@ def damaged(draw) -> bytes:
     return bytes(data[:draw(st.integers(0, len(data)))])
 
 
+@PROPERTY
 @given(data=st.binary(max_size=64) | damaged())
 def test_any_bytes_are_a_picture_or_an_error_naming_them(data):
     try:
@@ -184,6 +190,7 @@ DATA_URLS = st.one_of(
               st.text(max_size=20)))
 
 
+@PROPERTY
 @given(url=DATA_URLS)
 def test_any_image_url_is_a_picture_or_a_4xx(url):
     try:
