@@ -67,7 +67,7 @@ EOF
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu TEXTS=600 LIMIT=300
   LM_ARGS=(--quick --layers 2 --dim 64 --heads 4 --vocab 512 --seq 32 --batch 2)
-  MFU_ARGS=(model.size=tiny seq_len=64 train.batch_size=2 train.max_steps=4 train.compile=false)
+  MFU_ARGS=(model.size=tiny seq_len=64 train.batch_size=2 train.max_steps=4 train.compile=true)
   FSDP_ARGS=(model.size=tiny seq_len=64 train.batch_size=2 train.max_steps=3)
   SERVE_ARGS=(--quick)
   VOCAB=512
@@ -90,7 +90,8 @@ step lm_vs_hf "$(lim 60)" "$PY benchmarks/gpu_check.py jsonlines $WORK/lm_vs_hf.
   "$PY" benchmarks/lm_vs_hf.py --device "$DEVICE" "${LM_ARGS[@]}"
 
 # one corpus and tokenizer for both training steps, made outside their time limits
-"$PY" benchmarks/gpu_check.py corpus "$WORK/corpus.jsonl" "$TEXTS"
+"$PY" benchmarks/gpu_check.py corpus "$WORK/corpus.jsonl" "$TEXTS" ||
+  echo "the corpus could not be written; the training steps will fail" >&2
 "$PY" -m kosmo tokenizer --data "$WORK/corpus.jsonl" --vocab-size "$VOCAB" --out "$WORK/tokenizer" >/dev/null 2>&1 ||
   echo "the tokenizer could not be trained; the training steps will fail" >&2
 TRAIN=("$PY" -m kosmo train lm --data "$WORK/corpus.jsonl" --tokenizer "$WORK/tokenizer")
@@ -103,7 +104,8 @@ step fsdp "$(lim 60)" "$PY benchmarks/gpu_check.py fsdp $WORK/plain $WORK/fsdp" 
   "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m kosmo train lm --data "$WORK/corpus.jsonl" \
   --tokenizer "$WORK/tokenizer" --out "$WORK/fsdp" "${COMMON[@]}" "${FSDP_ARGS[@]}" train.parallel=fsdp
 
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') ||
+  PORT=8765
 step serve_load "$(lim 60)" "$PY benchmarks/gpu_check.py jsonlines $WORK/serve_load.log" -- \
   "$PY" benchmarks/serve_load.py --device "$DEVICE" --port "$PORT" "${SERVE_ARGS[@]}"
 
