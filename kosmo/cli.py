@@ -13,6 +13,8 @@ from kosmo.errors import KosmoError
 from kosmo.hardware import PRECISIONS
 from kosmo.train.run import stages
 
+FORMAT_ARCH = {"llava": "mllm", "llama": "lm"}  # `kosmo export --format` -> the run arch it writes
+
 
 def cmd_world(args):
     from kosmo.data.world import (
@@ -99,7 +101,7 @@ def cmd_generate(args):
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s, images=images, audio=audio)
+            results = generate(model, tok, ids, s, images=images, audio=audio, compile=args.compile)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
@@ -279,22 +281,47 @@ def _guidance_scales(text: str) -> list[float]:
 
 
 def cmd_export(args):
-    from kosmo.interop.hf_llama import export_hf
     from kosmo.model.load import load_run
-    model, tok, _ = load_run(args.model)
-    export_hf(model, args.out, tokenizer=tok)
-    print(json.dumps({"exported": str(args.out)}))
+    model, tok, config = load_run(args.model, merge=not args.adapter)
+    if args.adapter:
+        from kosmo.interop.hf_llama import export_peft_adapter
+        from kosmo.model.lora import LoRAConfig
+        if "lora" not in config:
+            raise KosmoError(f"{args.model}: --adapter exports a LoRA run's adapters; this run has none")
+        export_peft_adapter(model, LoRAConfig(**config["lora"]), args.out)
+        print(json.dumps({"exported": str(args.out), "format": "peft"}))
+        return
+    arch = config.get("arch", "lm")
+    fmt = args.format or ("llava" if arch == "mllm" else "llama")
+    if arch != FORMAT_ARCH[fmt]:
+        raise KosmoError(f"{args.model}: --format {fmt} exports runs of arch {FORMAT_ARCH[fmt]}, "
+                         f"and this one is {arch}")
+    if fmt == "llava":
+        from kosmo.interop.hf_llava import export_hf_llava
+        export_hf_llava(model, args.out, tok, image_mode=config.get("config", {}).get("image_mode", "crop"))
+    else:
+        from kosmo.interop.hf_llama import export_hf
+        export_hf(model, args.out, tokenizer=tok)
+    print(json.dumps({"exported": str(args.out), "format": fmt}))
 
 
 def cmd_import(args):
-    from kosmo.interop.hf_llama import import_hf
+    from kosmo import checkpoint
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
-    model = import_hf(args.hf)
-    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")
-    save_run(args.out, model, tok, {"stage": "import", "arch": "lm", "model": model.cfg.to_dict(),
-                                    "source": str(args.hf)})
-    print(json.dumps({"imported": str(args.out), "params": model.num_params()}))
+    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")  # before the weights: it fails faster
+    extra = {}
+    if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
+        from kosmo.interop.hf_llava import import_hf_llava
+        model, image_mode = import_hf_llava(args.hf)
+        arch, extra = "mllm", {"config": {"image_mode": image_mode}}
+    else:
+        from kosmo.interop.hf_llama import import_hf
+        model, arch = import_hf(args.hf), "lm"
+    save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
+                                    "source": str(args.hf), **extra})
+    print(json.dumps({"imported": str(args.out), "arch": arch,
+                      "params": sum(p.numel() for p in model.parameters())}))
 
 
 def cmd_demo(args):
@@ -399,6 +426,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action="store_true",
+                   help="decode with one torch.compile graph a step (pays for its compilation on long outputs)")
     add_device_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -433,12 +462,17 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x = sub.add_parser("export", help="write a Hugging Face checkpoint: LlavaForConditionalGeneration with its "
+                                      "processor, or LlamaForCausalLM (a LoRA run's adapters merged)")
     x.add_argument("--model", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--format", choices=list(FORMAT_ARCH),
+                   help="llava for a multimodal run, llama for a text-only one (default: the run's own)")
+    x.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)
 
-    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")
+    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama or LLaVA checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
