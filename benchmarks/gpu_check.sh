@@ -76,7 +76,7 @@ else
   LM_ARGS=(--precision bf16 --rounds 3)
   MFU_ARGS=(train.max_steps=40 train.grad_accum=1 train.compile=true train.precision=bf16)
   FSDP_ARGS=(model.size=small seq_len=1024 train.batch_size=8 train.max_steps=20 train.precision=bf16)
-  SERVE_ARGS=()
+  SERVE_ARGS=(--concurrency 1 16)
   VOCAB=32000
 fi
 lim() { if [[ $LIMIT -gt 0 ]]; then echo "$LIMIT"; else echo "$1"; fi; }
@@ -86,7 +86,7 @@ COMMON=(train.eval_every=0 train.save_every=100000 train.warmup_steps=2 train.pr
 step cuda_tests "$(lim 60)" "$PY benchmarks/gpu_check.py pytest $WORK/junit.xml" -- \
   "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$WORK/junit.xml"
 
-step lm_vs_hf "$(lim 60)" "$PY benchmarks/gpu_check.py jsonlines $WORK/lm_vs_hf.log" -- \
+step lm_vs_hf "$(lim 100)" "$PY benchmarks/gpu_check.py jsonlines $WORK/lm_vs_hf.log" -- \
   "$PY" benchmarks/lm_vs_hf.py --device "$DEVICE" "${LM_ARGS[@]}"
 
 # one corpus and tokenizer for both training steps, made outside their time limits
@@ -96,11 +96,11 @@ step lm_vs_hf "$(lim 60)" "$PY benchmarks/gpu_check.py jsonlines $WORK/lm_vs_hf.
   echo "the tokenizer could not be trained; the training steps will fail" >&2
 TRAIN=("$PY" -m kosmo train lm --data "$WORK/corpus.jsonl" --tokenizer "$WORK/tokenizer")
 
-step mfu_1b "$(lim 180)" "$PY benchmarks/gpu_check.py mfu $WORK/mfu" -- \
+step mfu_1b "$(lim 170)" "$PY benchmarks/gpu_check.py mfu $WORK/mfu" -- \
   "${TRAIN[@]}" --config configs/lm_1b_gpu.yaml --out "$WORK/mfu" "${COMMON[@]}" "${MFU_ARGS[@]}"
 
-step fsdp_plain "$(lim 45)" "echo null" -- "${TRAIN[@]}" --out "$WORK/plain" "${COMMON[@]}" "${FSDP_ARGS[@]}"
-step fsdp "$(lim 60)" "$PY benchmarks/gpu_check.py fsdp $WORK/plain $WORK/fsdp" -- \
+step fsdp_plain "$(lim 40)" "echo null" -- "${TRAIN[@]}" --out "$WORK/plain" "${COMMON[@]}" "${FSDP_ARGS[@]}"
+step fsdp "$(lim 50)" "$PY benchmarks/gpu_check.py fsdp $WORK/plain $WORK/fsdp" -- \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m kosmo train lm --data "$WORK/corpus.jsonl" \
   --tokenizer "$WORK/tokenizer" --out "$WORK/fsdp" "${COMMON[@]}" "${FSDP_ARGS[@]}" train.parallel=fsdp
 

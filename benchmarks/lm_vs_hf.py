@@ -51,9 +51,10 @@ def train_step_fn(model, opt, ids, hf: bool, dtype):
     return step
 
 
-def copy_bandwidth(dtype, mib: int = 256, repeats: int = 5) -> float:
-    """Bytes moved per second (read + written) copying a buffer of `mib` MiB, the best of `repeats`."""
-    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype)
+def copy_bandwidth(dtype, device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second (read + written) copying a buffer of `mib` MiB on `device`, the best of
+    `repeats`."""
+    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = min(timed(lambda: dst.copy_(src), 1) for _ in range(repeats))
@@ -160,7 +161,7 @@ def main():
             times["kosmo, compiled"].append(timed(lambda: run_ours(compile=True), 1))
             times["transformers"].append(timed(run_theirs, 1))
         decode[batch] = {k: batch * n / statistics.median(v) for k, v in times.items()}
-    bandwidth = copy_bandwidth(dtype)
+    bandwidth = copy_bandwidth(dtype, device)
     floor_s = streamed_bytes(ours, dtype) / bandwidth  # seconds a batch-1 token takes at best
 
     rows = [("training tokens/s", train["kosmo"], train["transformers"])]
