@@ -15,6 +15,7 @@ the caches).
 
     .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
     .venv/bin/python benchmarks/lm_vs_hf.py --quick    # a fast smoke run
+    .venv/bin/python benchmarks/lm_vs_hf.py --device cuda   # both on the GPU
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kosmo.model.lm import LM, LMConfig
 
 def train_step_fn(model, opt, ids, hf: bool, dtype):
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if hf:
                 loss = model(input_ids=ids, labels=ids).loss
             else:
@@ -50,9 +51,10 @@ def train_step_fn(model, opt, ids, hf: bool, dtype):
     return step
 
 
-def copy_bandwidth(dtype, mib: int = 256, repeats: int = 5) -> float:
-    """Bytes moved per second (read + written) copying a buffer of `mib` MiB, the best of `repeats`."""
-    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype)
+def copy_bandwidth(dtype, device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second (read + written) copying a buffer of `mib` MiB on `device`, the best of
+    `repeats`."""
+    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = min(timed(lambda: dst.copy_(src), 1) for _ in range(repeats))
@@ -67,10 +69,18 @@ def streamed_bytes(model: LM, dtype) -> int:
 
 
 def timed(fn, repeats: int) -> float:
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - t0) / repeats
+
+
+def sync():
+    """Waits for queued GPU work, so that a time covers it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def main():
@@ -84,14 +94,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--precision", choices=hardware.PRECISIONS, default="auto")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time kosmo training with torch.compile")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.new_tokens = 2, 16
-    cpu = torch.device("cpu")
-    precision = hardware.resolve_precision(args.precision, cpu)
+    device = torch.device(args.device)
+    precision = hardware.resolve_precision(args.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     torch.manual_seed(0)
@@ -101,8 +112,9 @@ def main():
     ours = LM(cfg)
     with tempfile.TemporaryDirectory() as d:
         export_hf(ours, d)
-        theirs = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa")
-    ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1))
+        theirs = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device)
+    ours = ours.to(device)
+    ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1)).to(device)
 
     # ---- training throughput
     steps = {}
@@ -149,7 +161,7 @@ def main():
             times["kosmo, compiled"].append(timed(lambda: run_ours(compile=True), 1))
             times["transformers"].append(timed(run_theirs, 1))
         decode[batch] = {k: batch * n / statistics.median(v) for k, v in times.items()}
-    bandwidth = copy_bandwidth(dtype)
+    bandwidth = copy_bandwidth(dtype, device)
     floor_s = streamed_bytes(ours, dtype) / bandwidth  # seconds a batch-1 token takes at best
 
     rows = [("training tokens/s", train["kosmo"], train["transformers"])]
@@ -161,7 +173,7 @@ def main():
                   decode[batch]["transformers"])]
     print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
           f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, "
-          f"{precision} (--precision {args.precision}; CPU {hardware.describe(cpu, precision)['device_name']}, "
+          f"{precision} (--precision {args.precision}; {hardware.describe(device, precision)['device_name']}, "
           f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print("| measure | kosmo | transformers | kosmo / transformers |")

@@ -256,6 +256,11 @@ class Engine:
         """Requests running (a guided picture holds two slots)."""
         return len({id(s) for s in self.slots if s is not None})
 
+    @property
+    def free_slots(self) -> int:
+        """Slots no request holds: `max_batch` again once every request has finished or been cancelled."""
+        return sum(run is None for run in self.slots)
+
     def start(self) -> "Engine":
         self.thread = threading.Thread(target=self._loop, name="kosmo-engine", daemon=True)
         self.thread.start()
