@@ -6,6 +6,7 @@ import queue
 
 import pytest
 import torch
+from serve_helpers import Letters
 
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LM, LMConfig
@@ -55,11 +56,6 @@ def test_bf16_training_on_the_gpu_learns_a_batch():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
-
-
-class Letters:
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

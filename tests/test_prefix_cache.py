@@ -6,19 +6,12 @@ import queue
 
 import pytest
 import torch
+from serve_helpers import Letters
 
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LM, LMConfig
 from kosmo.serve import prefix_cache
 from kosmo.serve.engine import Engine, Params, Request, bucket
-
-
-class Letters:
-    def encode(self, text):
-        return [ord(c) - ord("a") for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "smeared_keys"])
