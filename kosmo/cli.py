@@ -51,11 +51,11 @@ def cmd_world(args):
 
 
 def cmd_tokenizer(args):
+    from kosmo.data.formats import parse_source
     from kosmo.data.jsonl import iter_texts
     from kosmo.tokenizer import Tokenizer
     for path in args.data:  # fail on a missing file before the slow part
-        if not Path(path).is_file():
-            raise KosmoError(f"{path}: file not found")
+        parse_source(path).files
     tok = Tokenizer.train(iter_texts(args.data), args.vocab_size)
     path = tok.save(args.out)
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.vocab_size}))

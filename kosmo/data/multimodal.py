@@ -26,7 +26,8 @@ import torch
 
 from kosmo.data import chat
 from kosmo.data.audio import AudioCache
-from kosmo.data.jsonl import read_jsonl
+from kosmo.data.formats import parse_source, read_records
+from kosmo.data.images import EncodedImage
 from kosmo.errors import KosmoError
 from kosmo.tokenizer import AUDIO, AUDIO_END, BEGIN_OF_IMAGE, BOS, END_OF_IMAGE, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
 
@@ -92,7 +93,9 @@ def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path,
     and `codes_per_image` a drawn picture's (0: the model cannot draw)."""
     kind = kind_of(obj)
 
-    def image_path(ref) -> str:
+    def image_path(ref) -> str | EncodedImage:
+        if isinstance(ref, EncodedImage):
+            return ref
         if not isinstance(ref, str):
             raise KosmoError(f"{where}: an image must be a path string")
         return str((base / ref).resolve())
@@ -192,14 +195,13 @@ def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
     `audio_tokens(path, where)`: a clip's positions (a `ClipLengths`), for a model that hears;
     `codes_per_image`: a drawn picture's positions, for a model that draws."""
     out, dropped = [], 0
-    for path in paths:
-        path = Path(path)
-        for lineno, obj in read_jsonl(path):
-            where = f"{path}:{lineno}"
+    for spec in paths:
+        base = parse_source(spec).images
+        for where, obj in read_records(spec):
             kind = kind_of(obj)
             if kind not in kinds:
                 raise KosmoError(f"{where}: a {kind} line, but this stage reads {', '.join(kinds)} data")
-            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where, audio_tokens,
+            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, base, where, audio_tokens,
                                               codes_per_image), max_len)
             if ex is None:
                 dropped += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kosmo import config as C
-from kosmo.errors import KosmoError
+from kosmo.data.formats import parse_source
 from kosmo.tokenizer import Tokenizer
 from kosmo.train import distributed as D
 from kosmo.train.trainer import Trainer
@@ -34,8 +34,7 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
     stage = stages()[stage_name]
     cfg = C.load(stage.StageConfig, config_file, overrides)
     for path in data:
-        if not Path(path).is_file():
-            raise KosmoError(f"{path}: file not found")
+        parse_source(path).files  # a missing file or an empty shard folder fails here, before any work
     out = Path(out)
     env = D.setup(cfg.train.device)
     init_model = None
