@@ -61,6 +61,16 @@ def cmd_tokenizer(args):
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.vocab_size}))
 
 
+def cmd_shard(args):
+    from kosmo.data.formats import parse_source
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.data.stream import write_shards
+    for path in args.data:
+        parse_source(path).files
+    shards = write_shards(iter_texts(args.data), args.out, args.rows_per_shard)
+    print(json.dumps({"shards": len(shards), "out": str(args.out)}))
+
+
 def cmd_train(args):
     from kosmo.train.run import run_stage
     last = run_stage(args.stage, args.data, args.out, init=args.init, tokenizer=args.tokenizer,
@@ -370,6 +380,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--out", required=True)
     t.set_defaults(fn=cmd_tokenizer)
+
+    sh = sub.add_parser("shard", help="write the text of data sources into parquet shards, for `train lm` to stream")
+    sh.add_argument("--data", nargs="+", required=True)
+    sh.add_argument("--out", required=True, help="a new folder for shard-00000.parquet, …")
+    sh.add_argument("--rows-per-shard", type=int, default=100_000, help="documents per shard")
+    sh.set_defaults(fn=cmd_shard)
 
     tr = sub.add_parser("train", help="run a training stage")
     tr.add_argument("stage", choices=sorted(stages()))

@@ -64,9 +64,11 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         b = trainer.budget
+        rows = f"{b['rows']} training rows" if b["rows"] else "training rows streamed"
+        epochs = f"{b['epochs']} epochs, " if b["epochs"] else ""
         print(f"{stage_name}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-              f"{len(train_set)} training rows, {b['steps']} steps of {b['rows_per_step']} rows "
-              f"({b['epochs']} epochs, from train.{b['from']}), world size {env.world}, device {env.device}, "
+              f"{rows}, {b['steps']} steps of {b['rows_per_step']} rows "
+              f"({epochs}from train.{b['from']}), world size {env.world}, device {env.device}, "
               f"{trainer.precision}", file=sys.stderr)
         tok.save(out)
     try:

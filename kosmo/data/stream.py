@@ -1,0 +1,142 @@
+"""Text corpora larger than memory: a folder of parquet shards, streamed with Hugging Face `datasets`.
+
+    kosmo shard --data a.jsonl b.parquet --out shards/ --rows-per-shard 100000
+    kosmo train lm --data shards/ --out runs/lm train.max_steps=10000
+
+Each rank reads its own shards (`split_dataset_by_node`: shard i of an epoch goes to rank i mod world when
+the shard count is a multiple of the world size, else every rank reads all shards and keeps its own rows),
+the shard order is shuffled per epoch by the seed, and documents are packed exactly as `PackedText` packs
+them: <s> doc </s> <s> doc </s> … cut into rows of seq_len + 1 tokens that overlap by one. Memory holds
+one parquet record batch and the tokens of at most `batch_docs` documents. The position (the epoch, the
+`datasets` state of the shard and row, and the tokens read but not yet in a row) is the stream's
+`state_dict`, saved with every checkpoint, so that a resumed run reads on from the exact token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from kosmo.data.formats import Source
+from kosmo.errors import KosmoError
+from kosmo.tokenizer import BOS, EOS, Tokenizer
+
+
+class TextStream:
+    """Packed rows from parquet shards, endlessly, epoch after epoch; `next_batch(n)` gives the trainer's batch."""
+
+    def __init__(self, source: Source, tokenizer: Tokenizer, seq_len: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, batch_docs: int = 256):
+        import pyarrow.parquet as pq
+        self.files, self.column = [str(f) for f in source.files], source.columns.get("text", "text")
+        for f in self.files:
+            names = pq.read_schema(f).names
+            if self.column not in names:
+                raise KosmoError(f"{f}: no column {self.column!r} to stream text from (columns: {', '.join(names)}; "
+                                 "map one with ?text=COLUMN)")
+        self.tokenizer, self.seq_len, self.batch_docs = tokenizer, seq_len, batch_docs
+        self.rank, self.world, self.seed = rank, world, seed
+        self.tokens: list[int] = []  # read, not yet all in rows: the last row's final token starts the next
+        self._open(0)
+
+    def shard_order(self, epoch: int) -> list[str]:
+        """Every shard, in the order an epoch reads them (before they are dealt out to ranks)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return [self.files[i] for i in torch.randperm(len(self.files), generator=gen).tolist()]
+
+    def _open(self, epoch: int, state: dict | None = None):
+        from datasets import IterableDataset
+        from datasets.distributed import split_dataset_by_node
+        ds = IterableDataset.from_parquet(self.shard_order(epoch), columns=[self.column])
+        self.epoch, self.docs = epoch, split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
+        if state is not None:
+            self.docs.load_state_dict(state)
+        self._rows = iter(self.docs)
+
+    def _read(self):
+        """Tokens of up to `batch_docs` more documents, opening the next epoch when this one ends."""
+        texts, fresh_epoch = [], False
+        while len(texts) < self.batch_docs:
+            try:
+                text = next(self._rows)[self.column]
+            except StopIteration:
+                if texts:
+                    break
+                if fresh_epoch:
+                    raise KosmoError(f"rank {self.rank} of {self.world} has no documents in {len(self.files)} "
+                                     "shard(s)") from None
+                self._open(self.epoch + 1)
+                fresh_epoch = True
+                continue
+            if text is not None:
+                texts.append(text)
+        for ids in self.tokenizer.encode_batch(texts):
+            self.tokens += [BOS, *ids, EOS]
+
+    def next_rows(self, n: int) -> torch.Tensor:
+        """The next n rows of seq_len + 1 tokens."""
+        rows = []
+        for _ in range(n):
+            while len(self.tokens) < self.seq_len + 1:
+                self._read()
+            rows.append(self.tokens[: self.seq_len + 1])
+            del self.tokens[: self.seq_len]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def next_batch(self, n: int) -> dict:
+        rows = self.next_rows(n)
+        return {"input": rows[:, :-1], "labels": rows[:, 1:], "n_targets": rows[:, 1:].numel()}
+
+    def state_dict(self) -> dict:
+        """The position: JSON-able fields and one tensor (the tokens read ahead)."""
+        return {"epoch": self.epoch, "docs": self.docs.state_dict(),
+                "tokens": torch.tensor(self.tokens, dtype=torch.int32)}
+
+    def load_state_dict(self, state: dict):
+        self._open(state["epoch"], state["docs"])
+        self.tokens = state["tokens"].tolist()
+
+
+def write_shards(texts: Iterable[str], out: str | Path, rows_per_shard: int, row_group: int = 1024) -> list[Path]:
+    """Documents into parquet shards of `rows_per_shard` rows (a "text" column), in order; each shard is
+    written under a temporary name and renamed when complete, so a folder never holds a torn shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if rows_per_shard < 1:
+        raise KosmoError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
+    out = Path(out)
+    if out.is_dir() and any(out.glob("*.parquet")):
+        raise KosmoError(f"{out}: already holds parquet shards; write to a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("text", pa.string())])
+    shards: list[Path] = []
+    writer, rows, pending = None, 0, []
+
+    def flush():
+        if pending:
+            writer.write_table(pa.table({"text": pending}, schema=schema), row_group_size=row_group)
+            pending.clear()
+
+    def close():
+        flush()
+        writer.close()
+        shards[-1].with_suffix(".tmp").rename(shards[-1])
+
+    for text in texts:
+        if writer is None:
+            shards.append(out / f"shard-{len(shards):05d}.parquet")
+            writer = pq.ParquetWriter(shards[-1].with_suffix(".tmp"), schema)
+        pending.append(text)
+        rows += 1
+        if len(pending) == row_group:
+            flush()
+        if rows == rows_per_shard:
+            close()
+            writer, rows = None, 0
+    if writer is not None:
+        close()
+    if not shards:
+        raise KosmoError("the data holds no text to shard")
+    return shards
