@@ -1,0 +1,128 @@
+"""Streaming a text corpus from parquet shards: rank split, packing parity, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import kosmo, read_metrics
+from kosmo import checkpoint
+from kosmo.cli import main
+from kosmo.data.formats import parse_source
+from kosmo.data.stream import TextStream, write_shards
+from kosmo.errors import KosmoError
+from kosmo.tokenizer import Tokenizer
+from kosmo.train.lm import PackedText
+
+QUIET = ["train.progress=false", "train.tensorboard=false"]
+SMALL = ["seq_len=64", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def docs(text_corpus):
+    return [json.loads(line)["text"] for line in text_corpus.read_text().splitlines()[:120]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(docs):
+    return Tokenizer.train(iter(docs), 400)
+
+
+@pytest.fixture(scope="module")
+def shards(docs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "corpus"
+    write_shards(iter(docs), out, rows_per_shard=20, row_group=8)
+    return out
+
+
+def test_shards_hold_every_document_in_order(docs, shards):
+    files = sorted(shards.glob("*.parquet"))
+    assert [f.name for f in files] == [f"shard-{i:05d}.parquet" for i in range(6)]
+    assert [t for f in files for t in pq.read_table(f)["text"].to_pylist()] == docs
+    assert not list(shards.glob("*.tmp"))
+    with pytest.raises(KosmoError, match="already holds parquet shards"):
+        write_shards(iter(docs), shards, 20)
+
+
+def test_two_ranks_read_disjoint_shards_that_cover_the_corpus(docs, shards, tokenizer):
+    seen = []
+    for rank in (0, 1):
+        stream = TextStream(parse_source(shards), tokenizer, 64, rank=rank, world=2, seed=3)
+        assert stream.docs.n_shards == 3  # its own files, not every file filtered row by row
+        seen.append([row["text"] for row in stream.docs])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(docs)
+
+
+def test_the_stream_packs_rows_as_packed_text_does(shards, tokenizer):
+    stream = TextStream(parse_source(shards), tokenizer, 64, seed=1, batch_docs=7)
+    epoch0 = [t for f in stream.shard_order(0) for t in pq.read_table(f)["text"].to_pylist()]
+    packed = PackedText.from_texts(epoch0, tokenizer, 64)
+    assert stream.shard_order(0) != stream.shard_order(1)  # each epoch reads the shards in its own order
+    assert torch.equal(stream.next_rows(len(packed)), packed.rows)
+    batch = stream.next_batch(4)  # and reads on into the next epoch
+    assert stream.epoch == 1 and batch["input"].shape == (4, 64) and batch["n_targets"] == 256
+
+
+def test_a_saved_position_resumes_at_the_exact_token_even_across_epochs(shards, tokenizer):
+    stream = TextStream(parse_source(shards), tokenizer, 64, batch_docs=5)
+    states, rows = [], []
+    for _ in range(12):  # more than an epoch, 40 rows at a time
+        state = stream.state_dict()  # as a checkpoint keeps it: JSON and a tensor
+        states.append((json.loads(json.dumps({k: v for k, v in state.items() if k != "tokens"})), state["tokens"]))
+        rows.append(stream.next_rows(40))
+    assert stream.epoch >= 1
+    for k in (3, 7, 11):
+        fresh = TextStream(parse_source(shards), tokenizer, 64, batch_docs=5)
+        fresh.load_state_dict({**states[k][0], "tokens": states[k][1]})
+        assert torch.equal(torch.cat([fresh.next_rows(40) for _ in range(k, 12)]), torch.cat(rows[k:]))
+
+
+def test_a_missing_text_column_is_named(shards, tokenizer):
+    with pytest.raises(KosmoError, match=r"shard-00000\.parquet: no column 'body'.*columns: text"):
+        TextStream(parse_source(f"{shards}?text=body"), tokenizer, 64)
+
+
+def test_sigkill_then_resume_reproduces_every_step(shards, tokenizer, tmp_path):
+    tok = tokenizer.save(tmp_path / "tok")
+    args = ["train", "lm", "--data", shards, "--tokenizer", tok, *QUIET, *SMALL, "train.max_steps=30",
+            "train.save_every=6", "train.warmup_steps=4", "train.batch_size=8"]
+    kosmo(*args, "--out", tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kosmo", *map(str, args), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill after a checkpoint and steps beyond it
+        if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 15:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint.read_json(run / "state" / "latest.json")["step"]
+    assert 6 <= saved < 30, "the kill must land mid-run"
+    resumed = kosmo(*args, "--out", run)
+    assert f"from step {saved}" in resumed.stderr
+
+    position = checkpoint.read_json(run / "state" / "step-00000030" / "stream-rank0.json")
+    assert position["epoch"] >= 1, "the run should read on into a second epoch"
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 31))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+
+
+def test_a_stream_needs_max_steps_and_to_be_the_only_data(shards, tokenizer, text_corpus, tmp_path, capsys):
+    tok = str(tokenizer.save(tmp_path / "tok"))
+    common = ["--tokenizer", tok, *QUIET, *SMALL]
+    assert main(["train", "lm", "--data", str(shards), "--out", str(tmp_path / "a"), *common]) == 2
+    assert "streamed data has no length to count epochs in: set train.max_steps" in capsys.readouterr().err
+    assert main(["train", "lm", "--data", str(shards), str(text_corpus), "--out", str(tmp_path / "b"), *common,
+                 "train.max_steps=2"]) == 2
+    assert "must be the only --data" in capsys.readouterr().err
