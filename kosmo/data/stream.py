@@ -23,12 +23,14 @@ from kosmo.data.formats import Source
 from kosmo.errors import KosmoError
 from kosmo.tokenizer import BOS, EOS, Tokenizer
 
+READ_AHEAD_DOCS = 256  # documents tokenized at a time: the tokenizer is faster in batches, and memory is bounded
+
 
 class TextStream:
     """Packed rows from parquet shards, endlessly, epoch after epoch; `next_batch(n)` gives the trainer's batch."""
 
     def __init__(self, source: Source, tokenizer: Tokenizer, seq_len: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, batch_docs: int = 256):
+                 seed: int = 0, batch_docs: int = READ_AHEAD_DOCS):
         import pyarrow.parquet as pq
         self.files, self.column = [str(f) for f in source.files], source.columns.get("text", "text")
         for f in self.files:
