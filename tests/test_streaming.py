@@ -126,3 +126,20 @@ def test_a_stream_needs_max_steps_and_to_be_the_only_data(shards, tokenizer, tex
     assert main(["train", "lm", "--data", str(shards), str(text_corpus), "--out", str(tmp_path / "b"), *common,
                  "train.max_steps=2"]) == 2
     assert "must be the only --data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_each_save_their_own_position_and_resume_only_as_two(shards, tokenizer, tmp_path):
+    tok = tokenizer.save(tmp_path / "tok")
+    args = ["train", "lm", "--data", shards, "--tokenizer", tok, *QUIET, *SMALL, "train.max_steps=3",
+            "train.batch_size=2", "train.parallel=ddp"]
+    port = 29700 + os.getpid() % 200
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "kosmo", *map(str, args), "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = tmp_path / "two" / "state" / "step-00000003"
+    read_ahead = [checkpoint.load_tensors(state / f"stream-rank{r}.safetensors")["tokens"] for r in (0, 1)]
+    assert (state / "stream-rank1.json").is_file() and not torch.equal(*read_ahead)  # their own shards
+    one = kosmo(*args, "train.max_steps=4", "--out", tmp_path / "two", check=False)
+    assert one.returncode == 2 and "saved by 2 processes; resume with 2, not 1" in one.stderr

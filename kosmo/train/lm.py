@@ -224,6 +224,8 @@ def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: L
         tasks.append((cfg.copy_rows, copy_rows(tokenizer.vocab_size)))
     if cfg.passkey_rows:
         tasks.append((cfg.passkey_rows, passkey_rows(tokenizer, cfg.seq_len)))
+    if tasks and isinstance(train_set, TextStream):
+        raise KosmoError("copy_rows and passkey_rows mix into in-memory data; a streamed shard folder takes neither")
     if tasks:
         train_set = TaskRows(train_set, tasks)
     if init_model is not None:
