@@ -50,6 +50,14 @@ def test_shards_hold_every_document_in_order(docs, shards):
         write_shards(iter(docs), shards, 20)
 
 
+def test_kosmo_shard_writes_the_text_of_any_source(text_corpus, tmp_path, capsys):
+    assert main(["shard", "--data", str(text_corpus), "--out", str(tmp_path / "s"), "--rows-per-shard", "600"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"shards": 3, "out": str(tmp_path / "s")}
+    assert sum(pq.read_metadata(f).num_rows for f in (tmp_path / "s").glob("*.parquet")) == 1500
+    assert main(["shard", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "t")]) == 2
+    assert "none.jsonl: file not found" in capsys.readouterr().err
+
+
 def test_two_ranks_read_disjoint_shards_that_cover_the_corpus(docs, shards, tokenizer):
     seen = []
     for rank in (0, 1):
