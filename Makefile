@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow setup browser-deps speech-deps font-deps clean
+.PHONY: demo test test-slow setup browser-deps speech-deps font-deps llamacpp clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ font-deps:
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# llama.cpp's Python binding, compiled from source, for the slow suite's GGUF check (`make llamacpp test-slow`).
+# Not part of setup: the build takes many minutes. GGML_NATIVE=OFF builds for any x86-64, not just this CPU.
+llamacpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[llamacpp]'
 
 clean:
 	rm -rf $(VENV) out

@@ -4,8 +4,14 @@ Same config, same weights (exported from kosmo), same batch, same precision: the
 `train.precision=auto` picks on this machine (bf16 autocast where the CPU has AMX or AVX-512-BF16,
 fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward + backward + AdamW
 step, fp32 weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8
-(weights held in the benchmark's dtype), with kosmo/transformers ratios. Runs alternate between the
-two so machine noise hits both alike; the median of the repeats is reported.
+(weights held in the benchmark's dtype), kosmo eager and compiled (`generate_ids(compile=True)`),
+with kosmo/transformers ratios. Runs alternate between the contenders so machine noise hits all
+alike; the median of the repeats is reported.
+
+Batch-1 decode streams every weight but the embedding table once per token, so it is reported beside
+its bandwidth floor on this machine: those bytes over the copy bandwidth measured here (STREAM's
+convention: bytes read plus bytes written per second, by `Tensor.copy_` of buffers far larger than
+the caches).
 
     .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
     .venv/bin/python benchmarks/lm_vs_hf.py --quick    # a fast smoke run
@@ -42,6 +48,22 @@ def train_step_fn(model, opt, ids, hf: bool, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def copy_bandwidth(dtype, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second (read + written) copying a buffer of `mib` MiB, the best of `repeats`."""
+    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src), 1) for _ in range(repeats))
+    return 2 * src.numel() * dtype.itemsize / best
+
+
+def streamed_bytes(model: LM, dtype) -> int:
+    """Weight bytes a batch-1 decode step reads: all but the embedding table, of which it reads one row
+    (with tied embeddings the table is the vocabulary head, read whole)."""
+    skip = 0 if model.cfg.tie_embeddings else model.embed.weight.numel()
+    return (model.num_params() - skip) * dtype.itemsize
 
 
 def timed(fn, repeats: int) -> float:
@@ -112,26 +134,31 @@ def main():
         prompts = ids[:batch, :prompt_len]
         n = args.new_tokens
 
-        def run_ours():
-            generate_ids(ours, prompts.tolist(), Sampling(max_new_tokens=n), stop_ids=())
+        def run_ours(compile=False):
+            generate_ids(ours, prompts.tolist(), Sampling(max_new_tokens=n), stop_ids=(), compile=compile)
 
         def run_theirs():
             with torch.no_grad():
                 theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        run_ours(), run_theirs()
-        times = {"kosmo": [], "transformers": []}
+        run_ours(), run_ours(compile=True), run_theirs()  # warm-up, and the compilation
+        times = {"kosmo": [], "kosmo, compiled": [], "transformers": []}
         for _ in range(args.rounds):
             times["kosmo"].append(timed(run_ours, 1))
+            times["kosmo, compiled"].append(timed(lambda: run_ours(compile=True), 1))
             times["transformers"].append(timed(run_theirs, 1))
         decode[batch] = {k: batch * n / statistics.median(v) for k, v in times.items()}
+    bandwidth = copy_bandwidth(dtype)
+    floor_s = streamed_bytes(ours, dtype) / bandwidth  # seconds a batch-1 token takes at best
 
     rows = [("training tokens/s", train["kosmo"], train["transformers"])]
     if args.compile:
         rows.append(("training tokens/s, kosmo with torch.compile", train["kosmo, torch.compile"], train["transformers"]))
-    rows += [("decode tokens/s, batch 1", decode[1]["kosmo"], decode[1]["transformers"]),
-             ("decode tokens/s, batch 8", decode[8]["kosmo"], decode[8]["transformers"])]
+    for batch in (1, 8):
+        rows += [(f"decode tokens/s, batch {batch}", decode[batch]["kosmo"], decode[batch]["transformers"]),
+                 (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
+                  decode[batch]["transformers"])]
     print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
           f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, "
           f"{precision} (--precision {args.precision}; CPU {hardware.describe(cpu, precision)['device_name']}, "
@@ -141,9 +168,17 @@ def main():
     print("|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+    per_token = {k: 1e3 / v for k, v in decode[1].items()}
+    print(f"batch-1 decode floor: {streamed_bytes(ours, dtype) / 1e6:.1f} MB of weights a token at "
+          f"{bandwidth / 1e9:.1f} GB/s copy bandwidth = {floor_s * 1e3:.2f} ms a token; measured "
+          + ", ".join(f"{k} {ms:.2f} ms ({ms / (floor_s * 1e3):.1f}x the floor)" for k, ms in per_token.items()))
     print(json.dumps({"precision": precision, "train_ratio": round(train["kosmo"] / train["transformers"], 3),
                       "decode_b1_ratio": round(decode[1]["kosmo"] / decode[1]["transformers"], 3),
-                      "decode_b8_ratio": round(decode[8]["kosmo"] / decode[8]["transformers"], 3)}))
+                      "decode_b8_ratio": round(decode[8]["kosmo"] / decode[8]["transformers"], 3),
+                      "decode_b1_compiled_ratio": round(decode[1]["kosmo, compiled"] / decode[1]["transformers"], 3),
+                      "decode_b8_compiled_ratio": round(decode[8]["kosmo, compiled"] / decode[8]["transformers"], 3),
+                      "decode_b1_floor_ms": round(floor_s * 1e3, 3),
+                      "decode_b1_compiled_vs_floor": round(per_token["kosmo, compiled"] / (floor_s * 1e3), 2)}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ from kosmo.errors import KosmoError
 from kosmo.hardware import PRECISIONS
 from kosmo.train.run import stages
 
+# `kosmo export --format` -> the run archs it writes (gguf: an mllm's LM alone)
+FORMAT_ARCH = {"llava": ("mllm",), "llama": ("lm",), "gguf": ("lm", "mllm")}
+
 
 def cmd_world(args):
     from kosmo.data.world import (
@@ -25,9 +28,9 @@ def cmd_world(args):
         write_signs,
         write_world,
     )
-    for flag in ("audio", "draw", "mockups", "signs", "reasoning"):
+    for flag in ("audio", "draw", "mockups", "signs", "reasoning", "lm_eval"):
         if getattr(args, flag) < 0:
-            raise KosmoError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+            raise KosmoError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
@@ -47,6 +50,9 @@ def cmd_world(args):
         paths.update(write_signs(world, args.out, n=args.signs, val=max(30, args.signs // 10)))
     if args.reasoning:
         paths.update(write_reasoning(world, args.out, n=args.reasoning, val=max(1, args.reasoning // 20)))
+    if args.lm_eval:
+        from kosmo.eval.choice import write_lm_eval_task
+        paths.update(write_lm_eval_task(world, Path(args.out) / "lm_eval", args.lm_eval))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
@@ -109,7 +115,7 @@ def cmd_generate(args):
                  top_p=args.top_p, stop=args.stop, seed=args.seed)
     try:
         with hardware.autocast(device, precision):
-            results = generate(model, tok, ids, s, images=images, audio=audio)
+            results = generate(model, tok, ids, s, images=images, audio=audio, compile=args.compile)
     except ValueError as e:
         raise KosmoError(str(e)) from None
     for p, r in zip(prompts, results):
@@ -222,6 +228,9 @@ def _evaluate(args, device, precision: str) -> dict:
         from kosmo.eval.align import evaluate_align
         reference = load_run(args.reference, device, precision)[0] if args.reference else None
         metrics = evaluate_align(model, tok, args.data[0], reference=reference, limit=args.limit)
+    elif args.kind == "choice":
+        from kosmo.eval.choice import choice_accuracy, read_items
+        metrics = choice_accuracy(model, tok, read_items(args.data[0], args.limit))
     elif args.kind == "reasoning":
         from kosmo.eval.reasoning import evaluate_reasoning
         metrics = evaluate_reasoning(model, tok, args.data[0], think=args.think, limit=args.limit)
@@ -289,22 +298,57 @@ def _guidance_scales(text: str) -> list[float]:
 
 
 def cmd_export(args):
-    from kosmo.interop.hf_llama import export_hf
     from kosmo.model.load import load_run
-    model, tok, _ = load_run(args.model)
-    export_hf(model, args.out, tokenizer=tok)
-    print(json.dumps({"exported": str(args.out)}))
+    if args.dtype is not None and args.format != "gguf":
+        raise KosmoError("--dtype is for --format gguf")
+    if args.adapter and args.format == "gguf":
+        raise KosmoError("--adapter writes a PEFT adapter; --format gguf writes the merged model")
+    model, tok, config = load_run(args.model, merge=not args.adapter)
+    if args.adapter:
+        from kosmo.interop.hf_llama import export_peft_adapter
+        from kosmo.model.lora import LoRAConfig
+        if "lora" not in config:
+            raise KosmoError(f"{args.model}: --adapter exports a LoRA run's adapters; this run has none")
+        export_peft_adapter(model, LoRAConfig(**config["lora"]), args.out)
+        print(json.dumps({"exported": str(args.out), "format": "peft"}))
+        return
+    arch = config.get("arch", "lm")
+    fmt = args.format or ("llava" if arch == "mllm" else "llama")
+    if arch not in FORMAT_ARCH[fmt]:
+        raise KosmoError(f"{args.model}: --format {fmt} exports runs of arch {' or '.join(FORMAT_ARCH[fmt])}, "
+                         f"and this one is {arch}")
+    if fmt == "llava":
+        from kosmo.interop.hf_llava import export_hf_llava
+        export_hf_llava(model, args.out, tok, image_mode=config.get("config", {}).get("image_mode", "crop"))
+    elif fmt == "gguf":
+        from kosmo.interop.gguf import export_gguf
+        try:
+            export_gguf(model, tok, args.out, dtype=args.dtype or "f32", name=Path(args.model).resolve().name)
+        except KosmoError as e:
+            raise KosmoError(f"{args.model}: {e}") from None
+    else:
+        from kosmo.interop.hf_llama import export_hf
+        export_hf(model, args.out, tokenizer=tok)
+    print(json.dumps({"exported": str(args.out), "format": fmt}))
 
 
 def cmd_import(args):
-    from kosmo.interop.hf_llama import import_hf
+    from kosmo import checkpoint
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
-    model = import_hf(args.hf)
-    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")
-    save_run(args.out, model, tok, {"stage": "import", "arch": "lm", "model": model.cfg.to_dict(),
-                                    "source": str(args.hf)})
-    print(json.dumps({"imported": str(args.out), "params": model.num_params()}))
+    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")  # before the weights: it fails faster
+    extra = {}
+    if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
+        from kosmo.interop.hf_llava import import_hf_llava
+        model, image_mode = import_hf_llava(args.hf)
+        arch, extra = "mllm", {"config": {"image_mode": image_mode}}
+    else:
+        from kosmo.interop.hf_llama import import_hf
+        model, arch = import_hf(args.hf), "lm"
+    save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
+                                    "source": str(args.hf), **extra})
+    print(json.dumps({"imported": str(args.out), "arch": arch,
+                      "params": sum(p.numel() for p in model.parameters())}))
 
 
 def cmd_demo(args):
@@ -318,6 +362,7 @@ def cmd_demo(args):
 
 def cmd_serve(args):
     from kosmo.serve.api import Limits, serve
+    from kosmo.serve.engine import PREFIX_BLOCK
     from kosmo.serve.media import MediaPolicy
     domains = tuple(d.strip().lower() for d in (args.allowed_media_domains or "").split(",") if d.strip())
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
@@ -325,13 +370,16 @@ def cmd_serve(args):
         raise KosmoError(f"--allowed-local-media-path: {local} is not a directory")
     if args.prefill_chunk < 0:
         raise KosmoError(f"--prefill-chunk must be at least 0 (0: prompts go in at once), got {args.prefill_chunk}")
+    if args.prefix_cache_tokens != 0 and args.prefix_cache_tokens < PREFIX_BLOCK:
+        raise KosmoError(f"--prefix-cache-tokens must be 0 (off) or at least one block of {PREFIX_BLOCK}, "
+                         f"got {args.prefix_cache_tokens}")
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
           args.max_batch, args.max_queue, media,
           Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
                  max_audio_seconds=args.max_audio_seconds, max_pictures=args.max_images_per_request),
-          args.precision, args.prefill_chunk or None)
+          args.precision, args.prefill_chunk or None, args.prefix_cache_tokens, args.batch_shapes)
 
 
 def cmd_chat(args):
@@ -373,6 +421,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also N counting questions with direct and worked answers (reasoning_direct.jsonl, "
                         "reasoning_worked.jsonl, reasoning_chat.jsonl) and N/20 held out in and N/20 out of "
                         "distribution (val_reasoning.jsonl)")
+    w.add_argument("--lm-eval", type=int, default=0, metavar="N",
+                   help="also N held-out multiple-choice questions answered from text (lm_eval/shapes_qa.jsonl) and "
+                        "the lm-evaluation-harness task over them (lm_eval/shapes_qa.yaml); `eval choice` scores them")
     w.set_defaults(fn=cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -415,12 +466,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action="store_true",
+                   help="decode with one torch.compile graph a step (pays for its compilation on long outputs)")
     add_device_args(g)
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model; the last stdout line is a JSON object")
     e.add_argument("kind", choices=["ppl", "copy", "caption", "vqa", "chat", "asr", "sounds", "fewshot", "zeroshot",
-                                    "retrieval", "align", "vqvae", "imagegen", "needle", "html", "reasoning"])
+                                    "retrieval", "align", "vqvae", "imagegen", "needle", "html", "reasoning", "choice"])
     e.add_argument("--model", help="the run to evaluate (html with --pages needs none)")
     e.add_argument("--data", nargs="+", help="the evaluation's JSONL files (every kind but copy and needle)")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: tokens per row")
@@ -449,12 +502,20 @@ def parser() -> argparse.ArgumentParser:
     add_device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x = sub.add_parser("export", help="write a Hugging Face checkpoint: LlavaForConditionalGeneration with its "
+                                      "processor, or LlamaForCausalLM (a LoRA run's adapters merged); or GGUF")
     x.add_argument("--model", required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="the directory to write; with --format gguf, the file")
+    x.add_argument("--format", choices=list(FORMAT_ARCH),
+                   help="llava for a multimodal run, llama for a text-only one (default: the run's own); "
+                        "gguf: the LM as one file for llama.cpp")
+    x.add_argument("--dtype", choices=["f32", "f16", "q8_0"],
+                   help="gguf: the type of the weight matrices (default f32; norms stay f32)")
+    x.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters alone as a PEFT adapter over its base's export")
     x.set_defaults(fn=cmd_export)
 
-    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama checkpoint")
+    i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama or LLaVA checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
@@ -471,6 +532,13 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=int, default=2048,
                     help="a longer prompt goes in as chunks of this many tokens, bounding a long context's "
                          "activation memory (0: all at once)")
+    sv.add_argument("--prefix-cache-tokens", type=int, default=8192,
+                    help="prompt positions whose keys and values are kept for later prompts that begin the same "
+                         "way, in blocks of 64 (0: off)")
+    sv.add_argument("--batch-shapes", choices=("full", "bucketed"), default="full",
+                    help="full: every decode step runs --max-batch rows, so a request's numbers never depend on "
+                         "the others; bucketed: the busy rows rounded up to a power of two, faster when few "
+                         "requests run, its last bits depending on how many")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
     sv.add_argument("--max-images-per-request", type=int, default=4,

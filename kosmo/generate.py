@@ -112,13 +112,32 @@ def prefill(model: CausalLM, idx: torch.Tensor, lengths: torch.Tensor, cache, im
     return out
 
 
+def decode_logits(model: CausalLM, cache, tok: torch.Tensor) -> torch.Tensor:
+    return model.decode_step(tok, cache)
+
+
+@functools.cache
+def compiled_decode():
+    """`decode_logits` under `torch.compile`: over a static cache (`KVCache(static=True)`) a decode
+    step has fixed shapes and reads nothing back to the host, so each model and cache shape compiles
+    once into one graph, with its elementwise work fused and no Python run per layer."""
+    return torch.compile(decode_logits, dynamic=False)
+
+
+# A compiled decode's cache room is rounded up to this, so prompts of nearby lengths share one graph.
+COMPILED_ROOM = 256
+
+
 @torch.no_grad()
 def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
                  use_cache: bool = True, cache_dtype=None, return_logits: bool = False, should_stop=None,
-                 images: torch.Tensor | None = None, audio=None, prefill_chunk: int | None = None):
+                 images: torch.Tensor | None = None, audio=None, prefill_chunk: int | None = None,
+                 compile: bool = False):
     """The decode loop for any `CausalLM`. `images` go with the prompts' image markers in order, and
     `audio` (a `kosmo.data.audio.Clips` batch) with their audio markers. `prefill_chunk`: with the
-    cache, prompts longer than this go in as chunks of it (`prefill`).
+    cache, prompts longer than this go in as chunks of it (`prefill`). `compile`: decode steps run as
+    one compiled graph over a static cache (`compiled_decode`); the first call per model and shape
+    pays for the compilation, and the logits agree with the eager ones to rounding.
 
     Prompts of different lengths are right-padded and prefilled together; each row of the cache then
     continues from its own length. Returns per-row new token lists (stop token excluded), finish
@@ -132,8 +151,12 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         raise ValueError(f"prompt of {width} tokens + max_new_tokens {s.max_new_tokens} exceeds "
                          f"the context of {model.context_length} tokens")
     max_images = int(max((p.count(IMAGE) for p in prompts), default=0))
-    cache = model.new_cache(B, width + s.max_new_tokens, cache_dtype or next(model.parameters()).dtype, device,
-                            max_images) if use_cache else None
+    room = width + s.max_new_tokens
+    if compile:
+        room = COMPILED_ROOM * -(-room // COMPILED_ROOM)
+    cache = model.new_cache(B, room, cache_dtype or next(model.parameters()).dtype, device, max_images,
+                            static=compile) if use_cache else None
+    decode = compiled_decode() if compile and use_cache else decode_logits
 
     def step(rows: list[list[int]]) -> torch.Tensor:
         """(B, V) logits after each row's last token, the rows right-padded: the prompts into the cache,
@@ -170,7 +193,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         # rows already done keep decoding padding so the batch stays rectangular
         tok = tok.masked_fill(done, PAD)
         if cache is not None:
-            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :text_vocab]
+            logits = decode(model, cache, tok)[:, :text_vocab]
         else:
             for row, t in zip(fed, tok.tolist()):
                 row.append(t)
@@ -179,7 +202,8 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
 
 
 def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(EOS, END_OF_TURN),
-             cache_dtype=None, images: torch.Tensor | None = None, audio=None) -> list[Completion]:
+             cache_dtype=None, images: torch.Tensor | None = None, audio=None,
+             compile: bool = False) -> list[Completion]:
     """Completions for a batch of tokenised prompts; stop strings are cut from the returned text."""
     # A stop string of L characters lies within the last L tokens (+3 for a character split into
     # bytes), so each step decodes a short tail instead of the whole completion.
@@ -190,7 +214,8 @@ def generate(model, tokenizer, prompts: list[list[int]], s: Sampling, stop_ids=(
         return any(st in tail for st in s.stop)
 
     out, reasons = generate_ids(model, prompts, s, stop_ids, cache_dtype=cache_dtype,
-                                should_stop=hits_stop if s.stop else None, images=images, audio=audio)
+                                should_stop=hits_stop if s.stop else None, images=images, audio=audio,
+                                compile=compile)
     results = []
     for toks, reason in zip(out, reasons):
         text = tokenizer.decode(toks)

@@ -10,6 +10,8 @@ Training stages, `kosmo generate`, `kosmo eval`, the serving engine and `kosmo d
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -103,6 +105,52 @@ def bf16_slowdown(n: int = 256) -> float:
             times.append(time.perf_counter() - t0)
         return min(times)
     return best(torch.bfloat16) / best(torch.float32)
+
+
+def matmul_peak(device: torch.device, precision: str) -> float:
+    """FLOP/s of a large square matmul on `device` at `precision`: the peak that training's MFU is
+    measured against. Measured once per device, precision and thread count, then kept in
+    $KOSMO_CACHE (default ~/.cache/kosmo)/matmul_peak.json."""
+    precision = resolve_precision(precision, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    key = f"{name} | {precision} | {torch.get_num_threads() if device.type == 'cpu' else 'gpu'} threads"
+    store = Path(os.environ.get("KOSMO_CACHE", Path.home() / ".cache" / "kosmo")) / "matmul_peak.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = _measure_matmul(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(store)
+        except OSError:
+            pass  # a read-only home measures again next time
+    return known[key]
+
+
+def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    """The best FLOP/s of n x n matmuls, n doubled from 256 while one takes under 50 ms (up to 2048 on a
+    CPU, 8192 on a GPU), so a slow (emulated) dtype is measured small rather than for minutes."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n, largest, best = 256, 8192 if device.type == "cuda" else 2048, 0.0
+    while True:
+        gen = torch.Generator(device).manual_seed(0)  # the global RNG is the run's: leave it untouched
+        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        a @ b  # warm-up: kernel choice, allocation
+        times = []
+        for _ in range(5):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / min(times))
+        if n >= largest or min(times) > 0.05:
+            return best
+        n *= 2
 
 
 def autocast(device: torch.device, precision: str):

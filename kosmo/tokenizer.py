@@ -2,13 +2,16 @@
 
 Special tokens have fixed ids (below) in every kosmo tokenizer, so templates, data pipelines and
 checkpoints agree without looking anything up. Ordinary text can never produce them: encoding treats
-the literal string "<s>" as five characters of text, and only templates insert specials, by id.
+the literal string "<s>" as five characters of text, and only templates insert specials, by id
+(`encode_with_specials` reads such strings as the tokens, for clients that name them so: the server's /tokenize).
 A model that draws has ids beyond the tokenizer's: the image tokenizer's codes, appended to the LM's
 vocabulary (`kosmo.model.mllm`); text decoding skips them.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,6 +42,7 @@ SPECIAL_TOKENS = [
 (PAD, BOS, EOS, IMAGE, IMAGE_END, IMAGE_PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, AUDIO, AUDIO_END, AUDIO_PAD,
  BEGIN_OF_IMAGE, END_OF_IMAGE) = range(15)
 ROLE_IDS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+_SPECIAL_SPLIT = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")  # keeps the specials it splits at
 
 
 class Tokenizer:
@@ -93,6 +97,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Like `encode`, but a special token's string in the text is that token (as in Hugging Face tokenizers):
+        for clients that name special tokens by their strings, never for text a model is fed as text."""
+        ids = []
+        for i, piece in enumerate(_SPECIAL_SPLIT.split(text)):
+            if i % 2:  # split() puts the separators, the specials, at the odd places
+                ids.append(SPECIAL_TOKENS.index(piece))
+            elif piece:
+                ids += self.encode(piece)
+        return ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -101,3 +116,7 @@ class Tokenizer:
 
     def token(self, i: int) -> str:
         return self._tok.id_to_token(i)
+
+    def to_json(self) -> dict:
+        """The whole tokenizer as its `tokenizer.json` document: model, merges, added tokens, pre-tokenizer."""
+        return json.loads(self._tok.to_str())

@@ -174,7 +174,7 @@ def test_resume_refuses_a_different_model(world, run, tmp_path):
 def test_every_shipped_config_loads_into_its_stage(path):
     from kosmo import config as C
     from kosmo.train.run import stages
-    stage = {"lm": "lm", "clip": "clip", "mllm": "mllm", "sft": "sft", "vqvae": "vqvae"}[path.stem.split("_")[0]]
+    stage = {"llava15_stage1": "mllm", "llava15_stage2": "sft"}.get(path.stem) or path.stem.split("_")[0]
     cfg = dataclasses.asdict(C.load(stages()[stage].StageConfig, path))
 
     def flat(d: dict, prefix=""):

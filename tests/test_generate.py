@@ -91,3 +91,52 @@ def test_placeholders_and_padding_are_never_written(temperature):
     tokens = next_tokens(logits, Sampling(temperature=temperature), torch.Generator().manual_seed(0))
     assert not {PAD, IMAGE_PAD, AUDIO_PAD} & set(tokens.tolist())
     assert temperature or set(tokens.tolist()) == {40}
+
+
+def test_a_static_cache_gives_the_dynamic_caches_logits_bit_for_bit(model):
+    """The compiled decode's cache attends over its whole room, each row masked to its own keys; a masked key
+    adds an exact zero, so without the compiler its numbers are the dynamic cache's exactly."""
+    s = Sampling(max_new_tokens=12)
+    a, _, la = generate_ids(model, PROMPTS, s, stop_ids=(), return_logits=True)
+    cache = model.new_cache(len(PROMPTS), 128, static=True)
+    assert cache.static and cache.k.shape[3] == 128
+    import kosmo.generate as g
+    original = model.new_cache
+    try:  # the eager loop over a static cache
+        model.new_cache = lambda *args, **kw: original(*args, **{**kw, "static": True})
+        b, _, lb = generate_ids(model, PROMPTS, s, stop_ids=(), return_logits=True)
+    finally:
+        del model.new_cache
+    assert a == b and g.COMPILED_ROOM % 64 == 0
+    for x, y in zip(la, lb):
+        assert torch.equal(x, y)
+
+
+def test_a_decode_step_over_a_static_cache_is_one_graph_that_never_recompiles(model):
+    """What `generate_ids(compile=True)` relies on: no graph break and no host sync inside a decode step, and
+    the same graph at every length (checked with the eager backend, which traces as inductor does)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from kosmo.generate import decode_logits, prefill, right_pad
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(decode_logits, backend=counter, fullgraph=True, dynamic=False)
+    cache = model.new_cache(len(PROMPTS), 64, static=True)
+    idx, lengths = right_pad(PROMPTS, "cpu")
+    with torch.no_grad():
+        tok = prefill(model, idx, lengths, cache).argmax(-1)
+        for _ in range(6):
+            tok = step(model, cache, tok).argmax(-1)
+    assert counter.frame_count == 1 and counter.op_count > 0
+    assert cache.lengths.tolist() == [len(p) + 6 for p in PROMPTS]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens(model):
+    s = Sampling(max_new_tokens=16)
+    eager, _, la = generate_ids(model, PROMPTS, s, stop_ids=(), return_logits=True)
+    compiled, _, lb = generate_ids(model, PROMPTS, s, stop_ids=(), return_logits=True, compile=True)
+    assert compiled == eager
+    for x, y in zip(la, lb):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

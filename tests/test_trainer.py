@@ -208,3 +208,21 @@ def test_without_max_steps_the_run_lasts_epochs_of_its_data(tmp_path):
     assert trainer.cfg.max_steps == 10 and trainer.budget["epochs"] == 3.12
     with pytest.raises(ValueError, match="train.epochs must be positive when train.max_steps is 0, got 0"):
         TrainConfig(epochs=0)
+
+
+def test_mfu_is_logged_from_the_models_counted_flops_over_the_measured_peak(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOSMO_CACHE", str(tmp_path / "cache"))
+    trainer, last = fit(tmp_path / "run", batch_size=4)
+    # PaLM's count for a decoder: 6 FLOPs a parameter a token (forward 2, backward 4) over every weight
+    # matrix (the tied embedding is the head's), plus attention's two matmuls (2 x 2 x T x dim a token forward,
+    # as SDPA computes them, causal or not; x 3 with backward) in each layer
+    cfg, T = trainer.model.cfg, Rows().rows.shape[1] - 1
+    matrices = sum(p.numel() for p in trainer.model.parameters() if p.ndim == 2)
+    expected = 6 * matrices + 12 * cfg.n_layers * T * cfg.dim
+    assert trainer.flops_per_token == pytest.approx(expected, rel=0.01)
+    peak = json.loads((tmp_path / "cache" / "matmul_peak.json").read_text())
+    assert list(peak.values()) == [trainer.peak_flops] and trainer.peak_flops > 1e8
+    rows = read_metrics(tmp_path / "run")
+    assert all(r["mfu"] == pytest.approx(trainer.flops_per_token * r["tok_per_s"] / trainer.peak_flops, rel=1e-3)
+               for r in rows)
+    assert 0 < last["mfu"] < 1

@@ -25,12 +25,13 @@ import torch
 
 from kosmo.align import data as A
 from kosmo.align.reward import StageConfig as RewardStageConfig
-from kosmo.align.reward import make_loss, split
+from kosmo.align.reward import adapted, make_loss, split
 from kosmo.config import read_yaml
 from kosmo.data import chat
 from kosmo.data.multimodal import Example, MultimodalDataset
 from kosmo.errors import KosmoError
 from kosmo.generate import Sampling
+from kosmo.model import lora
 from kosmo.model.causal_lm import CausalLM
 from kosmo.model.reward import RewardModel
 from kosmo.train.lm import lm_loss
@@ -101,7 +102,7 @@ def with_few_shot(messages: list[dict], shots: list[dict]) -> list[dict]:
 
 
 @dataclass
-class SLConfig:
+class SLConfig(lora.LoRAStage):
     train: TrainConfig = field(default_factory=TrainConfig)
     constitution: str = str(DEFAULT_CONSTITUTION)
     rounds: int = 1               # critique -> revision rounds per answer
@@ -176,7 +177,8 @@ def build_sl(cfg: SLConfig, data: list, tok, init_model=None):
         ids, target, _, _ = chat.render(p.messages + [{"role": "assistant", "content": answer}], tok, k)
         examples.append(Example(ids[:max_len], target[:max_len], p.images, "chat"))
     train = MultimodalDataset(examples, bank)
-    return A.freeze_vision(init_model), (mllm_loss if k else lm_loss), train, None
+    model = lora.adapt(init_model, cfg.lora) if cfg.freeze == "lora" else A.freeze_vision(init_model)
+    return model, (mllm_loss if k else lm_loss), train, None
 
 
 # ---- the RL stage: AI feedback -> preference model ----------------------------------------------------------------
@@ -257,6 +259,6 @@ def build_rl(cfg: RLConfig, data: list, tok, init_model=None):
     print(f"cai-rl: {len(pairs)} AI-labelled pairs, mean confidence "
           f"{sum(p.prob for p in pairs) / len(pairs):.3f}", file=sys.stderr)
     train, val = split(pairs, cfg.val_fraction)
-    model = A.freeze_vision(RewardModel.from_model(init_model))
+    model = adapted(RewardModel.from_model(init_model), cfg)
     return (model, make_loss(cfg), A.PairDataset(train, tok, bank, max_len),
             A.PairDataset(val, tok, bank, max_len) if val else None)

@@ -12,6 +12,8 @@ the margin it asks for would be the same for a reply of 3 tokens and one of 300.
     kosmo train dpo --init runs/sft --data prefs.jsonl loss=ipo
 
 The reference log-probs are computed once before training, so only the policy is held in memory.
+With `freeze=lora` the policy trains through adapters (`kosmo.model.lora`); their zero start makes the
+adapted policy its own reference at step 0, as in full fine-tuning.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kosmo import hardware
 from kosmo.align import data as A
 from kosmo.align.reward import split
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.causal_lm import CausalLM
 from kosmo.train.trainer import TrainConfig
 
@@ -32,7 +35,7 @@ LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass
-class StageConfig:
+class StageConfig(lora.LoRAStage):
     train: TrainConfig = field(default_factory=TrainConfig)
     label: A.LabelConfig = field(default_factory=A.LabelConfig)
     seq_len: int = 256
@@ -42,6 +45,7 @@ class StageConfig:
     image_mode: str = "crop"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.beta <= 0:
@@ -98,4 +102,5 @@ def build(cfg: StageConfig, data: list, tok, init_model=None):
     for s in sets:
         if s is not None:
             s.ref = reference_logprobs(init_model, s, cfg.train, per_token=cfg.loss == "ipo")
-    return A.freeze_vision(init_model), make_loss(cfg), sets[0], sets[1]
+    model = lora.adapt(init_model, cfg.lora) if cfg.freeze == "lora" else A.freeze_vision(init_model)
+    return model, make_loss(cfg), sets[0], sets[1]

@@ -15,13 +15,16 @@ then `epochs` passes of clipped updates over `minibatches` slices of that experi
   the log-probs of the rollout and of the first update agree exactly.
 
 The run publishes the policy (model.safetensors loads like any LM or multimodal run); its resumable
-state also holds the value model and the KL coefficient.
+state also holds the value model and the KL coefficient. With `freeze=lora` the policy and the value
+model's backbone train through adapters (the value head whole), the run publishes the policy's
+adapters, and the reference is the policy with its adapters switched off rather than a copy of it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +35,7 @@ from kosmo.align import data as A
 from kosmo.align.reward import rewards
 from kosmo.errors import KosmoError
 from kosmo.generate import Sampling
+from kosmo.model import lora
 from kosmo.model.causal_lm import CausalLM
 from kosmo.model.reward import RewardModel
 from kosmo.tokenizer import END_OF_TURN
@@ -41,7 +45,7 @@ from kosmo.train.trainer import Trainer as BaseTrainer
 
 
 @dataclass
-class StageConfig:
+class StageConfig(lora.LoRAStage):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, max_steps=100,
                                                                    batch_size=32, weight_decay=0.0))
     reward: str = ""                 # the reward-model run
@@ -150,7 +154,7 @@ class Experience:
 class PPO:
     """Rollouts and the PPO loss: what the trainer's loss function is for the other stages."""
 
-    def __init__(self, cfg: StageConfig, reference: nn.Module, reward_model: RewardModel, bank, max_len: int):
+    def __init__(self, cfg: StageConfig, reference: Callable, reward_model: RewardModel, bank, max_len: int):
         self.cfg, self.reference, self.reward_model = cfg, reference, reward_model
         self.bank, self.max_len = bank, max_len
 
@@ -254,8 +258,9 @@ class Trainer(BaseTrainer):
     def save(self):
         super().save()
         if self.env.main:  # the run's model is the policy; the critic lives in the resumable state only
-            checkpoint.save_tensors(self.out / "model.safetensors",
-                                    checkpoint.model_tensors(D.unwrap(self.model).policy))
+            policy = D.unwrap(self.model).policy
+            tensors = lora.trained_tensors(policy) if self.adapted else checkpoint.model_tensors(policy)
+            checkpoint.save_tensors(self.out / self.weights_file, tensors)
 
 
 def build(cfg: StageConfig, data: list, tok, init_model=None):
@@ -276,8 +281,13 @@ def build(cfg: StageConfig, data: list, tok, init_model=None):
     prompts = A.read_prompts(data, tok, k, max_len - cfg.max_new_tokens)
     bank = A.image_bank(init_model, prompts, cfg.image_mode)
     device = hardware.pick_device(cfg.train.device)
-    reference = copy.deepcopy(init_model).requires_grad_(False).eval().to(device)
     reward_model.requires_grad_(False).eval().to(device)
     value, _, _ = load_run(cfg.reward)
-    model = ActorCritic(A.freeze_vision(init_model), A.freeze_vision(value), cfg.kl_coef)
+    if cfg.freeze == "lora":
+        policy, value = lora.adapt(init_model, cfg.lora), lora.adapt(value, cfg.lora, train=(value.head,))
+        reference = lora.without_adapters(policy)
+    else:
+        reference = copy.deepcopy(init_model).requires_grad_(False).eval().to(device)
+        policy, value = A.freeze_vision(init_model), A.freeze_vision(value)
+    model = ActorCritic(policy, value, cfg.kl_coef)
     return model, PPO(cfg, reference, reward_model, bank, max_len), Prompts(prompts), None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kosmo.align import data as A
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.reward import RewardModel
 from kosmo.tokenizer import PAD
 from kosmo.train.trainer import TrainConfig
@@ -42,7 +43,7 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
 
 
 @dataclass
-class StageConfig:
+class StageConfig(lora.LoRAStage):
     train: TrainConfig = field(default_factory=TrainConfig)
     label: A.LabelConfig = field(default_factory=A.LabelConfig)
     seq_len: int = 256
@@ -63,6 +64,12 @@ def make_loss(cfg: StageConfig):
     return reward_loss
 
 
+def adapted(model: RewardModel, cfg: StageConfig) -> RewardModel:
+    """The reward model to train: its backbone through adapters (`freeze=lora`) and its head whole, or
+    everything but an image encoder."""
+    return lora.adapt(model, cfg.lora, train=(model.head,)) if cfg.freeze == "lora" else A.freeze_vision(model)
+
+
 def split(pairs: list, val_fraction: float) -> tuple[list, list]:
     """Held-out pairs are whole prompts, so no prompt is both trained and tested on."""
     keys = list(dict.fromkeys(id(p.prompt) for p in pairs))
@@ -78,7 +85,8 @@ def build(cfg: StageConfig, data: list, tok, init_model=None):
     if isinstance(init_model, RewardModel) and not A.has_pairs(data):
         raise KosmoError("--init is a reward model, which cannot sample replies: give preference pairs")
     pairs, bank = A.load_pairs(cfg.label, data, tok, sampler, min(cfg.seq_len, context), cfg.train.seed)
-    model = A.freeze_vision(init_model if isinstance(init_model, RewardModel) else RewardModel.from_model(init_model))
+    model = init_model if isinstance(init_model, RewardModel) else RewardModel.from_model(init_model)
+    model = adapted(model, cfg)
     train, val = split(pairs, cfg.val_fraction)
     if not train:
         raise KosmoError(f"no training pairs left after holding out val_fraction={cfg.val_fraction}")

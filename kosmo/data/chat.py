@@ -6,7 +6,8 @@ A clip is `<audio>{N x <|audio_pad|>}</audio>`, N following its length (the mode
 
 Role markers and `<|end|>` are special tokens inserted by id, so no text can forge a turn. In
 training only the assistant's words and its `<|end|>` are targets: the model learns to answer and
-to stop, never to write the user's side.
+to stop, never to write the user's side. `JINJA_TEMPLATE` is the same format for transformers'
+`apply_chat_template`, which writes one `<|image_pad|>` per image for a LLaVA processor to expand.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ from kosmo.tokenizer import (
 )
 
 ROLES = tuple(ROLE_IDS)
+
+JINJA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['image', 'image_url'] %}{{ '<image><|image_pad|></image>' }}"
+    "{% else %}{{ raise_exception('content parts are text or image') }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 
 
 class Rendered(NamedTuple):

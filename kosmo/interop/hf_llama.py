@@ -12,10 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from kosmo import checkpoint
+from kosmo.data.chat import JINJA_TEMPLATE
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.lm import LM, LMConfig
+from kosmo.tokenizer import BOS, END_OF_TURN, EOS, PAD
 
-# kosmo name (per layer, after "blocks.{i}.") -> HF names (after "model.layers.{i}.") concatenated in order
+# kosmo name (per layer, after "blocks.{i}.") -> HF names (after "{body}layers.{i}.") concatenated in order
 LAYER_MAP = {
     "attn_norm.weight": ["input_layernorm.weight"],
     "attn.qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
@@ -24,8 +27,7 @@ LAYER_MAP = {
     "mlp.gate_up.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
     "mlp.down.weight": ["mlp.down_proj.weight"],
 }
-GLOBAL_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
+BODY_MAP = {"embed.weight": "embed_tokens.weight", "norm.weight": "norm.weight"}  # after the body, "model." in Llama
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> LMConfig:
@@ -80,19 +82,22 @@ def import_hf(path: str | Path) -> LM:
         cfg = config_from_hf(hf_cfg, str(path / "config.json"))
     except KeyError as e:
         raise KosmoError(f"{path / 'config.json'}: missing field {e}") from None
-    hf = _read_hf_tensors(path)
-    if cfg.tie_embeddings:
-        hf.setdefault("lm_head.weight", hf.get("model.embed_tokens.weight"))
     model = LM(cfg)
-    state = {}
-    for kosmo_name, hf_name in GLOBAL_MAP.items():
-        state[kosmo_name] = _take(hf, hf_name, path)
+    checkpoint.load_weights(model, _lm_state(_read_hf_tensors(path), cfg, path), path)
+    return model.eval()
+
+
+def _lm_state(hf: dict, cfg: LMConfig, path: Path, body: str = "model.", head: str = "lm_head.weight") -> dict:
+    """kosmo's LM state (fp32) from HF tensors whose decoder is under `body` and whose head is `head`."""
+    if cfg.tie_embeddings:
+        hf.setdefault(head, hf.get(body + BODY_MAP["embed.weight"]))
+    state = {k: _take(hf, body + name, path) for k, name in BODY_MAP.items()}
+    state["lm_head.weight"] = _take(hf, head, path)
     for i in range(cfg.n_layers):
         for kosmo_name, hf_names in LAYER_MAP.items():
-            parts = [_take(hf, f"model.layers.{i}.{n}", path) for n in hf_names]
+            parts = [_take(hf, f"{body}layers.{i}.{n}", path) for n in hf_names]
             state[f"blocks.{i}.{kosmo_name}"] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-    checkpoint.load_weights(model, {k: v.float() for k, v in state.items()}, path)
-    return model.eval()
+    return {k: v.float() for k, v in state.items()}
 
 
 def _take(tensors: dict, name: str, path: Path) -> torch.Tensor:
@@ -101,29 +106,78 @@ def _take(tensors: dict, name: str, path: Path) -> torch.Tensor:
     return tensors[name]
 
 
-def export_hf(model: LM, out: str | Path, tokenizer=None, dtype=torch.float32) -> Path:
-    """Writes config.json, model.safetensors and (given a tokenizer) tokenizer files for transformers."""
+def fused_sizes(cfg: LMConfig) -> dict[str, list[int]]:
+    """The output sizes of the Llama projections each fused kosmo weight stacks."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}
+
+
+def export_peft_adapter(model: LM, lora_cfg: lora.LoRAConfig, out: str | Path) -> Path:
+    """Writes the adapters of `model` (unmerged) as a PEFT LoRA adapter (adapter_config.json +
+    adapter_model.safetensors) over the Llama export of its base. A fused layer's update B A splits by
+    B's rows into one pair per projection that shares A, which PEFT computes exactly as kosmo does."""
     out = Path(out)
-    cfg = model.cfg
+    if not isinstance(model, LM) or not lora.adapters(model):
+        raise KosmoError("only a text LM with LoRA adapters exports them for a Llama base")
+    split, tensors = fused_sizes(model.cfg), {}
+    for i, block in enumerate(model.blocks):
+        for target in lora_cfg.targets:
+            layer = block.get_submodule(lora.TARGETS[target])
+            weight = f"{lora.TARGETS[target]}.weight"
+            parts = layer.lora_b.split(split[weight], 0) if weight in split else [layer.lora_b]
+            for hf_name, b in zip(LAYER_MAP[weight], parts):
+                prefix = f"base_model.model.model.layers.{i}.{hf_name.removesuffix('.weight')}"
+                tensors[f"{prefix}.lora_A.weight"] = layer.lora_a.detach().clone()  # one A per projection
+                tensors[f"{prefix}.lora_B.weight"] = b
+    checkpoint.save_tensors(out / "adapter_model.safetensors", tensors)
+    modules = sorted({n.removesuffix(".weight").split(".")[-1] for t in lora_cfg.targets
+                      for n in LAYER_MAP[f"{lora.TARGETS[t]}.weight"]})
+    checkpoint.write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "base_model_name_or_path": None})
+    return out
+
+
+def _lm_tensors(model: LM, dtype, body: str = "model.", head: str = "lm_head.weight") -> dict:
+    """HF tensors of kosmo's LM: the decoder under `body`, the head (unless tied) as `head`."""
+    cfg, sd = model.cfg, model.state_dict()
     if cfg.smear_keys:
         raise KosmoError("model.smear_keys=true has no counterpart in transformers' Llama; it cannot be exported")
-    sd = model.state_dict()
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    split = {"attn.qkv.weight": [q, kv, kv], "mlp.gate_up.weight": [cfg.hidden_dim, cfg.hidden_dim]}
-    tensors = {hf: sd[k].to(dtype) for k, hf in GLOBAL_MAP.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    if lora.adapters(model):  # their tensors have no Llama name: the export would silently be the base
+        raise KosmoError("the model has LoRA adapters: merge them into its weights first (kosmo.model.lora.merge)")
+    split = fused_sizes(cfg)
+    tensors = {body + hf: sd[k].to(dtype) for k, hf in BODY_MAP.items()}
+    if not cfg.tie_embeddings:
+        tensors[head] = sd["lm_head.weight"].to(dtype)
     for i in range(cfg.n_layers):
         for kosmo_name, hf_names in LAYER_MAP.items():
             w = sd[f"blocks.{i}.{kosmo_name}"].to(dtype)
             parts = w.split(split[kosmo_name], 0) if kosmo_name in split else [w]
             for name, part in zip(hf_names, parts):
-                tensors[f"model.layers.{i}.{name}"] = part
-    checkpoint.save_tensors(out / "model.safetensors", tensors)
+                tensors[f"{body}layers.{i}.{name}"] = part
+    return tensors
+
+
+def write_generation_files(out: Path, tokenizer, max_len: int):
+    """generation_config.json and, given a tokenizer, tokenizer.json with a tokenizer_config.json that names
+    the special tokens and carries kosmo's chat template. Generation stops at a turn's end as at a document's."""
+    checkpoint.write_json(out / "generation_config.json", {"bos_token_id": BOS, "eos_token_id": [EOS, END_OF_TURN],
+                                                           "pad_token_id": PAD})
+    if tokenizer is None:
+        return
+    tokenizer.save(out / "tokenizer.json")
+    checkpoint.write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "model_max_length": max_len, "chat_template": JINJA_TEMPLATE})
+
+
+def export_hf(model: LM, out: str | Path, tokenizer=None, dtype=torch.float32) -> Path:
+    """Writes config.json, model.safetensors and (given a tokenizer) tokenizer files for transformers."""
+    out = Path(out)
+    cfg = model.cfg
+    checkpoint.save_tensors(out / "model.safetensors", _lm_tensors(model, dtype))
     hf_cfg = config_to_hf(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     checkpoint.write_json(out / "config.json", hf_cfg)
-    checkpoint.write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
-    if tokenizer is not None:
-        tokenizer.save(out / "tokenizer.json")
-        checkpoint.write_json(out / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-            "pad_token": "<pad>", "model_max_length": cfg.max_seq_len})
+    write_generation_files(out, tokenizer, cfg.max_seq_len)
     return out

@@ -29,9 +29,16 @@ def key_span(n: int) -> int:
 
 
 class KVCache:
-    def __init__(self, cfg, batch: int, max_len: int, dtype=torch.float32, device=None):
-        """Room for `max_len` positions per row of `batch`, for an LM of config `cfg` (LMConfig)."""
+    def __init__(self, cfg, batch: int, max_len: int, dtype=torch.float32, device=None, static: bool = False):
+        """Room for `max_len` positions per row of `batch`, for an LM of config `cfg` (LMConfig).
+
+        static: every decode step (a forward of one token a row) attends over all rows and the whole
+        room, each row masked to its own keys, so its shapes never change and it reads no tensor's value
+        on the host: what `torch.compile` needs to capture a decode step as one graph
+        (`kosmo.generate.compiled_decode`). The caller keeps within `max_len`, which such a step cannot
+        check without a host sync. Prefills run as in a dynamic cache."""
         self.max_len = max_len
+        self.static = static
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, key_span(max_len), cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -61,6 +68,11 @@ class KVCache:
         """Starts a forward of T tokens per row, of which the first n_new ((B,) or one count; T by
         default) are real and the rest padding; returns the (B, T) positions of the tokens."""
         pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        if self.static and T == 1:
+            n_new = torch.full_like(self.lengths, T) if n_new is None else torch.as_tensor(n_new, device=pos.device)
+            span = torch.arange(self.k.shape[3], device=pos.device)
+            self.step = _Step(pos, n_new.expand(self.batch), slice(None), (span <= pos[:, :, None])[:, None])
+            return pos
         if T and int(pos[:, -1].max()) >= self.max_len:
             raise ValueError(f"KV cache is full: {int(pos[:, -1].max()) + 1} positions needed, "
                              f"{self.max_len} allocated")
@@ -105,7 +117,7 @@ class KVCache:
                                                  attn_mask=mask).view(n, Hq, 1, d)
         else:
             out = F.scaled_dot_product_attention(q[r], keys, values, attn_mask=mask, enable_gqa=Hq != Hkv)
-        if n == B:
+        if self.static or n == B:
             return out
         y = torch.zeros_like(q)
         y[r] = out

@@ -17,6 +17,7 @@ and evaluation use this interface and nothing else of a model.
     hidden(idx, images, audio, cache=..., ...)   the final norm's hidden states (a reward model reads these)
     forward(idx, images, audio, cache=..., ...)  the vocabulary logits
     new_cache(batch, max_len, ...)        a KV cache this model's forward can extend
+    decode_step(tok, cache)               the (B, V) logits after one more token per row of the cache
 
 Images and audio come with the first chunk of a sequence; what a cached sequence continues with is
 text, even an `<|image_pad|>` the model generated, which has no picture to show.
@@ -94,10 +95,15 @@ class CausalLM(nn.Module):
                                        use_reentrant=False)
         return total
 
-    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None, max_images: int = 0) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None, max_images: int = 0,
+                  static: bool = False) -> KVCache:
         """A cache of `batch` rows of `max_len` positions; `max_images`: the most images a row brings
-        (a model that keeps images beside the keys needs room for them)."""
-        return KVCache(self.decoder.cfg, batch, max_len, dtype, device)
+        (a model that keeps images beside the keys needs room for them); `static`: see `KVCache`."""
+        return KVCache(self.decoder.cfg, batch, max_len, dtype, device, static)
+
+    def decode_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The (B, V) logits after feeding tok (B,), one token to each row of the cache."""
+        return self(tok[:, None], cache=cache, last_only=True)[:, -1]
 
 
 def _summed_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

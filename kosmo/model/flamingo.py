@@ -159,8 +159,9 @@ class FlamingoCache(KVCache):
     the sequence has reached. The room is fixed, so a row's cross-attention has the same shape
     whatever the other rows hold."""
 
-    def __init__(self, cfg: LMConfig, batch: int, max_len: int, dtype, device, media_tokens: int, media_dim: int):
-        super().__init__(cfg, batch, max_len, dtype, device)
+    def __init__(self, cfg: LMConfig, batch: int, max_len: int, dtype, device, media_tokens: int, media_dim: int,
+                 static: bool = False):
+        super().__init__(cfg, batch, max_len, dtype, device, static)
         self.media = torch.zeros(batch, media_tokens, media_dim, dtype=dtype, device=device)
         self.media_image = torch.full((batch, media_tokens), -1, dtype=torch.long, device=device)
         self.images_seen = torch.zeros(batch, dtype=torch.long, device=device)
@@ -215,9 +216,9 @@ class Flamingo(CausalLM):
         return self.cfg.vision.image_size
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None,
-                  max_images: int = 0) -> FlamingoCache:
+                  max_images: int = 0, static: bool = False) -> FlamingoCache:
         return FlamingoCache(self.cfg.lm, batch, max_len, dtype, device, max_images * self.cfg.latents,
-                             self.cfg.vision.dim)
+                             self.cfg.vision.dim, static)
 
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, H, W) -> (M, latents, vision.dim)."""

@@ -276,7 +276,8 @@ class LM(CausalLM):
         end = T
         if cache is not None:
             pos = cache.begin(T, n_new)
-            end = int(pos[:, -1].max()) + 1 if T else 0
+            # a static cache's forward reads nothing back to the host; its caller keeps within its room
+            end = 0 if cache.static and T == 1 else int(pos[:, -1].max()) + 1 if T else 0
         elif segments is not None:
             pos, mask = segment_positions(segments), segment_mask(segments)
         else:

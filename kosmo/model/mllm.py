@@ -9,7 +9,8 @@ The token ids carry `<|image_pad|>` (`<|audio_pad|>`) where image (audio) embedd
 of ids describes any number of images and clips anywhere in any row; the i-th image of a batch (rows
 in order) fills the i-th run of pads, and the i-th clip the i-th run of audio pads. Freezing follows
 KOSMOS-1 and LLaVA: the encoders frozen (optionally the image encoder but its last block), then either
-the connectors alone (stage 1) or the connectors and the LM (stage 2).
+the connectors alone (stage 1) or the connectors and the LM (stage 2), in full or, with `lora`, through
+adapters on its linear layers (`kosmo.model.lora`, added by the stage).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kosmo.model.vision import ImageLMConfig, VisionTransformer
 from kosmo.model.vqvae import VQVAE, VQVAEConfig
 from kosmo.tokenizer import AUDIO_PAD, IMAGE_PAD
 
-FREEZE = ("connector", "connector+lm", "all")
+FREEZE = ("connector", "connector+lm", "all", "lora")
 
 
 @dataclass
@@ -155,6 +156,10 @@ class MLLM(CausalLM):
             return self.lm.hidden(idx, **kw)
         return self.lm.transform(self.embed_inputs(idx, images, audio), **kw)
 
+    def decode_step(self, tok: torch.Tensor, cache) -> torch.Tensor:
+        # what a cached sequence continues with is text: the LM's own step, without the media checks
+        return self.lm.decode_step(tok, cache)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.vqvae is not None:
@@ -162,7 +167,8 @@ class MLLM(CausalLM):
         return self
 
     def freeze(self, policy: str, vision_last_block: bool = False):
-        """Sets requires_grad per the policy; frozen leading encoder blocks then build no autograd graph."""
+        """Sets requires_grad per the policy; frozen leading encoder blocks then build no autograd graph.
+        `lora` freezes as `connector` does: the LM's adapters, added after, are what train of it."""
         if policy not in FREEZE:
             raise ValueError(f"freeze must be one of {', '.join(FREEZE)}, got {policy!r}")
         self.requires_grad_(policy == "all")

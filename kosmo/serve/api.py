@@ -10,6 +10,12 @@ each a drawing request in the same batch as the text ones, and returns them as b
 size or an integer multiple of it (nearest-neighbour, so every pixel stays a crisp square); `guidance_scale`,
 `temperature` and `seed` are kosmo's extra fields.
 
+Text completions take what lm-evaluation-harness's `local-completions` model sends: a prompt of text or token ids,
+or a batch of either, and `echo` with `logprobs`, which scores every prompt token in one forward pass of the model
+(`kosmo.serve.score`); `max_tokens` 0 then generates nothing, and the one token of `max_tokens` 1 (lm-eval's
+loglikelihood request) is sampled from that same pass, as the engine would sample it. /tokenizer_info, /tokenize
+and /detokenize are vLLM's tokenizer endpoints, which lm-eval's `tokenizer_backend=remote` calls.
+
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad values (bad audio among them) are 400, values of the wrong type 422, a wrong key 401, an unknown
 model 404, an oversized body or image 413, a full queue 429, an engine that is not running 503. Nothing
@@ -24,6 +30,7 @@ import binascii
 import dataclasses
 import hmac
 import io
+import itertools
 import json
 import re
 import time
@@ -41,14 +48,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from kosmo.data.audio import HOP_LENGTH, MAX_SECONDS, SAMPLE_RATE, Clips, batch_clips, clip_features, decode_audio_bytes
-from kosmo.data.chat import audio_block, render
+from kosmo.data.chat import JINJA_TEMPLATE, audio_block, render
 from kosmo.data.images import preprocess
 from kosmo.draw import DrawSampling, prompt_ids
 from kosmo.errors import KosmoError
-from kosmo.serve.engine import Engine, Event, Params, Picture, QueueFull
+from kosmo.serve.engine import Engine, Event, Params, Picture, QueueFull, TextStream, sample_event, seeded
 from kosmo.serve.engine import Request as EngineRequest
 from kosmo.serve.media import MediaError, MediaPolicy, load_image
-from kosmo.tokenizer import BOS
+from kosmo.serve.score import Scored, Scorer
+from kosmo.tokenizer import AUDIO_PAD, BOS, EOS, IMAGE_PAD, PAD, SPECIAL_TOKENS
 
 PLAYGROUND = Path(__file__).parent / "static" / "index.html"
 
@@ -139,8 +147,21 @@ class ChatRequest(Sampled):
 
 
 class CompletionRequest(Sampled):
-    prompt: str
+    prompt: str | list[int] | list[str] | list[list[int]]  # text or token ids; a list of either is a batch
+    max_tokens: int | None = Field(None, ge=0)  # 0, with echo: score the prompt only
+    echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class TokenizeRequest(Schema):
+    prompt: str
+    add_special_tokens: bool = True  # vLLM's meaning: <s> first
+    model: str | None = None
+
+
+class DetokenizeRequest(Schema):
+    tokens: list[int]
+    model: str | None = None
 
 
 class ImageRequest(Schema):
@@ -160,6 +181,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                media: MediaPolicy = MediaPolicy(), limits: Limits = Limits()) -> FastAPI:
     app = FastAPI(title="kosmo", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    scorer = Scorer(engine)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -224,16 +246,62 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         audio = batch_clips(clips, engine.model.n_mels) if clips else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = make_params(body, ids, max_tokens, engine, (body.top_logprobs or 0) if body.logprobs else None)
-        return await respond(request, engine, tokenizer, body, ids, images, params, model_name, chat=True,
-                             audio=audio)
+        requests, events = submit(engine, [ids], [params], body.n, images, audio)
+        reply = Reply(tokenizer, model_name, len(ids), body.n, chat=True)
+        if body.stream:
+            return streamed(reply, events, requests, body)
+        return await collect(request, reply, events, requests)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         body = parse(CompletionRequest, await read_body(request, limits.max_body_bytes))
         check_common(body, model_name, limits)
-        ids = [BOS] + tokenizer.encode(body.prompt)
-        params = make_params(body, ids, body.max_tokens, engine, body.logprobs)
-        return await respond(request, engine, tokenizer, body, ids, None, params, model_name, chat=False)
+        prompts = completion_prompts(body.prompt, tokenizer, engine)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 is for scoring the prompt, with echo", param="max_tokens")
+        if body.echo and body.stream:
+            raise APIError(400, "echo is not served with stream", param="echo")
+        if body.max_tokens == 0:
+            for i, ids in enumerate(prompts):
+                if len(ids) > engine.context:
+                    raise APIError(400, f"prompt[{i}] is {len(ids)} tokens; this model's context is {engine.context}",
+                                   code="context_length_exceeded", param="prompt")
+        params = [] if body.max_tokens == 0 else [make_params(body, ids, body.max_tokens, engine, body.logprobs,
+                                                              "prompt") for ids in prompts]
+        if not engine.alive:
+            raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
+        reply = Reply(tokenizer, model_name, sum(map(len, prompts)), len(prompts) * body.n, chat=False)
+        if body.echo:
+            await echo(reply, scorer, prompts, params, body, tokenizer)
+            if body.max_tokens in (0, 1):
+                return reply.whole()
+        requests, events = submit(engine, prompts, params, body.n, None, None)
+        if body.stream:
+            return streamed(reply, events, requests, body)
+        return await collect(request, reply, events, requests)
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info():
+        # vLLM's fields, which lm-eval's remote tokenizer reads; the chat template renders as kosmo.data.chat does
+        return {"tokenizer_class": "kosmo.tokenizer.Tokenizer", "bos_token": SPECIAL_TOKENS[BOS],
+                "eos_token": SPECIAL_TOKENS[EOS], "pad_token": SPECIAL_TOKENS[PAD], "chat_template": JINJA_TEMPLATE,
+                "model_max_length": engine.context}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request):
+        body = parse(TokenizeRequest, await read_body(request, limits.max_body_bytes))
+        check_model(body.model, model_name)
+        # as vLLM's Hugging Face tokenizers do, a special token's string here is that token: lm-eval finds the
+        # ids of <s> and </s> by tokenizing them (the completions endpoint keeps such strings as text)
+        tokens = [BOS] * body.add_special_tokens + tokenizer.encode_with_specials(body.prompt)
+        return {"count": len(tokens), "max_model_len": engine.context, "tokens": tokens}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request):
+        body = parse(DetokenizeRequest, await read_body(request, limits.max_body_bytes))
+        check_model(body.model, model_name)
+        check_ids(body.tokens, engine.model.text_vocab, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special=False)}
 
     @app.post("/v1/audio/transcriptions", dependencies=auth)
     async def transcriptions(request: Request):
@@ -259,7 +327,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         # `language` and `prompt` are taken but unused: the model was taught one format, the clip then its words
         ids = [BOS, *audio_block(engine.model.audio_tokens(clip.shape[-1]))]
         params = Params(max_tokens=engine.context - len(ids), temperature=temperature)
-        requests, events = submit(engine, ids, params, 1, None, batch_clips([clip], engine.model.n_mels))
+        requests, events = submit(engine, [ids], [params], 1, None, batch_clips([clip], engine.model.n_mels))
         reply = Reply(tokenizer, model_name, len(ids), 1, chat=False)
         whole = await collect(request, reply, events, requests)
         if isinstance(whole, JSONResponse):
@@ -300,7 +368,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if draw.cfg != 1 and engine.max_batch < 2:
             raise APIError(400, "guidance_scale: a guided picture needs 2 slots and this server decodes 1 at a "
                            "time (guidance_scale 1 draws without guidance)", param="guidance_scale")
-        requests, events = submit(engine, ids, None, n, None, None, draw)
+        requests, events = submit(engine, [ids], None, n, None, None, draw)
         return await collect(request, Pictures(n, scale), events, requests)
 
     return app
@@ -383,6 +451,34 @@ def _is_type_tag(loc) -> bool:
     return isinstance(loc, str) and (loc in ("str", "int", "float", "bool") or "[" in loc or "-" in loc)
 
 
+def completion_prompts(prompt: str | list, tokenizer, engine: Engine) -> list[list[int]]:
+    """The token ids of each prompt of a completion request: a text is read after <s>, token ids as they are."""
+    if not prompt and isinstance(prompt, list):
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    prompts = []
+    for i, p in enumerate(batch):
+        where = "prompt" if batch[0] is prompt else f"prompt[{i}]"
+        if isinstance(p, str):
+            prompts.append([BOS] + tokenizer.encode(p))
+            continue
+        if not p:
+            raise APIError(400, f"{where}: must not be empty", param="prompt")
+        check_ids(p, engine.model.text_vocab, where)
+        if placeholders := {IMAGE_PAD, AUDIO_PAD} & set(p):
+            raise APIError(400, f"{where}: token {min(placeholders)} holds the place of image or audio embeddings; "
+                           "send pictures and sound through /v1/chat/completions", param="prompt")
+        prompts.append(p)
+    return prompts
+
+
+def check_ids(ids: list[int], vocab: int, where: str):
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"{where}[{bad}]: token {ids[bad]} is not in this model's vocabulary of {vocab}",
+                       param=where.partition("[")[0])
+
+
 def check_model(model: str | None, model_name: str):
     if model not in (None, model_name):
         raise APIError(404, f"model {model!r} does not exist (this server serves {model_name!r})",
@@ -396,11 +492,11 @@ def check_common(body: Sampled, model_name: str, limits: Limits):
 
 
 def make_params(body: Sampled, ids: list[int], max_tokens: int | None, engine: Engine,
-                logprobs: int | None) -> Params:
+                logprobs: int | None, param: str = "messages") -> Params:
     room = engine.context - len(ids)
     if room < 1:
         raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {engine.context}",
-                       code="context_length_exceeded", param="messages")
+                       code="context_length_exceeded", param=param)
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"max_tokens {max_tokens} + the prompt's {len(ids)} tokens exceed this model's "
                        f"context of {engine.context}", code="context_length_exceeded", param="max_tokens")
@@ -472,34 +568,54 @@ def hear(data: bytes, where: str, engine: Engine, limits: Limits) -> torch.Tenso
 
 # ---- responses
 
-async def respond(http: Request, engine: Engine, tokenizer, body: Sampled, ids: list[int], images, params: Params,
-                  model_name: str, chat: bool, audio: Clips | None = None):
-    requests, events = submit(engine, ids, params, body.n, images, audio)
-    reply = Reply(tokenizer, model_name, len(ids), body.n, chat)
-    if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    return await collect(http, reply, events, requests)
+async def echo(reply: "Reply", scorer: Scorer, prompts: list[list[int]], params: list[Params],
+               body: CompletionRequest, tokenizer):
+    """Starts each prompt's choices with the prompt, scored if `logprobs` asks. With max_tokens 1 (lm-eval's
+    loglikelihood request) it also finishes them: their one token is sampled, as the engine samples, from the
+    scoring pass's last position, so the prompt is read once."""
+    scores = None
+    if body.logprobs is not None or body.max_tokens == 1:
+        try:
+            scores = await asyncio.to_thread(scorer, prompts, body.logprobs or 0)
+        except Exception as e:
+            raise APIError(500, f"scoring failed ({type(e).__name__})", type="server_error") from None
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            reply.echo(p * body.n + i, ids, None if body.logprobs is None else scores[p])
+            if body.max_tokens == 1:
+                sample = nth_sample(params[p], i)
+                reply.add(p * body.n + i, sample_event(scores[p].next, sample, TextStream(tokenizer, sample.stop),
+                                                       seeded(sample.seed, scorer.device), 1))
 
 
-def submit(engine: Engine, ids: list[int], params: Params | None, n: int, images, audio: Clips | None,
-           draw: DrawSampling | None = None) -> tuple[list[EngineRequest], asyncio.Queue]:
-    """n samples of one prompt into the engine, texts or (with `draw`) pictures; their events arrive on the
-    queue as (choice, event)."""
+def nth_sample(params: Params, i: int) -> Params:
+    """The params of a prompt's i-th sample: n samples of one seed still differ."""
+    return dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+
+
+def streamed(reply: "Reply", events: asyncio.Queue, requests: list[EngineRequest], body: Sampled):
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(stream(reply, events, requests, usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def submit(engine: Engine, prompts: list[list[int]], params: list[Params] | None, n: int, images,
+           audio: Clips | None, draw: DrawSampling | None = None) -> tuple[list[EngineRequest], asyncio.Queue]:
+    """n samples of each prompt into the engine, texts (prompt p with params[p]) or (with `draw`) pictures; their
+    events arrive on the queue as (choice, event), the choices of prompt p numbered p * n to p * n + n - 1."""
     if not engine.alive:
         raise APIError(503, "the generation engine is not running", code="engine_down", type="server_error")
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     requests = []
-    for i in range(n):
-        emit = (lambda i: lambda e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))(i)
-        if draw is not None:  # picture i of a seeded request is `kosmo.draw`'s picture i of that seed
-            seed = None if draw.seed is None else draw.seed + i
-            requests.append(EngineRequest(ids, None, emit, draw=dataclasses.replace(draw, seed=seed)))
-            continue
-        seed = None if params.seed is None else params.seed + i  # n samples of one seed still differ
-        requests.append(EngineRequest(ids, dataclasses.replace(params, seed=seed), emit, images, audio))
+    for p, ids in enumerate(prompts):
+        for i in range(n):
+            emit = (lambda c: lambda e: loop.call_soon_threadsafe(events.put_nowait, (c, e)))(p * n + i)
+            if draw is not None:  # picture i of a seeded request is `kosmo.draw`'s picture i of that seed
+                seed = None if draw.seed is None else draw.seed + i
+                requests.append(EngineRequest(ids, None, emit, draw=dataclasses.replace(draw, seed=seed)))
+                continue
+            requests.append(EngineRequest(ids, nth_sample(params[p], i), emit, images, audio))
     try:
         for r in requests:
             engine.submit(r)
@@ -582,19 +698,36 @@ class Reply:
         self.finish[i] = event.finish
         return int(event.finish is not None)
 
-    def logprob_entry(self, e: Event) -> dict:
-        def piece(token: int, logprob: float) -> dict:
-            text = self.tokenizer.decode([token])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-        return {**piece(e.token, e.logprob), "top_logprobs": [piece(t, lp) for t, lp in e.top]}
+    def echo(self, i: int, ids: list[int], scored: Scored | None):
+        """Starts choice i with its prompt, as `echo` asks; with the prompt's scores, its tokens' log-probabilities
+        too (the first token's, which nothing comes before, is null)."""
+        self.text[i] = self.tokenizer.decode(ids)
+        self.finish[i] = "length"  # where nothing is generated after it
+        if scored is not None:
+            first = {**self.piece(ids[0], None), "top_logprobs": None}
+            self.logprobs[i] = [first] + [self.logprob_entry(Event(t, "", lp, top))
+                                          for t, lp, top in zip(ids[1:], scored.logprobs, scored.top)]
 
-    def logprobs_of(self, entries: list[dict]) -> dict | None:
+    def piece(self, token: int, logprob: float | None) -> dict:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def logprob_entry(self, e: Event) -> dict:
+        return {**self.piece(e.token, e.logprob), "top_logprobs": [self.piece(t, lp) for t, lp in e.top]}
+
+    def logprobs_of(self, entries: list[dict], offset: int = 0) -> dict | None:
+        """Chat's logprobs, or the completions' columns; `offset`: where the first entry's text starts in the
+        choice's text (text_offset counts the tokens' strings, as vLLM does)."""
         if not entries:
             return None
         if self.chat:
             return {"content": entries}
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
+        tokens = [e["token"] for e in entries]
+        starts = list(itertools.accumulate(map(len, tokens[:-1]), initial=offset))
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"]
+                                                                         for t in e["top_logprobs"]} for e in entries],
+                "text_offset": starts}
 
     def usage(self) -> dict:
         done = sum(self.tokens)
@@ -610,7 +743,8 @@ class Reply:
         return {**head, "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish}]}
 
     def delta(self, i: int, e: Event) -> dict:
-        logprobs = self.logprobs_of(self.logprobs[i][-1:]) if e.logprob is not None else None
+        offset = len(self.text[i]) - len(e.text)
+        logprobs = self.logprobs_of(self.logprobs[i][-1:], offset) if e.logprob is not None else None
         return self.chunk(i, {"content": e.text} if e.text or not e.finish else {}, e.finish, logprobs)
 
     def whole(self) -> dict:
@@ -653,7 +787,8 @@ def png_base64(image, scale: int) -> str:
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
           max_batch: int = 16, max_queue: int = 64, media: MediaPolicy = MediaPolicy(), limits: Limits = Limits(),
-          precision: str = "auto", prefill_chunk: int | None = 2048):
+          precision: str = "auto", prefill_chunk: int | None = 2048, prefix_cache_tokens: int = 8192,
+          batch_shapes: str = "full"):
     """Loads a run and serves it until interrupted."""
     import uvicorn
 
@@ -663,7 +798,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     try:
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                         image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision,
-                        max_images=limits.max_images, prefill_chunk=prefill_chunk)
+                        max_images=limits.max_images, prefill_chunk=prefill_chunk,
+                        prefix_cache_tokens=prefix_cache_tokens, batch_shapes=batch_shapes)
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None
     app = create_app(engine.start(), tokenizer, Path(run).resolve().name, api_key, media, limits)

@@ -20,6 +20,7 @@ from kosmo.data.jsonl import iter_texts
 from kosmo.data.passkey import PasskeyPrompts, passkey_row
 from kosmo.data.stream import TextStream
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.causal_lm import LOSS_CHUNK
 from kosmo.model.lm import LM, SIZES, LMConfig, rope_tables
 from kosmo.tokenizer import BOS, EOS, Tokenizer
@@ -28,7 +29,7 @@ from kosmo.train.trainer import TrainConfig
 
 
 @dataclass
-class StageConfig:
+class StageConfig(lora.LoRAStage):
     model: dict = field(default_factory=lambda: {"size": "tiny"})  # a named size plus LMConfig fields
     train: TrainConfig = field(default_factory=TrainConfig)
     seq_len: int = 256
@@ -39,6 +40,7 @@ class StageConfig:
     passkey_rows: float = 0.0    # share of every batch given to passkey prompts (passkey_rows), 0 to 1
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("copy_rows", "passkey_rows"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
@@ -234,4 +236,8 @@ def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: L
         model = LM(lm_config(cfg.model, tokenizer.vocab_size))
     if cfg.seq_len > model.context_length:
         raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.context_length}")
+    if cfg.freeze == "lora":
+        if init_model is None:
+            raise KosmoError("freeze=lora adapts a trained model: give it --init RUN")
+        lora.adapt(model, cfg.lora)
     return model, lm_loss, train_set, eval_set

@@ -25,6 +25,7 @@ from kosmo.data.audio import AudioCache
 from kosmo.data.multimodal import ClipLengths, ImageBank, MultimodalDataset, encode_drawings, read_examples
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
+from kosmo.model.lora import LoRAConfig, add_adapters
 from kosmo.model.mllm import MLLM, MLLMConfig
 from kosmo.train.lm import lm_config, token_loss
 from kosmo.train.trainer import TrainConfig
@@ -46,7 +47,9 @@ class StageConfig:
     feature_layer: int = -2
     use_cls: bool = False
     resampler_tokens: int = 8
-    freeze: str = "connector"          # connector (stage 1), connector+lm (stage 2) or all
+    freeze: str = "connector"          # connector (stage 1), connector+lm (stage 2), all, or lora (stage 2
+    #                                    with the LM through adapters; see lora.*)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     vision_last_block: bool = False    # KOSMOS-1: the encoder frozen but for its last block
     image_mode: str = "crop"           # crop or pad to square
     mix: dict = field(default_factory=dict)  # weight per data kind, e.g. {text: 1, captions: 2}
@@ -183,11 +186,17 @@ def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...], 
 
 
 def build(cfg: StageConfig, data: list, tokenizer, init_model=None, kinds: tuple[str, ...] = KINDS):
+    if cfg.freeze == "lora" and (not isinstance(init_model, MLLM) or cfg.audio or cfg.image_tokenizer):
+        # a LoRA run stores what trains and reads the rest from --init, which must then hold all of it
+        raise KosmoError("freeze=lora adapts the --init multimodal run as it is: give a new encoder (vision=, "
+                         "audio=) or image_tokenizer= a run of its own first (e.g. freeze=connector)")
     model = make_model(cfg, tokenizer, init_model)
     try:
         model.freeze(cfg.freeze, cfg.vision_last_block)
     except ValueError as e:
         raise KosmoError(f"invalid config: {e}") from None
+    if cfg.freeze == "lora":
+        add_adapters(model, cfg.lora)
     if cfg.seq_len > model.context_length:
         raise KosmoError(f"seq_len={cfg.seq_len} exceeds the model's context of {model.context_length}")
     if not 0 <= cfg.uncond < 1:

@@ -11,6 +11,7 @@ import torch
 
 from kosmo import config as C
 from kosmo.data.formats import parse_source
+from kosmo.model import lora
 from kosmo.tokenizer import Tokenizer
 from kosmo.train import distributed as D
 from kosmo.train.trainer import Trainer
@@ -58,6 +59,9 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
     run_config = {"stage": stage_name, "arch": arch_of(published), "model": published.cfg.to_dict(),
                   "config": dataclasses.asdict(cfg), "data": [str(p) for p in data],
                   "init": str(init) if init else None}
+    if lora.adapters(published):
+        # the run keeps its adapters only: loading it starts from the base run, wherever the run is read from
+        run_config |= {"lora": dataclasses.asdict(cfg.lora), "base": str(Path(init).resolve())}
     trainer = getattr(stage, "Trainer", Trainer)(cfg.train, model, loss_fn, train_set, out, run_config,
                                                  eval_set=eval_set, env=env)
     if env.main:

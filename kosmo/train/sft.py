@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from kosmo.data.multimodal import KINDS, ImageBank, MultimodalDataset, read_examples
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.model.lm import LM
 from kosmo.train import mllm
 from kosmo.train.lm import lm_loss
@@ -26,6 +27,8 @@ def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
         raise KosmoError("sft needs --init RUN (a pretrained LM or multimodal run)")
     if not (isinstance(init_model, LM) and not cfg.vision):
         return mllm.build(cfg, data, tokenizer, init_model, kinds=KINDS)
+    if cfg.freeze == "lora":
+        lora.adapt(init_model, cfg.lora)
     examples, _ = read_examples(data, tokenizer, 0, cfg.seq_len + 1, KINDS)
     if any(e.images for e in examples):
         raise KosmoError("the chat data holds images but --init is a text-only LM: set vision=RUN_OR_HF_DIR")

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from torch.utils import flop_counter
 from tqdm import tqdm
 
 from kosmo import checkpoint, hardware
 from kosmo.data.audio import Clips
 from kosmo.errors import KosmoError
+from kosmo.model import lora
 from kosmo.train import distributed as D
 
 
@@ -105,6 +107,16 @@ class Stream(Protocol):
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 
 
+def _count_cpu_attention():
+    """torch counts the FLOPs of the GPU's attention kernels but not of the CPU's flash attention; same maths."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(op)(lambda q, k, v, *args, **kw: flop_counter.sdpa_flop_count(q, k, v))
+
+
+_count_cpu_attention()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -138,6 +150,9 @@ class Trainer:
         if cfg.max_steps == 0:
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=self.budget["steps"])
         torch.manual_seed(cfg.seed + self.env.rank)
+        # a LoRA run keeps only what trains; its frozen base is rebuilt from --init on resume
+        self.adapted = bool(lora.adapters(model))
+        self.weights_file = "adapter.safetensors" if self.adapted else "model.safetensors"
         if cfg.compile:
             for block in D.blocks_of(model):
                 block.compile()
@@ -148,6 +163,10 @@ class Trainer:
         self.nonfinite_run = 0
         self._perm_epoch, self._perm = -1, None
         self._check_resumable()
+        # MFU: the model's FLOPs a target token (see _train_step) at the step's tokens/s, over the matmul peak
+        # measured on this machine and precision
+        self.flops_per_token: float | None = None
+        self.peak_flops = hardware.matmul_peak(self.env.device, self.precision) * self.env.world
 
     def _budget(self, cfg: TrainConfig, n: int | None) -> dict:
         """The run's length in steps, and in passes over the data (unknown for a stream: n is None)."""
@@ -161,7 +180,7 @@ class Trainer:
         if not (self.out / "state" / "latest.json").is_file():
             return
         saved = checkpoint.read_json(self.out / "config.json")
-        for key in ("model", "stage"):
+        for key in ("model", "stage", "lora"):
             if saved.get(key) != self.run_config.get(key):
                 raise KosmoError(f"{self.out}: holds a run with another '{key}' config; "
                                  "use a new --out or delete it to start over")
@@ -220,13 +239,16 @@ class Trainer:
             last = self._train_step()
             last["step_time"] = time.perf_counter() - t0
             last["tok_per_s"] = last["tokens"] / last["step_time"]
+            if self.flops_per_token is not None:  # (PPO's steps, rollouts and all, are not counted)
+                last["mfu"] = self.flops_per_token * last["tok_per_s"] / self.peak_flops
             self.step += 1
             if cfg.eval_every and self.eval_set is not None and (self.step % cfg.eval_every == 0
                                                                  or self.step == cfg.max_steps):
                 last["eval_loss"] = self.evaluate()
             if env.main and (self.step % cfg.log_every == 0 or "eval_loss" in last):
                 self._log(last, writer)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:.0f}",
+                            **({"mfu": f"{last['mfu']:.1%}"} if "mfu" in last else {}), refresh=False)
             bar.update(1)
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                 self.save()
@@ -247,17 +269,25 @@ class Trainer:
         n_total = D.all_reduce_sum(torch.tensor(float(sum(b["n_targets"] for b in batches)), device=env.device))
         loss_sum = torch.zeros((), device=env.device)
         extras: dict[str, float] = {}
+        # MFU counts the model's FLOPs as PaLM does: three times the forward's (a backward's matmuls are
+        # twice its forward's), the forward's counted by torch on the first step. (Counting the backward
+        # too would change its numbers: under the counter some ops take other kernels, and resume is exact.)
+        counter = flop_counter.FlopCounterMode(display=False) if self.flops_per_token is None else None
         for m, batch in enumerate(batches):
             no_sync = getattr(self.model, "no_sync", None)
             ctx = no_sync() if no_sync and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, hardware.autocast(env.device, self.precision):
-                loss, metrics = self.loss_fn(self.model, to_device(batch, env.device))
-            # Sum over targets / global target count: the exact mean even when micro-batches and ranks
-            # hold different numbers of targets. DDP averages gradients over ranks, hence * world.
-            (loss * env.world / n_total.clamp(min=1)).backward()
+            with ctx:
+                with counter or contextlib.nullcontext(), hardware.autocast(env.device, self.precision):
+                    loss, metrics = self.loss_fn(self.model, to_device(batch, env.device))
+                # Sum over targets / global target count: the exact mean even when micro-batches and ranks
+                # hold different numbers of targets. DDP averages gradients over ranks, hence * world.
+                (loss * env.world / n_total.clamp(min=1)).backward()
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / cfg.grad_accum
+        if counter is not None:
+            # this rank's FLOPs over every rank's tokens: the FLOPs of a token are world times that
+            self.flops_per_token = 3 * counter.get_total_flops() * env.world / max(1.0, float(n_total))
         loss_mean = (D.all_reduce_sum(loss_sum) / n_total.clamp(min=1)).item()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -306,7 +336,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1)
 
     def _log(self, row: dict, writer):
-        row = {k: (round(v, 6) if k in ("step_time", "tok_per_s") else v) for k, v in row.items()}
+        row = {k: (round(v, 6) if k in ("step_time", "tok_per_s", "mfu") else v) for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer:
@@ -323,8 +353,8 @@ class Trainer:
         state_dir = self.out / "state" / f"step-{self.step:08d}"
         if env.main:
             inner = D.unwrap(self.model)
-            names = set(checkpoint.model_tensors(inner))
-            checkpoint.save_tensors(state_dir / "model.safetensors", {k: v for k, v in weights.items() if k in names})
+            names = set(lora.trained_tensors(inner) if self.adapted else checkpoint.model_tensors(inner))
+            checkpoint.save_tensors(state_dir / self.weights_file, {k: v for k, v in weights.items() if k in names})
             tensors, groups = _flatten_optimizer(optim)
             checkpoint.save_tensors(state_dir / "optimizer.safetensors", tensors)
             checkpoint.write_json(state_dir / "trainer.json", {
@@ -344,7 +374,7 @@ class Trainer:
         D.barrier()
         if env.main:
             checkpoint.write_json(self.out / "state" / "latest.json", {"step": self.step, "dir": state_dir.name})
-            _publish_link(state_dir / "model.safetensors", self.out / "model.safetensors")
+            _publish_link(state_dir / self.weights_file, self.out / self.weights_file)
             for old in (self.out / "state").glob("step-*"):
                 if old != state_dir:
                     shutil.rmtree(old, ignore_errors=True)
@@ -357,7 +387,7 @@ class Trainer:
         info = checkpoint.read_json(latest)
         state_dir = self.out / "state" / info["dir"]
         trainer = checkpoint.read_json(state_dir / "trainer.json")
-        D.load_model_state(self.model, checkpoint.load_tensors(state_dir / "model.safetensors"))
+        D.load_model_state(self.model, checkpoint.load_tensors(state_dir / self.weights_file))
         optim = _unflatten_optimizer(checkpoint.load_tensors(state_dir / "optimizer.safetensors"),
                                      trainer["param_groups"])
         D.load_optimizer_state(self.model, self.optimizer, optim)

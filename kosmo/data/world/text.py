@@ -41,6 +41,14 @@ class VQAItem:
     qtype: str   # one of QTYPES
 
 
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A question with one right answer among `choices`, each read after `context` and a space."""
+    context: str
+    choices: tuple[str, ...]
+    answer: int  # the right choice's index
+
+
 def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -113,6 +121,17 @@ class Language(Scenes):
         facts = facts[: int(rng.integers(1, 4))]
         parts = facts + [intro] + body if rng.random() < 0.3 else [intro] + body + facts
         return " ".join(p for p in parts if p)
+
+    def text_question(self, index: int, split: str = "val") -> ChoiceItem:
+        """A multiple-choice question answered from text alone: a scene's fullest caption, then its VQA question
+        about the colour (even indices) or the shape (odd ones) of an object, among all the world's colours or
+        shapes."""
+        scene = self.scene(index, split)
+        qtype = ("colour", "shape")[index % 2]
+        item = next(q for q in self.vqa(scene) if q.qtype == qtype)
+        choices = tuple(COLOURS) if qtype == "colour" else SHAPES
+        return ChoiceItem(f"{self.captions(scene)[0]} Question: {item.question} Answer:", choices,
+                          choices.index(item.answer))
 
     def vqa(self, scene: Scene, rng: np.random.Generator | int | None = None) -> list[VQAItem]:
         """One unambiguous question of each type in QTYPES about the scene (rng or index picks the variants)."""
