@@ -68,6 +68,13 @@ def test_two_ranks_read_disjoint_shards_that_cover_the_corpus(docs, shards, toke
     assert sorted(seen[0] + seen[1]) == sorted(docs)
 
 
+def test_ranks_that_do_not_divide_the_shards_still_split_the_rows(docs, shards, tokenizer, capsys):
+    streams = [TextStream(parse_source(shards), tokenizer, 64, rank=rank, world=4) for rank in range(4)]
+    assert "6 shards do not divide among 4 ranks" in capsys.readouterr().err
+    seen = [[row["text"] for row in s.docs] for s in streams]
+    assert sorted(sum(seen, [])) == sorted(docs) and len(set(sum(seen, []))) == len(docs)
+
+
 def test_the_stream_packs_rows_as_packed_text_does(shards, tokenizer):
     stream = TextStream(parse_source(shards), tokenizer, 64, seed=1, batch_docs=7)
     epoch0 = [t for f in stream.shard_order(0) for t in pq.read_table(f)["text"].to_pylist()]
@@ -134,6 +141,13 @@ def test_a_stream_needs_max_steps_and_to_be_the_only_data(shards, tokenizer, tex
     assert main(["train", "lm", "--data", str(shards), str(text_corpus), "--out", str(tmp_path / "b"), *common,
                  "train.max_steps=2"]) == 2
     assert "must be the only --data" in capsys.readouterr().err
+
+
+def test_a_streamed_run_evaluates_on_val_data(shards, tokenizer, text_corpus, tmp_path):
+    tok = str(tokenizer.save(tmp_path / "tok"))
+    assert main(["train", "lm", "--data", str(shards), "--tokenizer", tok, "--out", str(tmp_path / "run"), *QUIET,
+                 *SMALL, f"val_data={text_corpus}", "train.max_steps=2", "train.eval_every=2"]) == 0
+    assert read_metrics(tmp_path / "run")[-1]["eval_loss"] > 0
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ one parquet record batch and the tokens of at most `batch_docs` documents. The p
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +41,10 @@ class TextStream:
                                  "map one with ?text=COLUMN)")
         self.tokenizer, self.seq_len, self.batch_docs = tokenizer, seq_len, batch_docs
         self.rank, self.world, self.seed = rank, world, seed
+        if len(self.files) % world and rank == 0:
+            print(f"stream: {len(self.files)} shards do not divide among {world} ranks, so every rank reads every "
+                  "shard and keeps its own rows; a multiple of the world size reads each shard once",
+                  file=sys.stderr)
         self.tokens: list[int] = []  # read, not yet all in rows: the last row's final token starts the next
         self._open(0)
 
