@@ -186,3 +186,39 @@ def test_a_stage_trains_on_a_parquet_file(captions_parquet, tmp_path, capsys):
     assert main(["train", "clip", "--data", f"{path}?image=img&text=caption", "--out", str(tmp_path / "run"),
                  *tiny]) == 0
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_the_llava_recipe_trains_on_llavas_own_json(tmp_path):
+    """LLaVA's files, as LLaVA ships them (annotations apart from the pictures), through the README's two stages."""
+    pytest.importorskip("transformers")
+    from conftest import ROOT
+    from test_llava_recipe import TINY, hf_checkpoints, same
+
+    from kosmo.data.world import write_world
+    from kosmo.model.load import load_run
+    world = write_world(tmp_path / "world", n=24)
+    captions, vqa = ([json.loads(line) for line in world[k].read_text().splitlines()] for k in ("captions", "vqa"))
+    pretrain = [{"id": str(i), "image": o["image"], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": o["text"]}]}
+        for i, o in enumerate(captions)]
+    instruct = [{"id": str(i), "image": o["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{o['question']}"}, {"from": "gpt", "value": o["answers"][0]},
+        {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]} for i, o in enumerate(vqa)]
+    (tmp_path / "ann").mkdir()
+    for name, items in (("pretrain", pretrain), ("instruct", instruct)):
+        (tmp_path / "ann" / f"{name}.json").write_text(json.dumps(items))
+    tok = Tokenizer.train(iter_texts([world["text"], world["vqa"]]), vocab_size=300)
+    tok.save(tmp_path / "tok.json")
+    llama, clip = hf_checkpoints(tmp_path, tok.vocab_size)
+    runs = tmp_path / "runs"
+    assert main(["import", "--hf", str(llama), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--out", str(runs / "lm")]) == 0
+    images = f"?images={tmp_path / 'world'}"
+    assert main(["train", "sft", "--init", str(runs / "lm"), f"vision={clip}", "--config",
+                 str(ROOT / "configs/llava15_stage1.yaml"), "--data", f"{tmp_path / 'ann/pretrain.json'}{images}",
+                 "--out", str(runs / "stage1"), *TINY]) == 0
+    assert main(["train", "sft", "--init", str(runs / "stage1"), "--config", str(ROOT / "configs/llava15_stage2.yaml"),
+                 "--data", f"{tmp_path / 'ann/instruct.json'}{images}", "--out", str(runs / "stage2"), *TINY]) == 0
+    lm, stage1, stage2 = (load_run(runs / r)[0] for r in ("lm", "stage1", "stage2"))
+    assert same(stage1.lm, lm) and not same(stage2.lm, lm)  # stage 1 moves the connector alone
+    assert not same(stage2.connector, stage1.connector)
