@@ -73,7 +73,7 @@ def read_records(spec: str | Path) -> Iterator[tuple[str, dict]]:
     source = parse_source(spec)
     for path in source.files:
         for where, obj in _raw_records(path, source):
-            yield where, _convert(obj, where, source)
+            yield where, convert(obj, where, source)
 
 
 def _raw_records(path: Path, source: Source) -> Iterator[tuple[str, dict]]:
@@ -114,13 +114,17 @@ def _table_rows(path: Path, columns: dict[str, str]) -> Iterator[tuple[str, dict
         for key, column in columns.items():
             if column not in names:
                 raise KosmoError(f"{path}: no column {column!r} for {key}= (columns: {', '.join(names)})")
-    renamed = {column: key for key, column in columns.items()}
     for i, row in enumerate(ds.decode(False)):
-        where = f"{path}: row {i}"
-        obj = {renamed.get(k, k): v for k, v in row.items() if v is not None and (k in renamed or k not in columns)}
-        if "image" in obj:
-            obj["image"] = _inline_images(obj["image"], where)
-        yield where, obj
+        yield f"{path}: row {i}", table_record(row, columns, f"{path}: row {i}")
+
+
+def table_record(row: dict, columns: dict[str, str], where: str) -> dict:
+    """A table's row as a record: columns renamed to fields, nulls left out, inline images as EncodedImages."""
+    renamed = {column: key for key, column in columns.items()}
+    obj = {renamed.get(k, k): v for k, v in row.items() if v is not None and (k in renamed or k not in columns)}
+    if "image" in obj:
+        obj["image"] = _inline_images(obj["image"], where)
+    return obj
 
 
 def _inline_images(value, where: str):
@@ -138,7 +142,8 @@ def _inline_images(value, where: str):
     raise KosmoError(f"{where}: the image column holds {type(value).__name__}, not bytes, an Image struct or a path")
 
 
-def _convert(obj: dict, where: str, source: Source) -> dict:
+def convert(obj: dict, where: str, source: Source) -> dict:
+    """A record as kosmo reads it: a LLaVA item as a chat, anything else as it is."""
     return llava_record(obj, where, source.images) if "conversations" in obj else obj
 
 

@@ -21,31 +21,24 @@ from pathlib import Path
 import torch
 
 from kosmo.data.formats import Source
+from kosmo.data.images import ImageCache
 from kosmo.errors import KosmoError
 from kosmo.tokenizer import BOS, EOS, Tokenizer
 
 READ_AHEAD_DOCS = 256  # documents tokenized at a time: the tokenizer is faster in batches, and memory is bounded
 
 
-class TextStream:
-    """Packed rows from parquet shards, endlessly, epoch after epoch; `next_batch(n)` gives the trainer's batch."""
+class ShardReader:
+    """The rows of a folder of parquet shards, endlessly, epoch after epoch, this rank's share of each epoch;
+    its `state_dict` is the position: the epoch and `datasets`' state of the shard and the row in it."""
 
-    def __init__(self, source: Source, tokenizer: Tokenizer, seq_len: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, batch_docs: int = READ_AHEAD_DOCS):
-        import pyarrow.parquet as pq
-        self.files, self.column = [str(f) for f in source.files], source.columns.get("text", "text")
-        for f in self.files:
-            names = pq.read_schema(f).names
-            if self.column not in names:
-                raise KosmoError(f"{f}: no column {self.column!r} to stream text from (columns: {', '.join(names)}; "
-                                 "map one with ?text=COLUMN)")
-        self.tokenizer, self.seq_len, self.batch_docs = tokenizer, seq_len, batch_docs
+    def __init__(self, source: Source, columns: list[str] | None, rank: int = 0, world: int = 1, seed: int = 0):
+        self.files, self.columns = [str(f) for f in source.files], columns
         self.rank, self.world, self.seed = rank, world, seed
         if len(self.files) % world and rank == 0:
             print(f"stream: {len(self.files)} shards do not divide among {world} ranks, so every rank reads every "
                   "shard and keeps its own rows; a multiple of the world size reads each shard once",
                   file=sys.stderr)
-        self.tokens: list[int] = []  # read, not yet all in rows: the last row's final token starts the next
         self._open(0)
 
     def shard_order(self, epoch: int) -> list[str]:
@@ -56,30 +49,49 @@ class TextStream:
     def _open(self, epoch: int, state: dict | None = None):
         from datasets import IterableDataset
         from datasets.distributed import split_dataset_by_node
-        ds = IterableDataset.from_parquet(self.shard_order(epoch), columns=[self.column])
+        ds = IterableDataset.from_parquet(self.shard_order(epoch), columns=self.columns).decode(False)
         self.epoch, self.docs = epoch, split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
         if state is not None:
             self.docs.load_state_dict(state)
         self._rows = iter(self.docs)
 
+    def next_row(self) -> dict:
+        """The next row, opening the next epoch when this one ends."""
+        try:
+            return next(self._rows)
+        except StopIteration:
+            self._open(self.epoch + 1)
+        try:
+            return next(self._rows)
+        except StopIteration:
+            raise KosmoError(f"rank {self.rank} of {self.world} has no rows in {len(self.files)} shard(s)") from None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "docs": self.docs.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self._open(state["epoch"], state["docs"])
+
+
+class TextStream:
+    """Packed rows from parquet shards, endlessly; `next_batch(n)` gives the trainer's batch."""
+
+    def __init__(self, source: Source, tokenizer: Tokenizer, seq_len: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, batch_docs: int = READ_AHEAD_DOCS):
+        import pyarrow.parquet as pq
+        self.column = source.columns.get("text", "text")
+        for f in source.files:
+            names = pq.read_schema(f).names
+            if self.column not in names:
+                raise KosmoError(f"{f}: no column {self.column!r} to stream text from (columns: {', '.join(names)}; "
+                                 "map one with ?text=COLUMN)")
+        self.tokenizer, self.seq_len, self.batch_docs = tokenizer, seq_len, batch_docs
+        self.tokens: list[int] = []  # read, not yet all in rows: the last row's final token starts the next
+        self.reader = ShardReader(source, [self.column], rank, world, seed)
+
     def _read(self):
-        """Tokens of up to `batch_docs` more documents, opening the next epoch when this one ends."""
-        texts, fresh_epoch = [], False
-        while len(texts) < self.batch_docs:
-            try:
-                text = next(self._rows)[self.column]
-            except StopIteration:
-                if texts:
-                    break
-                if fresh_epoch:
-                    raise KosmoError(f"rank {self.rank} of {self.world} has no documents in {len(self.files)} "
-                                     "shard(s)") from None
-                self._open(self.epoch + 1)
-                fresh_epoch = True
-                continue
-            if text is not None:
-                texts.append(text)
-        for ids in self.tokenizer.encode_batch(texts):
+        texts = [self.reader.next_row()[self.column] for _ in range(self.batch_docs)]
+        for ids in self.tokenizer.encode_batch([t for t in texts if t is not None]):
             self.tokens += [BOS, *ids, EOS]
 
     def next_rows(self, n: int) -> torch.Tensor:
@@ -98,12 +110,51 @@ class TextStream:
 
     def state_dict(self) -> dict:
         """The position: JSON-able fields and one tensor (the tokens read ahead)."""
-        return {"epoch": self.epoch, "docs": self.docs.state_dict(),
-                "tokens": torch.tensor(self.tokens, dtype=torch.int32)}
+        return {**self.reader.state_dict(), "tokens": torch.tensor(self.tokens, dtype=torch.int32)}
 
     def load_state_dict(self, state: dict):
-        self._open(state["epoch"], state["docs"])
+        self.reader.load_state_dict(state)
         self.tokens = state["tokens"].tolist()
+
+
+class ExampleStream:
+    """Multimodal examples from parquet shards whose rows are records (captions, VQA, chats, LLaVA items, with
+    pictures inline or as paths), endlessly. Pictures are decoded as batches need them, through `images` (an
+    LRU `ImageCache`); a row whose picture does not load is left out. `make(record, where)` gives a row's
+    Example, or None for one with nothing left to learn."""
+
+    def __init__(self, source: Source, make, images: ImageCache, pack_len: int, rank: int = 0, world: int = 1,
+                 seed: int = 0):
+        self.source, self.make, self.images, self.pack_len = source, make, images, pack_len
+        self.reader = ShardReader(source, None, rank, world, seed)
+
+    def _pixels(self, refs: list) -> torch.Tensor:
+        if not refs:
+            return torch.empty(0, 3, self.images.size, self.images.size)
+        return torch.stack([self.images.get(r) for r in refs])
+
+    def next_batch(self, n: int) -> dict:
+        from kosmo.data.formats import convert, table_record
+        from kosmo.data.multimodal import collate_examples
+        examples = []
+        while len(examples) < n:
+            where = f"{self.source.path} (a row of epoch {self.reader.epoch}, rank {self.reader.rank})"
+            record = convert(table_record(self.reader.next_row(), self.source.columns, where), where, self.source)
+            example = self.make(record, where)
+            if example is None:
+                continue
+            try:
+                self._pixels(example.images)  # decoded now, and again from the cache when the batch is made
+            except KosmoError:
+                continue  # listed in images.skipped
+            examples.append(example)
+        return collate_examples(examples, self.pack_len, self._pixels)
+
+    def state_dict(self) -> dict:
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.reader.load_state_dict(state)
 
 
 def write_shards(texts: Iterable[str], out: str | Path, rows_per_shard: int, row_group: int = 1024) -> list[Path]:
