@@ -1,4 +1,8 @@
-"""Text corpora larger than memory: a folder of parquet shards, streamed with Hugging Face `datasets`.
+"""Corpora larger than memory: a folder of parquet shards, streamed with Hugging Face `datasets`.
+
+`TextStream` packs text for the lm stage; `ExampleStream` reads records with pictures (LLaVA rows, captions,
+VQA, chats) for the multimodal stages, one example a row, pictures decoded as batches need them. Both read
+through a `ShardReader`, and the text stream works as follows.
 
     kosmo shard --data a.jsonl b.parquet --out shards/ --rows-per-shard 100000
     kosmo train lm --data shards/ --out runs/lm train.max_steps=10000

@@ -170,6 +170,8 @@ STREAMED_KINDS = ("text", "captions", "interleaved", "vqa", "chat")
 def stream_data(cfg, source, tokenizer, model: MLLM, kinds: tuple[str, ...]) -> ExampleStream:
     """A shard folder's records as a stream: examples made as rows are read, pictures decoded as batches need them."""
     allowed = [k for k in kinds if k in STREAMED_KINDS]
+    if cfg.mix:
+        raise KosmoError("mix weighs the kinds of in-memory data; a streamed shard folder is read in its own order")
 
     def make(obj: dict, where: str):
         kind = kind_of(obj)
