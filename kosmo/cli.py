@@ -57,14 +57,24 @@ def cmd_world(args):
 
 
 def cmd_tokenizer(args):
+    from kosmo.data.formats import parse_source
     from kosmo.data.jsonl import iter_texts
     from kosmo.tokenizer import Tokenizer
     for path in args.data:  # fail on a missing file before the slow part
-        if not Path(path).is_file():
-            raise KosmoError(f"{path}: file not found")
+        parse_source(path).files
     tok = Tokenizer.train(iter_texts(args.data), args.vocab_size)
     path = tok.save(args.out)
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.vocab_size}))
+
+
+def cmd_shard(args):
+    from kosmo.data.formats import parse_source
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.data.stream import write_shards
+    for path in args.data:
+        parse_source(path).files
+    shards = write_shards(iter_texts(args.data), args.out, args.rows_per_shard)
+    print(json.dumps({"shards": len(shards), "out": str(args.out)}))
 
 
 def cmd_train(args):
@@ -421,6 +431,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--out", required=True)
     t.set_defaults(fn=cmd_tokenizer)
+
+    sh = sub.add_parser("shard", help="write the text of data sources into parquet shards, for `train lm` to stream")
+    sh.add_argument("--data", nargs="+", required=True)
+    sh.add_argument("--out", required=True, help="a new folder for shard-00000.parquet, …")
+    sh.add_argument("--rows-per-shard", type=int, default=100_000, help="documents per shard")
+    sh.set_defaults(fn=cmd_shard)
 
     tr = sub.add_parser("train", help="run a training stage")
     tr.add_argument("stage", choices=sorted(stages()))

@@ -80,6 +80,8 @@ def _list(v, where: str) -> list:
 
 
 def iter_texts(paths: list[str | Path]) -> Iterator[str]:
+    """The texts of every record of some data sources (any format of `kosmo.data.formats`)."""
+    from kosmo.data.formats import read_records
     for path in paths:
-        for lineno, obj in read_jsonl(path):
-            yield from record_texts(obj, f"{path}:{lineno}")
+        for where, obj in read_records(path):
+            yield from record_texts(obj, where)

@@ -97,6 +97,11 @@ def _is_fsdp(model) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 outside a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
