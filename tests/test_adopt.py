@@ -61,21 +61,44 @@ def llama3_tokenizer() -> transformers.PreTrainedTokenizerFast:
 CASES = {"tinyllama": (tinyllama_tokenizer, False), "llama3": (llama3_tokenizer, True)}
 
 
-def hf_checkpoint(case: str, out):
-    make_tokenizer, tied = CASES[case]
-    hf_tok = make_tokenizer()
+def hf_model(vocab: int, tied: bool, bos: int, eos: int) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, attn_implementation="eager")).eval()
+        bos_token_id=bos, eos_token_id=eos, attn_implementation="eager")).eval()
     with torch.no_grad():  # HF inits norms to 1; random norms make the parity check meaningful
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_checkpoint(case: str, out):
+    make_tokenizer, tied = CASES[case]
+    hf_tok = make_tokenizer()
+    model = hf_model(len(hf_tok), tied, hf_tok.bos_token_id, hf_tok.eos_token_id)
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
     return model, hf_tok
+
+
+def assert_run_is_the_checkpoint(run, hf, hf_tok, text: str = TEXT):
+    """The run encodes and decodes `text` as the checkpoint's tokenizer does (ids + 16), and its logits over
+    them, after kosmo's BOS, are the checkpoint's after its BOS."""
+    model, tok, _ = load_run(run)
+    hf_ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert hf_tok.unk_token_id not in hf_ids
+    ids = tok.encode(text)
+    assert ids == [i + SHIFT for i in hf_ids]
+    assert tok.decode(ids) == hf_tok.decode(hf_ids) == text
+    with torch.no_grad():
+        expected = hf(torch.tensor([[hf_tok.bos_token_id] + hf_ids])).logits
+        got = model(torch.tensor([[BOS] + ids]))  # kosmo's BOS carries the checkpoint's BOS row
+    torch.testing.assert_close(got[..., SHIFT:], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[..., EOS], expected[..., hf_tok.eos_token_id], atol=1e-4, rtol=1e-4)
+    # kosmo's specials without a counterpart start at the mean head row: their logit is the mean logit
+    torch.testing.assert_close(got[..., END_OF_TURN], expected.mean(-1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -88,19 +111,25 @@ def test_adopted_import_has_the_checkpoints_logits_and_encodings(case, tmp_path,
     assert adopted["shift"] == SHIFT and adopted["source"] == str(tmp_path / "hf" / "tokenizer.json")
     assert adopted["rows"] == {str(BOS): hf_tok.bos_token_id, str(EOS): hf_tok.eos_token_id}
     assert model.cfg.vocab_size == tok.vocab_size == len(hf_tok) + SHIFT
+    # the checkpoint's tokenizer opens a text with its BOS, as kosmo opens a document with its own
+    assert hf_tok(TEXT)["input_ids"] == [hf_tok.bos_token_id] + hf_tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert_run_is_the_checkpoint(tmp_path / "run", hf, hf_tok)
 
-    hf_ids = hf_tok(TEXT)["input_ids"]
-    assert hf_ids[0] == hf_tok.bos_token_id and hf_tok.unk_token_id not in hf_ids
-    ids = tok.encode(TEXT)
-    assert ids == [i + SHIFT for i in hf_ids[1:]]
-    assert tok.decode(ids) == hf_tok.decode(hf_ids, skip_special_tokens=True) == TEXT
-    with torch.no_grad():
-        expected = hf(torch.tensor([hf_ids])).logits
-        got = model(torch.tensor([[BOS] + ids]))  # kosmo's BOS carries the checkpoint's BOS row
-    torch.testing.assert_close(got[..., SHIFT:], expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got[..., EOS], expected[..., hf_tok.eos_token_id], atol=1e-4, rtol=1e-4)
-    # kosmo's specials without a counterpart start at the mean head row: their logit is the mean logit
-    torch.testing.assert_close(got[..., END_OF_TURN], expected.mean(-1), atol=1e-4, rtol=1e-4)
+
+def test_a_sentencepiece_model_converted_by_transformers_is_adopted(tmp_path):
+    """Llama 2's path to a tokenizer.json: a SentencePiece BPE model with byte fallback, converted."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "spm").mkdir()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "spm" / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+    (tmp_path / "spm" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "spm")
+    assert hf_tok.is_fast and hf_tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<unk>", "<s>", "</s>", "<0x00>"]
+    hf = hf_model(len(hf_tok), tied=False, bos=hf_tok.bos_token_id, eos=hf_tok.eos_token_id)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_tok.save_pretrained(tmp_path / "hf")
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert_run_is_the_checkpoint(tmp_path / "run", hf, hf_tok)
 
 
 def test_specials_keep_their_places_and_names(tmp_path):
