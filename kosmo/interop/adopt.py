@@ -86,8 +86,11 @@ def adopt_tokenizer(hf_dir: str | Path) -> tuple[Tokenizer, Adoption]:
                                             for a in doc["added_tokens"]]
     # kosmo inserts its specials by id; the checkpoint's template would insert its own, at stale ids
     doc["post_processor"] = doc["padding"] = doc["truncation"] = None
-    tok = Tokenizer(HFTokenizer.from_str(json.dumps(doc)))
-    return tok, Adoption(source=str(path), shift=SHIFT, rows=rows)
+    try:
+        adopted = HFTokenizer.from_str(json.dumps(doc))
+    except Exception as e:  # a merge that builds one of the renamed tokens: no Llama's does
+        raise KosmoError(f"{path}: cannot be adopted ({str(e).splitlines()[0]})") from None
+    return Tokenizer(adopted), Adoption(source=str(path), shift=SHIFT, rows=rows)
 
 
 def _specials(hf_dir: Path, source: HFTokenizer) -> dict[int, int | None]:
