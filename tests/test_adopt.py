@@ -1,6 +1,7 @@
-"""`kosmo import` of checkpoints whose tokenizers lay their special tokens out as TinyLlama's and Llama 3's
-do: kosmo adopts the tokenizer (its specials at 0-15, the checkpoint's ids + 16), and the run's logits,
-encodings and decodings are the checkpoint's; it then trains and serves."""
+"""`kosmo import` of checkpoints whose tokenizers lay their special tokens out as TinyLlama's, Llama 2's
+(converted from SentencePiece), Llama 3's and llava-hf's do: kosmo adopts the tokenizer (its specials at
+0-15, the checkpoint's ids + 16), and the run's logits, encodings and decodings are the checkpoint's; it
+then trains and serves."""
 
 import json
 
