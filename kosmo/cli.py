@@ -334,21 +334,28 @@ def cmd_export(args):
 
 def cmd_import(args):
     from kosmo import checkpoint
+    from kosmo.interop.adopt import adopt_tokenizer, has_kosmo_specials
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
-    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")  # before the weights: it fails faster
-    extra = {}
-    if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
+    hf_dir = Path(args.hf)
+    # the tokenizer before the weights: it fails faster
+    own = hf_dir / "tokenizer.json"
+    if args.tokenizer or has_kosmo_specials(own):
+        tok, adoption = Tokenizer.load(args.tokenizer or own), None
+    else:  # a checkpoint's own tokenizer with other special ids
+        tok, adoption = adopt_tokenizer(hf_dir)
+    extra = {"adopted_tokenizer": adoption.to_dict()} if adoption else {}
+    if checkpoint.read_json(hf_dir / "config.json").get("model_type") == "llava":
         from kosmo.interop.hf_llava import import_hf_llava
-        model, image_mode = import_hf_llava(args.hf)
-        arch, extra = "mllm", {"config": {"image_mode": image_mode}}
+        model, image_mode = import_hf_llava(hf_dir, adoption)
+        arch, extra = "mllm", extra | {"config": {"image_mode": image_mode}}
     else:
         from kosmo.interop.hf_llama import import_hf
-        model, arch = import_hf(args.hf), "lm"
+        model, arch = import_hf(hf_dir, adoption), "lm"
     save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
                                     "source": str(args.hf), **extra})
-    print(json.dumps({"imported": str(args.out), "arch": arch,
-                      "params": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"imported": str(args.out), "arch": arch, "params": sum(p.numel() for p in model.parameters()),
+                      **({"adopted_tokenizer": adoption.source, "shift": adoption.shift} if adoption else {})}))
 
 
 def cmd_demo(args):
@@ -518,7 +525,8 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama or LLaVA checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
-    i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
+    i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own, adopted when its "
+                   "special tokens are not kosmo's: kosmo's at ids 0-15, the checkpoint's vocabulary after them)")
     i.set_defaults(fn=cmd_import)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web playground for a run")
