@@ -11,6 +11,10 @@ one parquet record batch (--row-group documents) and the tokens of `READ_AHEAD_D
 read ahead; nothing grows with the corpus. Prints one JSON object; deletes everything it wrote unless --keep.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream_memory.py --gb 3 --steps 800
+
+With --read-through it also reads one whole epoch of the packed stream in a child process, every shard and
+every document tokenized and cut into rows, so that the text read, not only the corpus on disk, is several
+times the reader's memory.
 """
 
 from __future__ import annotations
@@ -83,6 +87,38 @@ def train_rss(data: Path, out: Path, steps: int, args) -> np.ndarray:
     return np.array(samples)
 
 
+READ_THROUGH = """
+import sys, time
+from kosmo.data.formats import parse_source
+from kosmo.data.stream import TextStream
+from kosmo.tokenizer import Tokenizer
+stream = TextStream(parse_source(sys.argv[1]), Tokenizer.load(sys.argv[2]), int(sys.argv[3]))
+rows, t0 = 0, time.perf_counter()
+while stream.reader.epoch == 0:
+    stream.next_rows(64)
+    rows += 64
+print(rows, time.perf_counter() - t0)
+"""
+
+
+def read_through_rss(shards: Path, tok: Path, seq_len: int) -> tuple[np.ndarray, int, float]:
+    """RSS samples (MiB) of a child process that reads one whole epoch of the packed stream (every shard,
+    every document tokenized and packed into rows of seq_len + 1), its row count and its seconds."""
+    proc = subprocess.Popen([sys.executable, "-c", READ_THROUGH, str(shards), str(tok), str(seq_len)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = []
+    while proc.poll() is None:
+        r = rss_mib(proc.pid)
+        if r is not None:
+            samples.append(r)
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"reading {shards} through failed ({proc.returncode}):\n{err[-3000:]}")
+    rows, seconds = out.split()
+    return np.array(samples), int(rows), float(seconds)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=3.0, help="text to write, in GB (10^9 bytes, uncompressed UTF-8)")
@@ -93,6 +129,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--dir", help="work folder (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the shards and the run")
+    ap.add_argument("--read-through", action="store_true",
+                    help="also read one whole epoch of the packed stream, every shard, and sample its RSS")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="kosmo-stream-"))
     try:
@@ -113,6 +151,16 @@ def main():
         train_s = time.perf_counter() - t1
         position = json.loads(next((work / "run" / "state").glob("step-*/stream-rank0.json")).read_text())
 
+        through = {}
+        if args.read_through:
+            t2 = time.perf_counter()
+            seen, rows, seconds = read_through_rss(work / "shards", work / "tok", args.seq_len)
+            through = {"read_through_rows": rows, "read_through_tokens": rows * args.seq_len,
+                       "read_through_seconds": round(seconds, 1), "read_through_wall_seconds":
+                       round(time.perf_counter() - t2, 1), "read_through_peak_rss_mib": round(float(seen.max()), 1),
+                       "read_through_rss_mib_by_tenth": [round(float(seen[min(len(seen) - 1, int(len(seen) * q))]), 1)
+                                                         for q in np.linspace(0.1, 1, 10)],
+                       "corpus_over_read_through_peak_rss": round(args.gb * 1e9 / (float(seen.max()) * 2**20), 1)}
         on_disk = sum(f.stat().st_size for f in shards)
         tokens = args.steps * args.batch_size * args.seq_len
         deciles = [round(float(rss[min(len(rss) - 1, int(len(rss) * q))]), 1) for q in np.linspace(0.1, 1, 10)]
@@ -128,7 +176,7 @@ def main():
             "final_rss_mib": round(float(rss[-1]), 1),
             "rss_mib_by_tenth_of_the_run": deciles,
             "corpus_over_peak_rss": round(args.gb * 1e9 / (peak * 2**20), 1),
-            "in_memory_tokens_would_need_gb": round(args.gb * 1e9 / bytes_per_token * 8 / 1e9, 2),
+            "in_memory_tokens_would_need_gb": round(args.gb * 1e9 / bytes_per_token * 8 / 1e9, 2), **through,
         }))
     finally:
         if not args.keep:
