@@ -27,23 +27,26 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from kosmo import hardware
 from kosmo.generate import Sampling, generate_ids
 from kosmo.interop.hf_llama import export_hf
 from kosmo.model.lm import LM, LMConfig
+from kosmo.train.lm import lm_loss
 
 
 def train_step_fn(model, opt, ids, hf: bool, dtype):
+    """One optimizer step on ids (B, T + 1) as each library trains: transformers' `labels=` loss, and
+    kosmo's trainer's (`kosmo.train.lm.lm_loss`, summed, over the batch's count of targets)."""
+    batch = {"input": ids[:, :-1], "labels": ids[:, 1:]}
+
     def step():
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             if hf:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
             else:
-                logits = model(ids[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                loss = lm_loss(model, batch)[0] / batch["labels"].numel()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -115,8 +118,7 @@ def main():
     for name, model, hf in contenders:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        # both see seq input tokens: HF shifts labels inside, kosmo takes inputs and targets from seq+1
-        steps[name] = train_step_fn(model, opt, ids[:, : args.seq] if hf else ids, hf, dtype)
+        steps[name] = train_step_fn(model, opt, ids, hf, dtype)
         steps[name]()  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
     train_times = {k: [] for k in steps}
     for _ in range(args.rounds):

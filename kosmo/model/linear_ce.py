@@ -84,5 +84,5 @@ _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 @flop_counter.register_flop_formula(torch.ops.kosmo.linear_cross_entropy)
-def _flops(h, weight, *args, **kwargs) -> int:
-    return 2 * h.shape[0] * h.shape[1] * weight.shape[0]
+def _flops(h_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * h_shape[0] * h_shape[1] * weight_shape[0]
