@@ -76,6 +76,29 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def report(args, precision, cpu, rows, decode=""):
+    print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
+          f"train batch {args.batch}x{args.seq}, {decode}"
+          f"{precision} (--precision {args.precision}; CPU {hardware.describe(cpu, precision)['device_name']}, "
+          f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print("| measure | kosmo | transformers | kosmo / transformers |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+
+
+def print_compile_cost(args, first_step, train_times):
+    """What train.compile costs (its first step over an eager one) and how many steps repay it."""
+    if not args.compile:
+        return
+    eager, compiled = (statistics.median(train_times[k]) for k in ("kosmo", "kosmo, train.compile"))
+    cost = first_step["kosmo, train.compile"] - first_step["kosmo"]
+    repaid = f"repaid after {cost / (eager - compiled):,.0f} steps" if compiled < eager else "never repaid"
+    print(f"train.compile: first step {cost:.1f} s longer than eager's, then {(eager - compiled) * 1e3:.0f} ms "
+          f"a step faster ({eager * 1e3:.0f} -> {compiled * 1e3:.0f} ms): {repaid}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
@@ -88,7 +111,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--precision", choices=hardware.PRECISIONS, default="auto")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time kosmo training with torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time kosmo training with train.compile")
+    ap.add_argument("--train-only", action="store_true", help="time training only, not decode")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -108,24 +132,28 @@ def main():
     ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1))
 
     # ---- training throughput
-    steps = {}
+    steps, first_step = {}, {}
     contenders = [("kosmo", ours, False), ("transformers", theirs, True)]
     if args.compile:
         compiled = copy.deepcopy(ours)
-        for block in compiled.blocks:
-            block.compile()
-        contenders.append(("kosmo, torch.compile", compiled, False))
+        compiled.compile()  # as train.compile=true does
+        contenders.append(("kosmo, train.compile", compiled, False))
     for name, model, hf in contenders:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         steps[name] = train_step_fn(model, opt, ids, hf, dtype)
-        steps[name]()  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
+        first_step[name] = timed(steps[name], 1)  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
     train_times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for name, fn in steps.items():
             train_times[name].append(timed(fn, 2))
     tokens = args.batch * args.seq
     train = {k: tokens / statistics.median(v) for k, v in train_times.items()}
+    if args.train_only:
+        report(args, precision, cpu, [(f"training tokens/s{', ' + k if k != 'kosmo' else ''}", v,
+                                       train["transformers"]) for k, v in train.items() if k != "transformers"])
+        print_compile_cost(args, first_step, train_times)
+        return
 
     # ---- decode throughput: both models hold their weights in the benchmark dtype, as when serving
     ours = copy.deepcopy(ours).to(dtype).eval()
@@ -156,20 +184,14 @@ def main():
 
     rows = [("training tokens/s", train["kosmo"], train["transformers"])]
     if args.compile:
-        rows.append(("training tokens/s, kosmo with torch.compile", train["kosmo, torch.compile"], train["transformers"]))
+        rows.append(("training tokens/s, kosmo with train.compile", train["kosmo, train.compile"],
+                     train["transformers"]))
     for batch in (1, 8):
         rows += [(f"decode tokens/s, batch {batch}", decode[batch]["kosmo"], decode[batch]["transformers"]),
                  (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
                   decode[batch]["transformers"])]
-    print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
-          f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, "
-          f"{precision} (--precision {args.precision}; CPU {hardware.describe(cpu, precision)['device_name']}, "
-          f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    print("| measure | kosmo | transformers | kosmo / transformers |")
-    print("|---|---:|---:|---:|")
-    for name, a, b in rows:
-        print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+    report(args, precision, cpu, rows, f"decode {prompt_len}+{args.new_tokens} tokens, ")
+    print_compile_cost(args, first_step, train_times)
     per_token = {k: 1e3 / v for k, v in decode[1].items()}
     print(f"batch-1 decode floor: {streamed_bytes(ours, dtype) / 1e6:.1f} MB of weights a token at "
           f"{bandwidth / 1e9:.1f} GB/s copy bandwidth = {floor_s * 1e3:.2f} ms a token; measured "
