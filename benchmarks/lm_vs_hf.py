@@ -2,19 +2,23 @@
 
 Same config, same weights (exported from kosmo), same batch, same precision: the one that
 `train.precision=auto` picks on this machine (bf16 autocast where the CPU has AMX or AVX-512-BF16,
-fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward + backward + AdamW
-step, fp32 weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8
-(weights held in the benchmark's dtype), kosmo eager and compiled (`generate_ids(compile=True)`),
-with kosmo/transformers ratios. Runs alternate between the contenders so machine noise hits all
-alike; the median of the repeats is reported.
+fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward, the loss each
+library trains with, backward, and the fused `torch.optim.AdamW` step both trainers default to; fp32
+weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8 (weights
+held in the benchmark's dtype), kosmo eager and compiled (`generate_ids(compile=True)`), with
+kosmo/transformers ratios. --compile adds kosmo trained as `train.compile=true` runs it (the whole
+forward compiled) against transformers eager, as its Trainer runs by default, and against
+transformers compiled the same way; and what the compilation costs in steps. Runs alternate between
+the contenders so machine noise hits all alike; the median of the repeats is reported.
 
 Batch-1 decode streams every weight but the embedding table once per token, so it is reported beside
 its bandwidth floor on this machine: those bytes over the copy bandwidth measured here (STREAM's
 convention: bytes read plus bytes written per second, by `Tensor.copy_` of buffers far larger than
 the caches).
 
-    .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
-    .venv/bin/python benchmarks/lm_vs_hf.py --quick    # a fast smoke run
+    .venv/bin/python benchmarks/lm_vs_hf.py                         # the table in docs/performance.md
+    .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile  # training, eager and compiled
+    .venv/bin/python benchmarks/lm_vs_hf.py --quick                 # a fast smoke run
 """
 
 from __future__ import annotations
@@ -89,14 +93,15 @@ def report(args, precision, cpu, rows, decode=""):
 
 
 def print_compile_cost(args, first_step, train_times):
-    """What train.compile costs (its first step over an eager one) and how many steps repay it."""
+    """What compilation costs (the first step over an eager one) and how many steps repay it."""
     if not args.compile:
         return
-    eager, compiled = (statistics.median(train_times[k]) for k in ("kosmo", "kosmo, train.compile"))
-    cost = first_step["kosmo, train.compile"] - first_step["kosmo"]
-    repaid = f"repaid after {cost / (eager - compiled):,.0f} steps" if compiled < eager else "never repaid"
-    print(f"train.compile: first step {cost:.1f} s longer than eager's, then {(eager - compiled) * 1e3:.0f} ms "
-          f"a step faster ({eager * 1e3:.0f} -> {compiled * 1e3:.0f} ms): {repaid}")
+    for eager_name, name in (("kosmo", "kosmo, train.compile"), ("transformers", "transformers, torch.compile")):
+        eager, compiled = statistics.median(train_times[eager_name]), statistics.median(train_times[name])
+        cost = first_step[name] - first_step[eager_name]
+        repaid = f"repaid after {cost / (eager - compiled):,.0f} steps" if compiled < eager else "never repaid"
+        print(f"{name}: first step {cost:.1f} s longer than eager's, then {(eager - compiled) * 1e3:.0f} ms "
+              f"a step faster ({eager * 1e3:.0f} -> {compiled * 1e3:.0f} ms): {repaid}")
 
 
 def main():
@@ -137,10 +142,13 @@ def main():
     if args.compile:
         compiled = copy.deepcopy(ours)
         compiled.compile()  # as train.compile=true does
-        contenders.append(("kosmo, train.compile", compiled, False))
+        theirs_compiled = copy.deepcopy(theirs)
+        theirs_compiled.compile()
+        contenders += [("kosmo, train.compile", compiled, False),
+                       ("transformers, torch.compile", theirs_compiled, True)]
     for name, model, hf in contenders:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both trainers' default
         steps[name] = train_step_fn(model, opt, ids, hf, dtype)
         first_step[name] = timed(steps[name], 1)  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
     train_times = {k: [] for k in steps}
@@ -149,9 +157,13 @@ def main():
             train_times[name].append(timed(fn, 2))
     tokens = args.batch * args.seq
     train = {k: tokens / statistics.median(v) for k, v in train_times.items()}
+    rows = [("training tokens/s", train["kosmo"], train["transformers"])]
+    if args.compile:
+        rows += [("training tokens/s, kosmo with train.compile", train["kosmo, train.compile"], train["transformers"]),
+                 ("training tokens/s, both compiled", train["kosmo, train.compile"],
+                  train["transformers, torch.compile"])]
     if args.train_only:
-        report(args, precision, cpu, [(f"training tokens/s{', ' + k if k != 'kosmo' else ''}", v,
-                                       train["transformers"]) for k, v in train.items() if k != "transformers"])
+        report(args, precision, cpu, rows)
         print_compile_cost(args, first_step, train_times)
         return
 
@@ -182,10 +194,6 @@ def main():
     bandwidth = copy_bandwidth(dtype)
     floor_s = streamed_bytes(ours, dtype) / bandwidth  # seconds a batch-1 token takes at best
 
-    rows = [("training tokens/s", train["kosmo"], train["transformers"])]
-    if args.compile:
-        rows.append(("training tokens/s, kosmo with train.compile", train["kosmo, train.compile"],
-                     train["transformers"]))
     for batch in (1, 8):
         rows += [(f"decode tokens/s, batch {batch}", decode[batch]["kosmo"], decode[batch]["transformers"]),
                  (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
