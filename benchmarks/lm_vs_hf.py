@@ -20,6 +20,7 @@ the caches).
     .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile  # training, eager and compiled
     .venv/bin/python benchmarks/lm_vs_hf.py --quick                 # a fast smoke run
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile --cpu-time  # a busy host
+    .venv/bin/python benchmarks/lm_vs_hf.py --device cuda          # both on the GPU
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def train_step_fn(model, opt, ids, hf: bool, dtype):
     batch = {"input": ids[:, :-1], "labels": ids[:, 1:]}
 
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if hf:
                 loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
             else:
@@ -58,9 +59,10 @@ def train_step_fn(model, opt, ids, hf: bool, dtype):
     return step
 
 
-def copy_bandwidth(dtype, mib: int = 256, repeats: int = 5) -> float:
-    """Bytes moved per second (read + written) copying a buffer of `mib` MiB, the best of `repeats`."""
-    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype)
+def copy_bandwidth(dtype, device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second (read + written) copying a buffer of `mib` MiB on `device`, the best of
+    `repeats`."""
+    src = torch.ones(mib * 2**20 // dtype.itemsize, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = min(timed(lambda: dst.copy_(src), 1) for _ in range(repeats))
@@ -81,16 +83,18 @@ clock = time.perf_counter
 
 
 def timed(fn, repeats: int) -> float:
+    sync()
     t0 = clock()
     for _ in range(repeats):
         fn()
+    sync()
     return (clock() - t0) / repeats
 
 
-def report(args, precision, cpu, rows, decode=""):
+def report(args, precision, device, rows, decode=""):
     print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
           f"train batch {args.batch}x{args.seq}, {decode}"
-          f"{precision} (--precision {args.precision}; CPU {hardware.describe(cpu, precision)['device_name']}, "
+          f"{precision} (--precision {args.precision}; {hardware.describe(device, precision)['device_name']}, "
           f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print("| measure | kosmo | transformers | kosmo / transformers |")
@@ -111,6 +115,12 @@ def print_compile_cost(args, first_step, train_times):
               f"a step faster ({eager * 1e3:.0f} -> {compiled * 1e3:.0f} ms): {repaid}")
 
 
+def sync():
+    """Waits for queued GPU work, so that a time covers it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
@@ -122,6 +132,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--precision", choices=hardware.PRECISIONS, default="auto")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time kosmo training with train.compile")
     ap.add_argument("--train-only", action="store_true", help="time training only, not decode")
@@ -133,8 +144,8 @@ def main():
         clock = time.process_time
     if args.quick:
         args.rounds, args.new_tokens = 2, 16
-    cpu = torch.device("cpu")
-    precision = hardware.resolve_precision(args.precision, cpu)
+    device = torch.device(args.device)
+    precision = hardware.resolve_precision(args.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     torch.manual_seed(0)
@@ -144,8 +155,9 @@ def main():
     ours = LM(cfg)
     with tempfile.TemporaryDirectory() as d:
         export_hf(ours, d)
-        theirs = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa")
-    ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1))
+        theirs = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device)
+    ours = ours.to(device)
+    ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1)).to(device)
 
     # ---- training throughput
     steps, first_step = {}, {}
@@ -174,7 +186,7 @@ def main():
                  ("training tokens/s, both compiled", train["kosmo, train.compile"],
                   train["transformers, torch.compile"])]
     if args.train_only:
-        report(args, precision, cpu, rows)
+        report(args, precision, device, rows)
         print_compile_cost(args, first_step, train_times)
         return
 
@@ -202,14 +214,14 @@ def main():
             times["kosmo, compiled"].append(timed(lambda: run_ours(compile=True), 1))
             times["transformers"].append(timed(run_theirs, 1))
         decode[batch] = {k: batch * n / statistics.median(v) for k, v in times.items()}
-    bandwidth = copy_bandwidth(dtype)
+    bandwidth = copy_bandwidth(dtype, device)
     floor_s = streamed_bytes(ours, dtype) / bandwidth  # seconds a batch-1 token takes at best
 
     for batch in (1, 8):
         rows += [(f"decode tokens/s, batch {batch}", decode[batch]["kosmo"], decode[batch]["transformers"]),
                  (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
                   decode[batch]["transformers"])]
-    report(args, precision, cpu, rows, f"decode {prompt_len}+{args.new_tokens} tokens, ")
+    report(args, precision, device, rows, f"decode {prompt_len}+{args.new_tokens} tokens, ")
     print_compile_cost(args, first_step, train_times)
     per_token = {k: 1e3 / v for k, v in decode[1].items()}
     print(f"batch-1 decode floor: {streamed_bytes(ours, dtype) / 1e6:.1f} MB of weights a token at "

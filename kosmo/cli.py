@@ -57,14 +57,24 @@ def cmd_world(args):
 
 
 def cmd_tokenizer(args):
+    from kosmo.data.formats import parse_source
     from kosmo.data.jsonl import iter_texts
     from kosmo.tokenizer import Tokenizer
     for path in args.data:  # fail on a missing file before the slow part
-        if not Path(path).is_file():
-            raise KosmoError(f"{path}: file not found")
+        parse_source(path).files
     tok = Tokenizer.train(iter_texts(args.data), args.vocab_size)
     path = tok.save(args.out)
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.vocab_size}))
+
+
+def cmd_shard(args):
+    from kosmo.data.formats import parse_source
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.data.stream import write_shards
+    for path in args.data:
+        parse_source(path).files
+    shards = write_shards(iter_texts(args.data), args.out, args.rows_per_shard)
+    print(json.dumps({"shards": len(shards), "out": str(args.out)}))
 
 
 def cmd_train(args):
@@ -324,21 +334,28 @@ def cmd_export(args):
 
 def cmd_import(args):
     from kosmo import checkpoint
+    from kosmo.interop.adopt import adopt_tokenizer, has_kosmo_specials
     from kosmo.model.load import save_run
     from kosmo.tokenizer import Tokenizer
-    tok = Tokenizer.load(args.tokenizer or Path(args.hf) / "tokenizer.json")  # before the weights: it fails faster
-    extra = {}
-    if checkpoint.read_json(Path(args.hf) / "config.json").get("model_type") == "llava":
+    hf_dir = Path(args.hf)
+    # the tokenizer before the weights: it fails faster
+    own = hf_dir / "tokenizer.json"
+    if args.tokenizer or has_kosmo_specials(own):
+        tok, adoption = Tokenizer.load(args.tokenizer or own), None
+    else:  # a checkpoint's own tokenizer with other special ids
+        tok, adoption = adopt_tokenizer(hf_dir)
+    extra = {"adopted_tokenizer": adoption.to_dict()} if adoption else {}
+    if checkpoint.read_json(hf_dir / "config.json").get("model_type") == "llava":
         from kosmo.interop.hf_llava import import_hf_llava
-        model, image_mode = import_hf_llava(args.hf)
-        arch, extra = "mllm", {"config": {"image_mode": image_mode}}
+        model, image_mode = import_hf_llava(hf_dir, adoption)
+        arch, extra = "mllm", extra | {"config": {"image_mode": image_mode}}
     else:
         from kosmo.interop.hf_llama import import_hf
-        model, arch = import_hf(args.hf), "lm"
+        model, arch = import_hf(hf_dir, adoption), "lm"
     save_run(args.out, model, tok, {"stage": "import", "arch": arch, "model": model.cfg.to_dict(),
                                     "source": str(args.hf), **extra})
-    print(json.dumps({"imported": str(args.out), "arch": arch,
-                      "params": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"imported": str(args.out), "arch": arch, "params": sum(p.numel() for p in model.parameters()),
+                      **({"adopted_tokenizer": adoption.source, "shift": adoption.shift} if adoption else {})}))
 
 
 def cmd_demo(args):
@@ -352,6 +369,7 @@ def cmd_demo(args):
 
 def cmd_serve(args):
     from kosmo.serve.api import Limits, serve
+    from kosmo.serve.engine import PREFIX_BLOCK
     from kosmo.serve.media import MediaPolicy
     domains = tuple(d.strip().lower() for d in (args.allowed_media_domains or "").split(",") if d.strip())
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
@@ -359,13 +377,16 @@ def cmd_serve(args):
         raise KosmoError(f"--allowed-local-media-path: {local} is not a directory")
     if args.prefill_chunk < 0:
         raise KosmoError(f"--prefill-chunk must be at least 0 (0: prompts go in at once), got {args.prefill_chunk}")
+    if args.prefix_cache_tokens != 0 and args.prefix_cache_tokens < PREFIX_BLOCK:
+        raise KosmoError(f"--prefix-cache-tokens must be 0 (off) or at least one block of {PREFIX_BLOCK}, "
+                         f"got {args.prefix_cache_tokens}")
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                         allowed_domains=domains, local_root=local)
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("KOSMO_API_KEY"), args.device,
           args.max_batch, args.max_queue, media,
           Limits(args.max_body_bytes, args.max_images, max_audio_clips=args.max_audio_clips,
                  max_audio_seconds=args.max_audio_seconds, max_pictures=args.max_images_per_request),
-          args.precision, args.prefill_chunk or None)
+          args.precision, args.prefill_chunk or None, args.prefix_cache_tokens, args.batch_shapes)
 
 
 def cmd_chat(args):
@@ -417,6 +438,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--out", required=True)
     t.set_defaults(fn=cmd_tokenizer)
+
+    sh = sub.add_parser("shard", help="write the text of data sources into parquet shards, for `train lm` to stream")
+    sh.add_argument("--data", nargs="+", required=True)
+    sh.add_argument("--out", required=True, help="a new folder for shard-00000.parquet, …")
+    sh.add_argument("--rows-per-shard", type=int, default=100_000, help="documents per shard")
+    sh.set_defaults(fn=cmd_shard)
 
     tr = sub.add_parser("train", help="run a training stage")
     tr.add_argument("stage", choices=sorted(stages()))
@@ -498,7 +525,8 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="make a run directory from a Hugging Face Llama or LLaVA checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
-    i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own)")
+    i.add_argument("--tokenizer", help="kosmo tokenizer.json (default: the checkpoint's own, adopted when its "
+                   "special tokens are not kosmo's: kosmo's at ids 0-15, the checkpoint's vocabulary after them)")
     i.set_defaults(fn=cmd_import)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web playground for a run")
@@ -512,6 +540,13 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=int, default=2048,
                     help="a longer prompt goes in as chunks of this many tokens, bounding a long context's "
                          "activation memory (0: all at once)")
+    sv.add_argument("--prefix-cache-tokens", type=int, default=8192,
+                    help="prompt positions whose keys and values are kept for later prompts that begin the same "
+                         "way, in blocks of 64 (0: off)")
+    sv.add_argument("--batch-shapes", choices=("full", "bucketed"), default="full",
+                    help="full: every decode step runs --max-batch rows, so a request's numbers never depend on "
+                         "the others; bucketed: the busy rows rounded up to a power of two, faster when few "
+                         "requests run, its last bits depending on how many")
     sv.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     sv.add_argument("--max-images", type=int, default=4, help="images per request")
     sv.add_argument("--max-images-per-request", type=int, default=4,

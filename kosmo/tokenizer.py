@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer trained with the `tokenizers` library.
+"""Byte-level BPE tokenizer trained with the `tokenizers` library, or a checkpoint's own BPE tokenizer
+adopted around kosmo's special tokens (`kosmo.interop.adopt`).
 
 Special tokens have fixed ids (below) in every kosmo tokenizer, so templates, data pipelines and
 checkpoints agree without looking anything up. Ordinary text can never produce them: encoding treats

@@ -47,3 +47,14 @@ def assert_cached_decoding_equals_uncached(model, prompts, images, max_new_token
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
     return la
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda`-marked tests need a GPU: skipped where there is none (benchmarks/gpu_check.sh runs them)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -22,6 +22,16 @@ DRAWS = 16  # the `drawing` run's pictures are DRAWS x DRAWS, a 4 x 4 grid of co
 HEARS_SECONDS = 3  # the longest clip the `hearing` run takes at once
 
 
+class Letters:
+    """A stand-in tokenizer for engine tests: token i is one letter."""
+
+    def encode(self, text):
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
 def build_runs(root: Path) -> dict[str, Path]:
     """A text-only LM run, a KOSMOS MLLM run, one that also hears and one that draws, with random weights (large
     enough init to vary its words and codes)."""

@@ -106,14 +106,9 @@ def test_chunked_prefill_of_an_mllm_sends_the_images_with_the_first_chunk():
 def test_the_engine_prefills_long_prompts_in_chunks_like_generate_ids():
     import queue
 
+    from serve_helpers import Letters
+
     from kosmo.serve.engine import Engine, Params, Request
-
-    class Letters:
-        def encode(self, text):
-            return [ord(c) - ord("a") for c in text]
-
-        def decode(self, ids):
-            return "".join(chr(ord("a") + i % 26) for i in ids)
 
     model = tiny_lm(smear_keys=True).eval()
     prompts = [[1, *range(30, 70)], [1, 25, 26], [1, *range(80, 100)]]

@@ -12,23 +12,13 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from serve_helpers import free_port, open_ears, png_bytes
+from serve_helpers import Letters, free_port, open_ears, png_bytes
 
 from kosmo.generate import Sampling, generate_ids
 from kosmo.model.lm import LM, LMConfig
 from kosmo.serve.api import create_app
 from kosmo.serve.engine import Engine, Params, QueueFull, Request, TextStream
 from kosmo.serve.media import MediaError, MediaPolicy, fetch
-
-
-class Letters:
-    """A stand-in tokenizer: token i is one letter."""
-
-    def encode(self, text):
-        return [ord(c) - ord("a") for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "smeared_keys"])

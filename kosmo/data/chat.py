@@ -92,6 +92,8 @@ def content_parts(content, where: str) -> list[tuple[str, object]]:
             parts.append(("text", p["text"]))
         elif kind in ("image", "image_url") and p.get(kind) is not None:
             ref = p[kind]
+            if isinstance(ref, dict) and not isinstance(ref.get("url"), str):
+                raise KosmoError(f"{where}: an image part's {kind} object needs 'url' as a string")
             parts.append(("image", ref["url"] if isinstance(ref, dict) else ref))
         elif kind in ("audio", "input_audio") and p.get(kind) is not None:
             parts.append(("audio", p[kind]))

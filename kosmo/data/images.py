@@ -8,6 +8,7 @@
   center crop. "pad" is LLaVA's: longest side to `size`, padded to a square with the mean colour (exactly 0
   after normalisation). An image already `size` x `size` is never resampled.
 - `load_image(path, size, mode, **caps)`: open + preprocess. `denormalize(t)`: a tensor back to a picture.
+- `EncodedImage(data, source)`: an image held as encoded bytes (a parquet column), usable wherever a path is.
 - `ImageCache(size, mode, ...)`: for data streams. `.get(path)` decodes each file once (bad files too: their
   error is remembered in `.skipped`); `.load(paths)` returns `ImageBatch(pixels (N,3,S,S), ok, skipped)`,
   leaving bad files out instead of failing. `load_images(paths, size, mode, **caps)` is its one-shot form.
@@ -21,6 +22,7 @@ import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -63,6 +65,18 @@ def decode_image_bytes(data: bytes, source: str = "image", max_pixels: int = MAX
     return _decode(io.BytesIO(data), source, max_pixels)
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's encoded bytes (PNG, JPEG, ...) with where they came from, for data that stores images inline
+    (a Hugging Face `datasets` Image column). Hashable, so it keys an image bank as a path does."""
+
+    data: bytes
+    source: str
+
+    def __str__(self) -> str:
+        return self.source
+
+
 def preprocess(img: Image.Image, size: int, mode: str = "crop") -> torch.Tensor:
     """A CLIP-normalised float32 (3, size, size) tensor of `img` ("crop": CLIP, "pad": LLaVA)."""
     if mode not in MODES:
@@ -93,8 +107,10 @@ def preprocess(img: Image.Image, size: int, mode: str = "crop") -> torch.Tensor:
     return _normalize(img.crop((left, top, left + size, top + size)))  # an exact fit is never resampled
 
 
-def load_image(path: str | Path, size: int, mode: str = "crop", max_pixels: int = MAX_PIXELS,
+def load_image(path: str | Path | EncodedImage, size: int, mode: str = "crop", max_pixels: int = MAX_PIXELS,
                max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    if isinstance(path, EncodedImage):
+        return preprocess(decode_image_bytes(path.data, path.source, max_pixels, max_bytes), size, mode)
     return preprocess(open_image(path, max_pixels, max_bytes), size, mode)
 
 
@@ -130,9 +146,10 @@ class ImageCache:
         self.skipped: dict[str, str] = {}
         self.decoded = 0  # files actually opened, for statistics (and tests)
 
-    def get(self, path: str | Path) -> torch.Tensor:
+    def get(self, path: str | Path | EncodedImage) -> torch.Tensor:
         """The preprocessed image at `path`, or the KosmoError it gives."""
-        key = os.path.realpath(path)  # one file under two spellings is one entry
+        # one file under two spellings is one entry
+        key = path if isinstance(path, EncodedImage) else os.path.realpath(path)
         item = self._items.get(key)
         if item is None:
             self.decoded += 1
@@ -149,7 +166,7 @@ class ImageCache:
             raise KosmoError(item)  # a fresh exception each time, so tracebacks do not pile up on one
         return item
 
-    def load(self, paths: Iterable[str | Path]) -> ImageBatch:
+    def load(self, paths: Iterable[str | Path | EncodedImage]) -> ImageBatch:
         """Every image of `paths` that loads, stacked; the others are listed in `skipped`, not raised."""
         rows, ok, skipped = [], [], []
         for i, path in enumerate(paths):

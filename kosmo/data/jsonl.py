@@ -26,6 +26,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise KosmoError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise KosmoError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise KosmoError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -42,7 +44,9 @@ def record_texts(obj: dict, where: str) -> list[str]:
         return [_str(p["text"], f"{where}: content part 'text'") for p in parts if isinstance(p, dict) and "text" in p]
     if "messages" in obj or "prompt" in obj:
         out = []
-        for m in obj.get("messages", []) + (obj.get("prompt") or []):
+        turns = _list(obj.get("messages"), f"{where}: field 'messages'")
+        turns += _list(obj.get("prompt"), f"{where}: field 'prompt'")
+        for m in turns:
             c = m.get("content") if isinstance(m, dict) else None
             if isinstance(c, str):
                 out.append(c)
@@ -52,9 +56,11 @@ def record_texts(obj: dict, where: str) -> list[str]:
                 raise KosmoError(f"{where}: a message needs 'content' as a string or a list of parts")
         return out + [obj[k] for k in ("chosen", "rejected") if isinstance(obj.get(k), str)]
     if "question" in obj:
-        return [_str(obj["question"], f"{where}: field 'question'")] + [a for a in obj.get("answers", []) if isinstance(a, str)]
+        answers = _list(obj.get("answers"), f"{where}: field 'answers'")
+        return [_str(obj["question"], f"{where}: field 'question'")] + [a for a in answers if isinstance(a, str)]
     if "text" in obj:
-        return [_str(obj["text"], f"{where}: field 'text'")] + [c for c in obj.get("captions", []) if isinstance(c, str)]
+        captions = _list(obj.get("captions"), f"{where}: field 'captions'")
+        return [_str(obj["text"], f"{where}: field 'text'")] + [c for c in captions if isinstance(c, str)]
     raise KosmoError(f"{where}: no text field (expected 'text', 'content', 'messages', 'prompt' or 'question')")
 
 
@@ -64,7 +70,18 @@ def _str(v, where: str) -> str:
     return v
 
 
+def _list(v, where: str) -> list:
+    """An optional list field: absent (or null) is empty."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise KosmoError(f"{where} must be a list, got {type(v).__name__}")
+    return v
+
+
 def iter_texts(paths: list[str | Path]) -> Iterator[str]:
+    """The texts of every record of some data sources (any format of `kosmo.data.formats`)."""
+    from kosmo.data.formats import read_records
     for path in paths:
-        for lineno, obj in read_jsonl(path):
-            yield from record_texts(obj, f"{path}:{lineno}")
+        for where, obj in read_records(path):
+            yield from record_texts(obj, where)

@@ -26,7 +26,8 @@ import torch
 
 from kosmo.data import chat
 from kosmo.data.audio import AudioCache
-from kosmo.data.jsonl import read_jsonl
+from kosmo.data.formats import parse_source, read_records
+from kosmo.data.images import EncodedImage
 from kosmo.errors import KosmoError
 from kosmo.tokenizer import AUDIO, AUDIO_END, BEGIN_OF_IMAGE, BOS, END_OF_IMAGE, EOS, IMAGE, IMAGE_END, IMAGE_PAD, PAD
 
@@ -92,7 +93,9 @@ def example_from_record(obj: dict, tokenizer, tokens_per_image: int, base: Path,
     and `codes_per_image` a drawn picture's (0: the model cannot draw)."""
     kind = kind_of(obj)
 
-    def image_path(ref) -> str:
+    def image_path(ref) -> str | EncodedImage:
+        if isinstance(ref, EncodedImage):
+            return ref
         if not isinstance(ref, str):
             raise KosmoError(f"{where}: an image must be a path string")
         return str((base / ref).resolve())
@@ -192,14 +195,13 @@ def read_examples(paths: list, tokenizer, tokens_per_image: int, max_len: int,
     `audio_tokens(path, where)`: a clip's positions (a `ClipLengths`), for a model that hears;
     `codes_per_image`: a drawn picture's positions, for a model that draws."""
     out, dropped = [], 0
-    for path in paths:
-        path = Path(path)
-        for lineno, obj in read_jsonl(path):
-            where = f"{path}:{lineno}"
+    for spec in paths:
+        base = parse_source(spec).images
+        for where, obj in read_records(spec):
             kind = kind_of(obj)
             if kind not in kinds:
                 raise KosmoError(f"{where}: a {kind} line, but this stage reads {', '.join(kinds)} data")
-            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, path.parent, where, audio_tokens,
+            ex = truncate(example_from_record(obj, tokenizer, tokens_per_image, base, where, audio_tokens,
                                               codes_per_image), max_len)
             if ex is None:
                 dropped += 1
@@ -302,30 +304,34 @@ class MultimodalDataset:
         return len(self.order)
 
     def collate(self, indices: list[int]) -> dict:
-        """The batch of these examples. Packed, the same examples (hence the same loss) fill fewer rows:
-        each example is its own document (`segments`), so none sees another, and far less of the
-        batch is padding, which in short-answer chat data is otherwise most of it."""
         exs = [self.examples[self.order[i]].unconditional() if i in self.unconditional
                else self.examples[self.order[i]] for i in indices]
-        rows = pack(exs, self.pack_len) if self.pack_len else [[e] for e in exs]
-        T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
-        inp = torch.full((len(rows), T), PAD, dtype=torch.long)
-        labels = torch.full((len(rows), T), -100, dtype=torch.long)
-        segments = torch.zeros((len(rows), T), dtype=torch.long)
-        for r, row in enumerate(rows):
-            t = 0
-            for doc, e in enumerate(row, start=1):
-                ids, n = torch.tensor(e.ids), len(e.ids) - 1
-                inp[r, t:t + n] = ids[:-1]
-                labels[r, t:t + n] = torch.where(torch.tensor(e.target[1:]), ids[1:], -100)
-                segments[r, t:t + n] = doc
-                t += n
-        images = self.bank.get([p for row in rows for e in row for p in e.images])
-        clips = [p for row in rows for e in row for p in e.audio]
-        audio = self.audio.load(clips)[0] if clips else None
-        batch = {"input": inp, "labels": labels, "images": images, "audio": audio,
-                 "n_targets": int((labels != -100).sum())}
-        return {**batch, "segments": segments} if self.pack_len else batch
+        return collate_examples(exs, self.pack_len, self.bank.get, self.audio)
+
+
+def collate_examples(exs: list[Example], pack_len: int, pixels: Callable[[list], torch.Tensor],
+                     audio: AudioCache | None = None) -> dict:
+    """The batch of these examples, their pictures from `pixels(refs)`. Packed (pack_len > 0), the same
+    examples (hence the same loss) fill fewer rows: each example is its own document (`segments`), so none
+    sees another, and far less of the batch is padding, which in short-answer chat data is otherwise most of it."""
+    rows = pack(exs, pack_len) if pack_len else [[e] for e in exs]
+    T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
+    inp = torch.full((len(rows), T), PAD, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    segments = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for doc, e in enumerate(row, start=1):
+            ids, n = torch.tensor(e.ids), len(e.ids) - 1
+            inp[r, t:t + n] = ids[:-1]
+            labels[r, t:t + n] = torch.where(torch.tensor(e.target[1:]), ids[1:], -100)
+            segments[r, t:t + n] = doc
+            t += n
+    images = pixels([p for row in rows for e in row for p in e.images])
+    clips = [p for row in rows for e in row for p in e.audio]
+    sound = audio.load(clips)[0] if clips else None
+    batch = {"input": inp, "labels": labels, "images": images, "audio": sound, "n_targets": int((labels != -100).sum())}
+    return {**batch, "segments": segments} if pack_len else batch
 
 
 def pack(examples: list[Example], capacity: int) -> list[list[Example]]:

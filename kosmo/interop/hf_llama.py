@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from kosmo import checkpoint
 from kosmo.data.chat import JINJA_TEMPLATE
 from kosmo.errors import KosmoError
+from kosmo.interop.adopt import Adoption, adopt_rows
 from kosmo.model import lora
 from kosmo.model.lm import LM, LMConfig
 from kosmo.tokenizer import BOS, END_OF_TURN, EOS, PAD
@@ -75,20 +76,25 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def import_hf(path: str | Path) -> LM:
+def import_hf(path: str | Path, adoption: Adoption | None = None) -> LM:
+    """The LM of a Llama directory; with an `adoption`, in the ids of the tokenizer adopted from it."""
     path = Path(path)
     hf_cfg = checkpoint.read_json(path / "config.json")
     try:
         cfg = config_from_hf(hf_cfg, str(path / "config.json"))
     except KeyError as e:
         raise KosmoError(f"{path / 'config.json'}: missing field {e}") from None
+    if adoption is not None:
+        cfg.vocab_size += adoption.shift
     model = LM(cfg)
-    checkpoint.load_weights(model, _lm_state(_read_hf_tensors(path), cfg, path), path)
+    checkpoint.load_weights(model, _lm_state(_read_hf_tensors(path), cfg, path, adoption=adoption), path)
     return model.eval()
 
 
-def _lm_state(hf: dict, cfg: LMConfig, path: Path, body: str = "model.", head: str = "lm_head.weight") -> dict:
-    """kosmo's LM state (fp32) from HF tensors whose decoder is under `body` and whose head is `head`."""
+def _lm_state(hf: dict, cfg: LMConfig, path: Path, body: str = "model.", head: str = "lm_head.weight",
+              adoption: Adoption | None = None) -> dict:
+    """kosmo's LM state (fp32) from HF tensors whose decoder is under `body` and whose head is `head`;
+    with an `adoption`, the embedding and head rows in the adopted tokenizer's ids."""
     if cfg.tie_embeddings:
         hf.setdefault(head, hf.get(body + BODY_MAP["embed.weight"]))
     state = {k: _take(hf, body + name, path) for k, name in BODY_MAP.items()}
@@ -97,6 +103,9 @@ def _lm_state(hf: dict, cfg: LMConfig, path: Path, body: str = "model.", head: s
         for kosmo_name, hf_names in LAYER_MAP.items():
             parts = [_take(hf, f"{body}layers.{i}.{n}", path) for n in hf_names]
             state[f"blocks.{i}.{kosmo_name}"] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    if adoption is not None:
+        for k, name in (("embed.weight", body + BODY_MAP["embed.weight"]), ("lm_head.weight", head)):
+            state[k] = adopt_rows(state[k], adoption, f"{path}: {name}")
     return {k: v.float() for k, v in state.items()}
 
 

@@ -35,6 +35,7 @@ from kosmo import checkpoint
 from kosmo.data.chat import JINJA_TEMPLATE
 from kosmo.data.images import CLIP_MEAN, CLIP_STD
 from kosmo.errors import KosmoError
+from kosmo.interop.adopt import Adoption
 from kosmo.interop.hf_clip import VISION_MAP, _tower_state, _tower_tensors, _vision_config_to_hf, vision_config_from_hf
 from kosmo.interop.hf_llama import (
     _lm_state,
@@ -120,7 +121,9 @@ def _write_processor(out: Path, cfg: MLLMConfig, image_mode: str):
     checkpoint.atomic_write(out / "chat_template.jinja", lambda p: Path(p).write_text(JINJA_TEMPLATE))
 
 
-def config_from_hf_llava(hf: dict, where: str = "config.json") -> MLLMConfig:
+def config_from_hf_llava(hf: dict, where: str = "config.json", adopted: bool = False) -> MLLMConfig:
+    """The MLLM's config; `adopted`: the tokenizer is adopted from the checkpoint, whose image token then
+    becomes kosmo's `<|image_pad|>` wherever it sits (`kosmo.interop.adopt`)."""
     if hf.get("model_type") != "llava":
         raise KosmoError(f"{where}: model_type {hf.get('model_type')!r} is not llava")
     layer, strategy = hf.get("vision_feature_layer", -2), hf.get("vision_feature_select_strategy", "default")
@@ -135,8 +138,9 @@ def config_from_hf_llava(hf: dict, where: str = "config.json") -> MLLMConfig:
                          f"({', '.join(PROJECTOR_ACTS.values())})")
     if not hf.get("multimodal_projector_bias", True):
         raise KosmoError(f"{where}: multimodal_projector_bias=false is not supported")
-    if token != IMAGE_PAD:
-        raise KosmoError(f"{where}: image_token_index {token} is not kosmo's <|image_pad|> id {IMAGE_PAD}")
+    if token != IMAGE_PAD and not adopted:
+        raise KosmoError(f"{where}: image_token_index {token} is not kosmo's <|image_pad|> id {IMAGE_PAD} "
+                         "(without --tokenizer, kosmo import adopts the checkpoint's own tokenizer and image token)")
     for key in ("vision_config", "text_config"):
         if not isinstance(hf.get(key), dict):
             raise KosmoError(f"{where}: missing field '{key}'")
@@ -154,13 +158,18 @@ def config_from_hf_llava(hf: dict, where: str = "config.json") -> MLLMConfig:
                       feature_layer=layer, use_cls=STRATEGY[strategy])
 
 
-def import_hf_llava(path: str | Path) -> tuple[MLLM, str]:
-    """The MLLM of a LLaVA directory, and the image mode ("crop" or "pad") its processor asks for."""
+def import_hf_llava(path: str | Path, adoption: Adoption | None = None) -> tuple[MLLM, str]:
+    """The MLLM of a LLaVA directory, and the image mode ("crop" or "pad") its processor asks for; with an
+    `adoption`, in the ids of the tokenizer adopted from it."""
     path = Path(path)
-    cfg = config_from_hf_llava(checkpoint.read_json(path / "config.json"), str(path / "config.json"))
+    cfg = config_from_hf_llava(checkpoint.read_json(path / "config.json"), str(path / "config.json"),
+                               adopted=adoption is not None)
+    if adoption is not None:
+        cfg.lm.vocab_size += adoption.shift
     hf = {_renamed(k): v for k, v in _read_hf_tensors(path).items()}
     model = MLLM(cfg)
-    state = {f"lm.{k}": v for k, v in _lm_state(hf, cfg.lm, path, body=LM_BODY, head=LM_HEAD).items()}
+    state = {f"lm.{k}": v
+             for k, v in _lm_state(hf, cfg.lm, path, body=LM_BODY, head=LM_HEAD, adoption=adoption).items()}
     vision = VISION if any(k.startswith(VISION) for k in hf) else VISION_BARE
     state |= {f"vision.{k}": v.float()
               for k, v in _tower_state(hf, vision, VISION_MAP, cfg.vision.n_layers, path).items()}

@@ -19,7 +19,10 @@ and /detokenize are vLLM's tokenizer endpoints, which lm-eval's `tokenizer_backe
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad values (bad audio among them) are 400, values of the wrong type 422, a wrong key 401, an unknown
 model 404, an oversized body or image 413, a full queue 429, an engine that is not running 503. Nothing
-a client sends leads to a 500.
+a client sends leads to a 500 (tests/test_fuzz.py fuzzes every operation to hold that).
+
+The OpenAPI schema, request bodies included, is at /openapi.json, open like /health; /health also tells how
+many of the engine's slots are free, which a client that hung up must not keep.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from typing import Annotated, Literal
 
 import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -175,11 +180,41 @@ class ImageRequest(Schema):
     seed: int | None = None  # kosmo's: picture i draws from seed + i
 
 
+# The handlers read their bodies themselves (to cap the size before parsing, and to word errors OpenAI's way),
+# so FastAPI cannot see them: the published schema names them here, for clients and for fuzzers.
+
+def json_body(schema: type[Schema]) -> dict:
+    ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+TRANSCRIPTION_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the clip: WAV, FLAC, OGG or MP3"},
+        "model": {"type": "string"},
+        "response_format": {"type": "string", "enum": ["json", "text", "verbose_json"]},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "language": {"type": "string", "description": "taken but unused"},
+        "prompt": {"type": "string", "description": "taken but unused"}}}}}}}
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, with the request bodies' schemas among its components."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in (ChatRequest, CompletionRequest, ImageRequest)],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 # ---- the app
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                media: MediaPolicy = MediaPolicy(), limits: Limits = Limits()) -> FastAPI:
-    app = FastAPI(title="kosmo", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="kosmo", docs_url=None, redoc_url=None)  # the schema at /openapi.json
+    app.openapi = lambda: openapi_schema(app)
     created = int(time.time())
     scorer = Scorer(engine)
 
@@ -216,7 +251,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.get("/health")
     async def health():
         body = {"status": "ok" if engine.alive else "down", "running": engine.running, "waiting": len(engine.waiting),
-                "device": str(engine.device), "precision": engine.precision}
+                "free_slots": engine.free_slots, "max_batch": engine.max_batch, "device": str(engine.device),
+                "precision": engine.precision}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/", dependencies=auth, response_class=HTMLResponse)
@@ -228,7 +264,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "kosmo", "context_length": engine.context}]}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, openapi_extra=json_body(ChatRequest))
     async def chat_completions(request: Request):
         body = parse(ChatRequest, await read_body(request, limits.max_body_bytes))
         check_common(body, model_name, limits)
@@ -252,7 +288,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return streamed(reply, events, requests, body)
         return await collect(request, reply, events, requests)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         body = parse(CompletionRequest, await read_body(request, limits.max_body_bytes))
         check_common(body, model_name, limits)
@@ -303,7 +339,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         check_ids(body.tokens, engine.model.text_vocab, "tokens")
         return {"prompt": tokenizer.decode(body.tokens, skip_special=False)}
 
-    @app.post("/v1/audio/transcriptions", dependencies=auth)
+    @app.post("/v1/audio/transcriptions", dependencies=auth, openapi_extra=TRANSCRIPTION_FORM)
     async def transcriptions(request: Request):
         form = await read_form(request, limits.max_body_bytes)
         check_model(form.get("model"), model_name)
@@ -342,7 +378,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"task": "transcribe", "language": form.get("language") or "unknown",
                 "duration": clip.shape[-1] * HOP_LENGTH / SAMPLE_RATE, "text": text, "segments": [], "usage": usage}
 
-    @app.post("/v1/images/generations", dependencies=auth)
+    @app.post("/v1/images/generations", dependencies=auth, openapi_extra=json_body(ImageRequest))
     async def image_generations(request: Request):
         body = parse(ImageRequest, await read_body(request, limits.max_body_bytes))
         check_model(body.model, model_name)
@@ -787,7 +823,8 @@ def png_base64(image, scale: int) -> str:
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
           max_batch: int = 16, max_queue: int = 64, media: MediaPolicy = MediaPolicy(), limits: Limits = Limits(),
-          precision: str = "auto", prefill_chunk: int | None = 2048):
+          precision: str = "auto", prefill_chunk: int | None = 2048, prefix_cache_tokens: int = 8192,
+          batch_shapes: str = "full"):
     """Loads a run and serves it until interrupted."""
     import uvicorn
 
@@ -797,7 +834,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     try:
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                         image_mode=config.get("config", {}).get("image_mode", "crop"), precision=precision,
-                        max_images=limits.max_images, prefill_chunk=prefill_chunk)
+                        max_images=limits.max_images, prefill_chunk=prefill_chunk,
+                        prefix_cache_tokens=prefix_cache_tokens, batch_shapes=batch_shapes)
     except ValueError as e:
         raise KosmoError(f"{run}: {e}") from None
     app = create_app(engine.start(), tokenizer, Path(run).resolve().name, api_key, media, limits)

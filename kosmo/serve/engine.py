@@ -9,13 +9,27 @@ The engine owns the scheduling and the cache memory; the model owns the maths. E
 (`lm`, `mllm`, `flamingo`) is served by calling its own forward over the cache: prefill through a
 one-slot view of it, with the request's images and audio clips, decoding over all slots at once.
 
-A row's numbers never depend on who else is in the batch, so greedy decoding gives each request the
-same tokens and log-probabilities whether it runs alone or beside fifteen others. Two things make
-that hold: every decode step has the same shape (all `max_batch` rows, idle ones included), because
-BLAS picks its kernel, and with it the order of its sums, by the shape of the product; and the
-cache's attention masks each row to its own keys, where a masked key adds an exact zero whatever the
-other rows hold (see `kosmo.model.cache`). The
-engine runs in bf16 autocast with a bf16 cache where `kosmo.hardware` finds native bf16, and in fp32
+With `batch_shapes="full"` (the default), a row's numbers never depend on who else is in the batch, so
+greedy decoding gives each request the same tokens and log-probabilities, to the bit, whether it runs
+alone or beside fifteen others. Two things make that hold: every decode step has the same shape (all
+`max_batch` rows, idle ones included), because BLAS picks its kernel, and with it the order of its sums,
+by the shape of the product; and the cache's attention masks each row to its own keys, where a masked
+key adds an exact zero whatever the other rows hold (see `kosmo.model.cache`). The price is that a lone
+request pays for `max_batch` rows at every step. With `batch_shapes="bucketed"` a step runs only the
+slots up to the last busy one, rounded up to a power of two (1, 2, 4, 8, ...; a request takes the lowest
+free slot), so a lone request decodes about as fast as one served alone; a row's numbers then depend on
+the step's bucket, which depends on the other requests, so log-probabilities can differ in their last
+bits with the batch's make-up, and a greedy token where two candidates tie that closely.
+
+Text prompts share a prefix cache (`kosmo.serve.prefix_cache`, `prefix_cache_tokens`; 0 turns it off):
+a prompt that begins with blocks of 64 tokens an earlier prompt computed copies their keys and values
+instead of computing them again. With it on, every text prompt is prefilled one block per forward, so a
+block's numbers are the same whether the blocks before it were copied or computed: a request gets the
+same bits whether its prefix was cached or not. Turning the cache off prefills a prompt in one forward
+(or `prefill_chunk`s), whose numbers agree with the blockwise ones to rounding, as chunked prefill's do
+(tests/test_chunked.py), not to the bit. Prompts with images or audio neither use nor fill the cache.
+
+The engine runs in bf16 autocast with a bf16 cache where `kosmo.hardware` finds native bf16, and in fp32
 elsewhere.
 
 Drawing requests (`Request.draw`) share the batch. A guided picture owns two slots, its prompt's and the
@@ -45,10 +59,16 @@ from kosmo import hardware
 from kosmo.data.audio import Clips
 from kosmo.draw import UNCONDITIONAL, DrawSampling, check_can_draw, guide, pictures, sample_codes
 from kosmo.generate import Sampling, next_tokens, prefill
+from kosmo.model.cache import KVCache
 from kosmo.model.causal_lm import CausalLM
+from kosmo.serve.prefix_cache import PrefixCache
 from kosmo.tokenizer import END_OF_TURN, EOS, PAD
 
 STOP_IDS = (EOS, END_OF_TURN)
+PREFIX_BLOCK = 64  # tokens per prefix-cache block, as the cache's key spans (`kosmo.model.cache.key_span`)
+# "full": every decode step runs all max_batch rows; "bucketed": the rows up to the last busy one, rounded
+# up to a power of two (see the module's docstring for what each keeps)
+BATCH_SHAPES = ("full", "bucketed")
 
 
 class QueueFull(Exception):
@@ -198,9 +218,14 @@ class Engine:
 
     def __init__(self, model: CausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  image_mode: str = "crop", precision: str = "auto", max_images: int = 4,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_cache_tokens: int = 8192, batch_shapes: str = "full"):
         if not isinstance(model, CausalLM) or model.decoder.lm_head is None:
             raise ValueError(f"serving needs a language model, not a {type(model).__name__}")
+        if batch_shapes not in BATCH_SHAPES:
+            raise ValueError(f"batch_shapes must be one of {', '.join(BATCH_SHAPES)}, not {batch_shapes!r}")
+        if 0 < prefix_cache_tokens < PREFIX_BLOCK or prefix_cache_tokens < 0:
+            raise ValueError(f"the prefix cache holds blocks of {PREFIX_BLOCK} tokens: give it 0 (off) or at least "
+                             f"{PREFIX_BLOCK} tokens, not {prefix_cache_tokens}")
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.max_images = max_images  # per request
         self.prefill_chunk = prefill_chunk  # a longer prompt goes in as chunks of this many tokens (`generate.prefill`)
@@ -209,6 +234,8 @@ class Engine:
         self.autocast = self.precision == "bf16"
         dtype = torch.bfloat16 if self.autocast else next(model.parameters()).dtype
         self.cache = model.new_cache(max_batch, model.context_length, dtype, self.device, max_images)
+        self.prefix = PrefixCache(self.cache, prefix_cache_tokens, PREFIX_BLOCK) if prefix_cache_tokens else None
+        self.batch_shapes = batch_shapes
         self.image_mode = image_mode  # how pictures are fitted to the encoder's square, as in training
         self.slots: list[_Running | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
@@ -228,6 +255,11 @@ class Engine:
     def running(self) -> int:
         """Requests running (a guided picture holds two slots)."""
         return len({id(s) for s in self.slots if s is not None})
+
+    @property
+    def free_slots(self) -> int:
+        """Slots no request holds: `max_batch` again once every request has finished or been cancelled."""
+        return sum(run is None for run in self.slots)
 
     def start(self) -> "Engine":
         self.thread = threading.Thread(target=self._loop, name="kosmo-engine", daemon=True)
@@ -320,7 +352,8 @@ class Engine:
 
     def _step(self):
         active = [slot for slot, run in enumerate(self.slots) if run is not None]
-        tokens = torch.full((self.max_batch,), PAD, dtype=torch.long)
+        rows = self.max_batch if self.batch_shapes == "full" else min(self.max_batch, bucket(active[-1] + 1))
+        tokens = torch.full((rows,), PAD, dtype=torch.long)
         for slot in active:
             tokens[slot] = self.slots[slot].last
         try:
@@ -342,6 +375,8 @@ class Engine:
     def _prefill(self, slot: int, ids: list[int], images: torch.Tensor | None, audio: Clips | None) -> torch.Tensor:
         """Runs a prompt (and its pictures and clips, in order) into an emptied slot; the (V,) logits after it."""
         cache = self.cache.rows(slot, slot + 1)
+        if self.prefix is not None and images is None and audio is None:
+            return self._prefill_blocks(cache, ids)
         cache.reset()
         idx = torch.tensor([ids], device=self.device)
         images = None if images is None else images.to(self.device)
@@ -353,16 +388,42 @@ class Engine:
             logits = self.model(idx, images, audio, cache=cache, last_only=True)
         return logits[0, -1].float()
 
+    def _prefill_blocks(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
+        """Prefills a text prompt into the one-row `cache` through the prefix cache: the longest run of
+        cached blocks it begins with is copied in, and the rest goes in one block per forward, each new
+        whole block kept for later prompts, as far as the pool could hold a prompt's blocks; after that,
+        in `prefill_chunk`s. The forwards' spans are the same whether or not the blocks before them were
+        cached, so the keys, and the logits, have the same bits either way."""
+        chain = self.prefix.match(ids)
+        self.prefix.load(cache, chain)
+        block = self.prefix.block
+        blockwise = min(len(ids), self.prefix.capacity * block)
+        starts = [*range(len(chain) * block, blockwise, block),
+                  *range(blockwise, len(ids), self.prefill_chunk or len(ids))]
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            for start, stop in zip(starts, starts[1:] + [len(ids)]):
+                idx = torch.tensor([ids[start:stop]], device=self.device)
+                if stop == len(ids):
+                    logits = self.model(idx, cache=cache, last_only=True)[0, -1]
+                else:  # no logits wanted: only the keys and values
+                    self.model(idx, cache=cache, logits_at=torch.zeros_like(idx, dtype=torch.bool))
+                if stop <= blockwise and stop - start == block:
+                    chain.append(self.prefix.add(cache, chain[-1] if chain else None, tuple(ids[start:stop])))
+        self.prefix.touch(chain)
+        return logits.float()
+
     @torch.no_grad()
     def _decode(self, tokens: torch.Tensor, active: list[int]) -> torch.Tensor:
-        """One token into every slot, (max_batch,) -> (max_batch, V) logits (the whole vocabulary: text rows are
-        cut to the text's in `_advance`, pictures' to the codes' in `kosmo.draw.guide`). Idle slots ride along on
-        padding, so every step has the same shape (a matmul's order of sums depends on its shape), but
-        they neither attend nor grow."""
-        n_new = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        """One token into each of the first R slots, (R,) -> (R, V) logits (the whole vocabulary: text rows are
+        cut to the text's in `_advance`, pictures' to the codes' in `kosmo.draw.guide`). R is max_batch, or a
+        bucket with `batch_shapes="bucketed"`. Idle slots among them ride along on padding, so that the step
+        has that shape (a matmul's order of sums depends on its shape), but they neither attend nor grow."""
+        rows = tokens.shape[0]
+        n_new = torch.zeros(rows, dtype=torch.long, device=self.device)
         n_new[active] = 1
+        cache = self.cache if rows == self.max_batch else self.cache.rows(0, rows)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.model(tokens[:, None], cache=self.cache, n_new=n_new, last_only=True)
+            logits = self.model(tokens[:, None], cache=cache, n_new=n_new, last_only=True)
         return logits[:, -1].float()
 
     def _advance(self, slot: int, logits: torch.Tensor):
@@ -410,3 +471,9 @@ class Engine:
             request.emit(message)
         except Exception:  # the listener is gone (e.g. its event loop closed): stop working for it
             request.cancel()
+
+
+def bucket(n: int) -> int:
+    """The decode rows of a bucketed step whose last busy slot is n - 1: n rounded up to a power of two, so
+    that a step takes one of a few shapes."""
+    return 1 << (n - 1).bit_length()

@@ -9,11 +9,11 @@ contrasts its own batch (no all-gather of embeddings), as in small-scale CLIP tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from kosmo.data.jsonl import read_jsonl
+from kosmo.data.formats import parse_source, read_records
+from kosmo.data.images import EncodedImage
 from kosmo.data.multimodal import ImageBank
 from kosmo.errors import KosmoError
 from kosmo.model.clip import CLIP, CLIPConfig, TextConfig, clip_loss
@@ -55,14 +55,14 @@ class Pairs:
 
 def read_pairs(paths: list, tokenizer, max_len: int) -> list[tuple[str, list[int]]]:
     pairs = []
-    for path in paths:
-        path = Path(path)
-        for lineno, obj in read_jsonl(path):
-            where = f"{path}:{lineno}"
+    for spec in paths:
+        base = parse_source(spec).images
+        for where, obj in read_records(spec):
             caps = obj.get("captions") or ([obj["text"]] if "text" in obj else [])
-            if not isinstance(obj.get("image"), str) or not caps or not all(isinstance(c, str) for c in caps):
+            image = obj.get("image")
+            if not isinstance(image, (str, EncodedImage)) or not caps or not all(isinstance(c, str) for c in caps):
                 raise KosmoError(f"{where}: a caption line needs 'image' (a path) and 'text' or 'captions' (strings)")
-            image = str((path.parent / obj["image"]).resolve())
+            image = image if isinstance(image, EncodedImage) else str((base / image).resolve())
             for cap in caps:
                 pairs.append((image, [BOS, *tokenizer.encode(cap)[: max_len - 2], EOS]))
     if not pairs:

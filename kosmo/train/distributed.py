@@ -1,7 +1,8 @@
 """Process groups and parallel wrappers, kept apart from the model code (the torchtitan way).
 
-One process: nothing is wrapped. Under `torchrun`: DDP (gloo on CPU, NCCL on GPU), or FSDP2 with
-`fully_shard` on every transformer block and then on the root, chosen by `train.parallel`.
+A plain process: nothing is wrapped. Under `torchrun`: DDP (gloo on CPU, NCCL on GPU), or FSDP2 with
+`fully_shard` on every transformer block and then on the root, chosen by `train.parallel`. That holds for
+one process too, so `torchrun --nproc_per_node 1 ... train.parallel=fsdp` runs the FSDP code on one device.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ class Env:
 
 
 def setup(device: str = "auto") -> Env:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)
-    if world == 1:
+    if "RANK" not in os.environ:  # not started by torchrun
         return Env(device=dev)
+    world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
@@ -49,7 +50,7 @@ def teardown():
 
 
 def wrap(model: torch.nn.Module, parallel: str, env: Env) -> torch.nn.Module:
-    if env.world == 1:
+    if not dist.is_initialized():
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -94,6 +95,11 @@ def load_optimizer_state(model, optimizer, state: dict):
 
 def _is_fsdp(model) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 outside a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The language-modelling stage: packed next-token prediction on text from any kosmo JSONL file."""
+"""The language-modelling stage: packed next-token prediction on text from any kosmo data source.
+
+A folder of parquet shards as the only --data is streamed (`kosmo.data.stream`), for corpora larger than
+memory; anything else is read and packed in memory.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,16 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmo.data.copying import repeated_spans
+from kosmo.data.formats import parse_source
 from kosmo.data.jsonl import iter_texts
 from kosmo.data.passkey import PasskeyPrompts, passkey_row
+from kosmo.data.stream import TextStream
 from kosmo.errors import KosmoError
 from kosmo.model import lora
 from kosmo.model.causal_lm import LOSS_CHUNK
 from kosmo.model.lm import LM, SIZES, LMConfig, rope_tables
 from kosmo.tokenizer import BOS, EOS, Tokenizer
+from kosmo.train import distributed as D
 from kosmo.train.trainer import TrainConfig
 
 
@@ -25,7 +32,8 @@ class StageConfig(lora.LoRAStage):
     model: dict = field(default_factory=lambda: {"size": "tiny"})  # a named size plus LMConfig fields
     train: TrainConfig = field(default_factory=TrainConfig)
     seq_len: int = 256
-    val_fraction: float = 0.02   # share of packed rows held out for eval loss
+    val_fraction: float = 0.02   # share of packed rows held out for eval loss (in-memory data)
+    val_data: str = ""           # held-out data for eval loss when --data is a streamed shard folder
     vocab_size: int = 4096       # when the stage trains its own tokenizer
     copy_rows: float = 0.0       # share of every batch given to repeated spans (copy_rows), 0 to 1
     passkey_rows: float = 0.0    # share of every batch given to passkey prompts (passkey_rows), 0 to 1
@@ -191,15 +199,30 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return token_loss(model, batch), {}
 
 
+def _text_data(cfg: StageConfig, data: list[str], tokenizer: Tokenizer):
+    """(train set, eval set): a TextStream over a shard folder, or packed rows in memory."""
+    sources = [parse_source(d) for d in data]
+    if not any(s.path.is_dir() for s in sources):
+        return PackedText.from_texts(iter_texts(data), tokenizer, cfg.seq_len).split(cfg.val_fraction)
+    if len(sources) > 1:
+        raise KosmoError(f"{', '.join(map(str, data))}: a shard folder is streamed, and must be the only --data "
+                         "(write the others into its shards with `kosmo shard`)")
+    rank, world = D.rank_world()
+    stream = TextStream(sources[0], tokenizer, cfg.seq_len, rank, world, cfg.train.seed)
+    val = PackedText.from_texts(iter_texts([cfg.val_data]), tokenizer, cfg.seq_len) if cfg.val_data else None
+    return stream, val
+
+
 def build(cfg: StageConfig, data: list[str], tokenizer: Tokenizer, init_model: LM | None = None):
     """(model, loss, train set, eval set) for the trainer."""
-    packed = PackedText.from_texts(iter_texts(data), tokenizer, cfg.seq_len)
-    train_set, eval_set = packed.split(cfg.val_fraction)
+    train_set, eval_set = _text_data(cfg, data, tokenizer)
     tasks = []
     if cfg.copy_rows:
         tasks.append((cfg.copy_rows, copy_rows(tokenizer.vocab_size)))
     if cfg.passkey_rows:
         tasks.append((cfg.passkey_rows, passkey_rows(tokenizer, cfg.seq_len)))
+    if tasks and isinstance(train_set, TextStream):
+        raise KosmoError("copy_rows and passkey_rows mix into in-memory data; a streamed shard folder takes neither")
     if tasks:
         train_set = TaskRows(train_set, tasks)
     if init_model is not None:

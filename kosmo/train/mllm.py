@@ -22,11 +22,16 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmo.data.audio import AudioCache
-from kosmo.data.multimodal import ClipLengths, ImageBank, MultimodalDataset, encode_drawings, read_examples
+from kosmo.data.formats import parse_source
+from kosmo.data.images import ImageCache
+from kosmo.data.multimodal import (ClipLengths, ImageBank, MultimodalDataset, encode_drawings, example_from_record,
+                                   kind_of, read_examples, truncate)
+from kosmo.data.stream import ExampleStream
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM
 from kosmo.model.lora import LoRAConfig, add_adapters
 from kosmo.model.mllm import MLLM, MLLMConfig
+from kosmo.train import distributed as D
 from kosmo.train.lm import lm_config, token_loss
 from kosmo.train.trainer import TrainConfig
 
@@ -159,7 +164,35 @@ def mllm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return token_loss(model, batch, images=batch["images"], audio=batch.get("audio")), {}
 
 
+STREAMED_KINDS = ("text", "captions", "interleaved", "vqa", "chat")
+
+
+def stream_data(cfg, source, tokenizer, model: MLLM, kinds: tuple[str, ...]) -> ExampleStream:
+    """A shard folder's records as a stream: examples made as rows are read, pictures decoded as batches need them."""
+    allowed = [k for k in kinds if k in STREAMED_KINDS]
+    if cfg.mix:
+        raise KosmoError("mix weighs the kinds of in-memory data; a streamed shard folder is read in its own order")
+
+    def make(obj: dict, where: str):
+        kind = kind_of(obj)
+        if kind not in allowed:
+            raise KosmoError(f"{where}: a {kind} row, but a streamed shard folder gives this stage "
+                             f"{', '.join(allowed)} rows")
+        return truncate(example_from_record(obj, tokenizer, model.tokens_per_image, source.images, where),
+                        cfg.seq_len + 1)
+
+    rank, world = D.rank_world()
+    # a stream meets each picture once an epoch: the cache only spans a batch (64 pictures of 336 px: 87 MB)
+    images = ImageCache(model.image_size, cfg.image_mode, max_items=64)
+    return ExampleStream(source, make, images, cfg.seq_len if cfg.pack else 0, rank, world, cfg.train.seed)
+
+
 def build_data(cfg, data: list, tokenizer, model: MLLM, kinds: tuple[str, ...], uncond: float = 0.0):
+    sources = [parse_source(d) for d in data]
+    if any(s.path.is_dir() for s in sources):
+        if len(sources) > 1:
+            raise KosmoError(f"{', '.join(map(str, data))}: a shard folder is streamed, and must be the only --data")
+        return stream_data(cfg, sources[0], tokenizer, model, kinds), None
     audio = AudioCache(model.n_mels) if model.n_mels else None
     lengths = ClipLengths(audio, model.audio_tokens) if audio else None
     codes = model.image_tokenizer.grid ** 2 if model.image_tokenizer is not None else 0

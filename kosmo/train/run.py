@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kosmo import config as C
-from kosmo.errors import KosmoError
+from kosmo.data.formats import parse_source
 from kosmo.model import lora
 from kosmo.tokenizer import Tokenizer
 from kosmo.train import distributed as D
@@ -35,8 +35,7 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
     stage = stages()[stage_name]
     cfg = C.load(stage.StageConfig, config_file, overrides)
     for path in data:
-        if not Path(path).is_file():
-            raise KosmoError(f"{path}: file not found")
+        parse_source(path).files  # a missing file or an empty shard folder fails here, before any work
     out = Path(out)
     env = D.setup(cfg.train.device)
     init_model = None
@@ -69,9 +68,11 @@ def run_stage(stage_name: str, data: list, out, init=None, tokenizer=None, confi
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         b = trainer.budget
+        rows = f"{b['rows']} training rows" if b["rows"] else "training rows streamed"
+        epochs = f"{b['epochs']} epochs, " if b["epochs"] else ""
         print(f"{stage_name}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-              f"{len(train_set)} training rows, {b['steps']} steps of {b['rows_per_step']} rows "
-              f"({b['epochs']} epochs, from train.{b['from']}), world size {env.world}, device {env.device}, "
+              f"{rows}, {b['steps']} steps of {b['rows_per_step']} rows "
+              f"({epochs}from train.{b['from']}), world size {env.world}, device {env.device}, "
               f"{trainer.precision}", file=sys.stderr)
         tok.save(out)
     try:

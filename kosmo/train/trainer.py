@@ -4,8 +4,9 @@ autocast where the hardware runs it natively, DDP/FSDP2, a budget in steps or ep
 metrics, evaluation, atomic checkpoints and exact resume.
 
 Exact resume rests on three facts. The rows of step s are a pure function of (seed, s), so no data
-iterator needs saving. The learning rate is a pure function of s. And optimizer state, RNG state
-and weights are saved together and published by one atomic rename of `state/latest.json`.
+iterator needs saving; a stream (a corpus larger than memory) saves its position instead, per rank.
+The learning rate is a pure function of s. And optimizer state, RNG state, the streams' positions and
+weights are saved together and published by one atomic rename of `state/latest.json`.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ class Dataset(Protocol):
     def collate(self, indices: list[int]) -> dict: ...
 
 
+class Stream(Protocol):
+    """Examples read in order, endlessly (`kosmo.data.stream.TextStream`): each rank's stream reads its own
+    part of the data, and its position is saved with every checkpoint."""
+
+    def next_batch(self, n: int) -> dict: ...
+
+    def state_dict(self) -> dict: ...  # JSON-able values and tensors
+
+    def load_state_dict(self, state: dict): ...
+
+
 # loss(model, batch) -> (sum of the loss over the batch's targets, extra metrics as floats)
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -120,7 +132,7 @@ def to_device(batch: dict, device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, train_set: Dataset,
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, train_set: Dataset | Stream,
                  out: str | Path, run_config: dict, eval_set: Dataset | None = None, env: D.Env | None = None):
         self.cfg, self.loss_fn, self.train_set, self.eval_set = cfg, loss_fn, train_set, eval_set
         self.out = Path(out)
@@ -128,9 +140,12 @@ class Trainer:
         # the precision is decided once per run, by the hardware unless the config forces one
         self.precision = hardware.resolve_precision(cfg.precision, self.env.device)
         self.run_config = {**run_config, "hardware": hardware.describe(self.env.device, self.precision)}
-        if len(train_set) == 0:
+        self.streaming = hasattr(train_set, "next_batch")
+        if self.streaming and not cfg.max_steps:
+            raise KosmoError("streamed data has no length to count epochs in: set train.max_steps")
+        if not self.streaming and len(train_set) == 0:
             raise KosmoError("the training data holds no examples")
-        self.budget = self._budget(cfg, len(train_set))
+        self.budget = self._budget(cfg, None if self.streaming else len(train_set))
         self.run_config["budget"] = self.budget
         if cfg.max_steps == 0:
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=self.budget["steps"])
@@ -156,12 +171,12 @@ class Trainer:
         self.flops_per_token: float | None = None
         self.peak_flops = hardware.matmul_peak(self.env.device, self.precision) * self.env.world
 
-    def _budget(self, cfg: TrainConfig, n: int) -> dict:
-        """The run's length in steps, and in passes over the data."""
+    def _budget(self, cfg: TrainConfig, n: int | None) -> dict:
+        """The run's length in steps, and in passes over the data (unknown for a stream: n is None)."""
         per_step = cfg.batch_size * cfg.grad_accum * self.env.world
         steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n / per_step))
-        return {"steps": steps, "epochs": round(steps * per_step / n, 2), "rows": n, "rows_per_step": per_step,
-                "from": "max_steps" if cfg.max_steps else "epochs"}
+        return {"steps": steps, "epochs": round(steps * per_step / n, 2) if n else None, "rows": n,
+                "rows_per_step": per_step, "from": "max_steps" if cfg.max_steps else "epochs"}
 
     def _check_resumable(self):
         """A run directory resumes only the run it holds; anything else would mix two models."""
@@ -218,7 +233,7 @@ class Trainer:
         writer = self._tensorboard()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (env.main and cfg.progress),
                    file=sys.stderr, dynamic_ncols=True,
-                   desc=f"{self.run_config.get('stage', 'train')} ({self.budget['epochs']} epochs)",
+                   desc=f"{self.run_config.get('stage', 'train')} ({self.budget['epochs'] or '?'} epochs)",
                    mininterval=0.5 if sys.stderr.isatty() else 30)  # keep CI logs short
         last = {}
         self.model.train()
@@ -250,7 +265,10 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        batches = [self.train_set.collate(self._rows(self.step, m)) for m in range(cfg.grad_accum)]
+        if self.streaming:
+            batches = [self.train_set.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
+        else:
+            batches = [self.train_set.collate(self._rows(self.step, m)) for m in range(cfg.grad_accum)]
         n_total = D.all_reduce_sum(torch.tensor(float(sum(b["n_targets"] for b in batches)), device=env.device))
         loss_sum = torch.zeros((), device=env.device)
         extras: dict[str, float] = {}
@@ -350,6 +368,12 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(env.device if env.device.type == "cuda" else None)
         checkpoint.save_tensors(state_dir / f"rng-rank{env.rank}.safetensors", rng)
+        if self.streaming:
+            position = self.train_set.state_dict()
+            checkpoint.save_tensors(state_dir / f"stream-rank{env.rank}.safetensors",
+                                    {k: v for k, v in position.items() if torch.is_tensor(v)})
+            checkpoint.write_json(state_dir / f"stream-rank{env.rank}.json",
+                                  {k: v for k, v in position.items() if not torch.is_tensor(v)})
         D.barrier()
         if env.main:
             checkpoint.write_json(self.out / "state" / "latest.json", {"step": self.step, "dir": state_dir.name})
@@ -376,11 +400,25 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"], self.env.device if self.env.device.type == "cuda" else None)
+        if self.streaming:
+            self._resume_stream(state_dir, trainer["world"])
         self.step = trainer["step"]
         self.nonfinite_total, self.nonfinite_run = trainer["nonfinite_total"], trainer["nonfinite_run"]
         if self.env.main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
+
+
+    def _resume_stream(self, state_dir: Path, world: int):
+        """Each rank's stream back where its checkpoint left it; its part of the data depends on the world size."""
+        if world != self.env.world:
+            raise KosmoError(f"{self.out}: its stream positions were saved by {world} processes; "
+                             f"resume with {world}, not {self.env.world}")
+        name = state_dir / f"stream-rank{self.env.rank}"
+        if not name.with_suffix(".json").is_file():
+            raise KosmoError(f"{name}.json: no saved stream position (was the run started on in-memory data?)")
+        self.train_set.load_state_dict({**checkpoint.read_json(name.with_suffix(".json")),
+                                        **checkpoint.load_tensors(name.with_suffix(".safetensors"))})
 
 
 def _flatten_optimizer(optim: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
