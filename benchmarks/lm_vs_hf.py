@@ -2,20 +2,25 @@
 
 Same config, same weights (exported from kosmo), same batch, same precision: the one that
 `train.precision=auto` picks on this machine (bf16 autocast where the CPU has AMX or AVX-512-BF16,
-fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward + backward + AdamW
-step, fp32 weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8
-(weights held in the benchmark's dtype), kosmo eager and compiled (`generate_ids(compile=True)`),
-with kosmo/transformers ratios. Runs alternate between the contenders so machine noise hits all
-alike; the median of the repeats is reported.
+fp32 elsewhere) unless --precision forces one. Reports training tokens/s (forward, the loss each
+library trains with, backward, and the fused `torch.optim.AdamW` step both trainers default to; fp32
+weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 and batch 8 (weights
+held in the benchmark's dtype), kosmo eager and compiled (`generate_ids(compile=True)`), with
+kosmo/transformers ratios. --compile adds kosmo trained as `train.compile=true` runs it (the whole
+forward compiled) against transformers eager, as its Trainer runs by default, and against
+transformers compiled the same way; and what the compilation costs in steps. Runs alternate between
+the contenders so machine noise hits all alike; the median of the repeats is reported.
 
 Batch-1 decode streams every weight but the embedding table once per token, so it is reported beside
 its bandwidth floor on this machine: those bytes over the copy bandwidth measured here (STREAM's
 convention: bytes read plus bytes written per second, by `Tensor.copy_` of buffers far larger than
 the caches).
 
-    .venv/bin/python benchmarks/lm_vs_hf.py            # the table in docs/performance.md
-    .venv/bin/python benchmarks/lm_vs_hf.py --quick    # a fast smoke run
-    .venv/bin/python benchmarks/lm_vs_hf.py --device cuda   # both on the GPU
+    .venv/bin/python benchmarks/lm_vs_hf.py                         # the table in docs/performance.md
+    .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile  # training, eager and compiled
+    .venv/bin/python benchmarks/lm_vs_hf.py --quick                 # a fast smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile --cpu-time  # a busy host
+    .venv/bin/python benchmarks/lm_vs_hf.py --device cuda          # both on the GPU
 """
 
 from __future__ import annotations
@@ -28,23 +33,26 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from kosmo import hardware
 from kosmo.generate import Sampling, generate_ids
 from kosmo.interop.hf_llama import export_hf
 from kosmo.model.lm import LM, LMConfig
+from kosmo.train.lm import lm_loss
 
 
 def train_step_fn(model, opt, ids, hf: bool, dtype):
+    """One optimizer step on ids (B, T + 1) as each library trains: transformers' `labels=` loss, and
+    kosmo's trainer's (`kosmo.train.lm.lm_loss`, summed, over the batch's count of targets)."""
+    batch = {"input": ids[:, :-1], "labels": ids[:, 1:]}
+
     def step():
         with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if hf:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
             else:
-                logits = model(ids[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                loss = lm_loss(model, batch)[0] / batch["labels"].numel()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -68,13 +76,43 @@ def streamed_bytes(model: LM, dtype) -> int:
     return (model.num_params() - skip) * dtype.itemsize
 
 
+# what `timed` reads: the wall clock, or with --cpu-time this process's CPU time, which on a host shared
+# with other work counts this process's own turns only (run it with OMP_NUM_THREADS=1, as threads
+# waiting at a barrier spin on CPU time)
+clock = time.perf_counter
+
+
 def timed(fn, repeats: int) -> float:
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(repeats):
         fn()
     sync()
-    return (time.perf_counter() - t0) / repeats
+    return (clock() - t0) / repeats
+
+
+def report(args, precision, device, rows, decode=""):
+    print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
+          f"train batch {args.batch}x{args.seq}, {decode}"
+          f"{precision} (--precision {args.precision}; {hardware.describe(device, precision)['device_name']}, "
+          f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print("| measure | kosmo | transformers | kosmo / transformers |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+
+
+def print_compile_cost(args, first_step, train_times):
+    """What compilation costs (the first step over an eager one) and how many steps repay it."""
+    if not args.compile:
+        return
+    for eager_name, name in (("kosmo", "kosmo, train.compile"), ("transformers", "transformers, torch.compile")):
+        eager, compiled = statistics.median(train_times[eager_name]), statistics.median(train_times[name])
+        cost = first_step[name] - first_step[eager_name]
+        repaid = f"repaid after {cost / (eager - compiled):,.0f} steps" if compiled < eager else "never repaid"
+        print(f"{name}: first step {cost:.1f} s longer than eager's, then {(eager - compiled) * 1e3:.0f} ms "
+              f"a step faster ({eager * 1e3:.0f} -> {compiled * 1e3:.0f} ms): {repaid}")
 
 
 def sync():
@@ -96,9 +134,14 @@ def main():
     ap.add_argument("--precision", choices=hardware.PRECISIONS, default="auto")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time kosmo training with torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time kosmo training with train.compile")
+    ap.add_argument("--train-only", action="store_true", help="time training only, not decode")
+    ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (a shared host)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.cpu_time:
+        global clock
+        clock = time.process_time
     if args.quick:
         args.rounds, args.new_tokens = 2, 16
     device = torch.device(args.device)
@@ -117,25 +160,35 @@ def main():
     ids = torch.randint(16, args.vocab, (args.batch, args.seq + 1)).to(device)
 
     # ---- training throughput
-    steps = {}
+    steps, first_step = {}, {}
     contenders = [("kosmo", ours, False), ("transformers", theirs, True)]
     if args.compile:
         compiled = copy.deepcopy(ours)
-        for block in compiled.blocks:
-            block.compile()
-        contenders.append(("kosmo, torch.compile", compiled, False))
+        compiled.compile()  # as train.compile=true does
+        theirs_compiled = copy.deepcopy(theirs)
+        theirs_compiled.compile()
+        contenders += [("kosmo, train.compile", compiled, False),
+                       ("transformers, torch.compile", theirs_compiled, True)]
     for name, model, hf in contenders:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        # both see seq input tokens: HF shifts labels inside, kosmo takes inputs and targets from seq+1
-        steps[name] = train_step_fn(model, opt, ids[:, : args.seq] if hf else ids, hf, dtype)
-        steps[name]()  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both trainers' default
+        steps[name] = train_step_fn(model, opt, ids, hf, dtype)
+        first_step[name] = timed(steps[name], 1)  # warm-up (allocations, autocast caches, oneDNN kernels, compilation)
     train_times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for name, fn in steps.items():
             train_times[name].append(timed(fn, 2))
     tokens = args.batch * args.seq
     train = {k: tokens / statistics.median(v) for k, v in train_times.items()}
+    rows = [("training tokens/s", train["kosmo"], train["transformers"])]
+    if args.compile:
+        rows += [("training tokens/s, kosmo with train.compile", train["kosmo, train.compile"], train["transformers"]),
+                 ("training tokens/s, both compiled", train["kosmo, train.compile"],
+                  train["transformers, torch.compile"])]
+    if args.train_only:
+        report(args, precision, device, rows)
+        print_compile_cost(args, first_step, train_times)
+        return
 
     # ---- decode throughput: both models hold their weights in the benchmark dtype, as when serving
     ours = copy.deepcopy(ours).to(dtype).eval()
@@ -164,22 +217,12 @@ def main():
     bandwidth = copy_bandwidth(dtype, device)
     floor_s = streamed_bytes(ours, dtype) / bandwidth  # seconds a batch-1 token takes at best
 
-    rows = [("training tokens/s", train["kosmo"], train["transformers"])]
-    if args.compile:
-        rows.append(("training tokens/s, kosmo with torch.compile", train["kosmo, torch.compile"], train["transformers"]))
     for batch in (1, 8):
         rows += [(f"decode tokens/s, batch {batch}", decode[batch]["kosmo"], decode[batch]["transformers"]),
                  (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
                   decode[batch]["transformers"])]
-    print(f"config: {args.layers} layers, dim {args.dim}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, "
-          f"train batch {args.batch}x{args.seq}, decode {prompt_len}+{args.new_tokens} tokens, "
-          f"{precision} (--precision {args.precision}; {hardware.describe(device, precision)['device_name']}, "
-          f"kernels {hardware.cpu_capability()}, bf16 features: {', '.join(hardware.cpu_flags()) or 'none'}), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    print("| measure | kosmo | transformers | kosmo / transformers |")
-    print("|---|---:|---:|---:|")
-    for name, a, b in rows:
-        print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+    report(args, precision, device, rows, f"decode {prompt_len}+{args.new_tokens} tokens, ")
+    print_compile_cost(args, first_step, train_times)
     per_token = {k: 1e3 / v for k, v in decode[1].items()}
     print(f"batch-1 decode floor: {streamed_bytes(ours, dtype) / 1e6:.1f} MB of weights a token at "
           f"{bandwidth / 1e9:.1f} GB/s copy bandwidth = {floor_s * 1e3:.2f} ms a token; measured "

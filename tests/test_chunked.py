@@ -127,3 +127,38 @@ def test_the_engine_prefills_long_prompts_in_chunks_like_generate_ids():
     for p, evs in zip(prompts, out):
         ref, _ = generate_ids(model, [p], Sampling(max_new_tokens=10))
         assert [e.token for e in evs][:len(ref[0])] == ref[0]
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_fused_head_and_loss_equal_the_plain_cross_entropy_of_the_logits(chunk):
+    from kosmo.model.linear_ce import linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 0.5).requires_grad_()
+    labels = torch.randint(0, 50, (40,), generator=g)
+    labels[3] = labels[20] = -100
+    plain = torch.nn.functional.cross_entropy(h @ weight.T, labels, reduction="sum")
+    expected = torch.autograd.grad(plain * 0.3, (h, weight))
+    fused = linear_cross_entropy(h, weight, labels, chunk)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(fused * 0.3, (h, weight)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # a frozen head gets no gradient, and a loss without grad computes none
+    assert torch.autograd.grad(linear_cross_entropy(h, weight.detach(), labels, chunk), h)[0].shape == h.shape
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, labels, chunk), plain, rtol=1e-6, atol=1e-5)
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_autocast_logits():
+    from kosmo.model.linear_ce import linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    weight = (torch.randn(100, 32, generator=g) * 0.2).requires_grad_()
+    labels = torch.randint(0, 100, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.nn.functional.cross_entropy((h @ weight.T).float(), labels, reduction="sum")
+        fused = linear_cross_entropy(h, weight, labels, 16)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+    for got, want in zip(torch.autograd.grad(fused, (h, weight)), torch.autograd.grad(plain, (h, weight))):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

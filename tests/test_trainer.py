@@ -226,3 +226,13 @@ def test_mfu_is_logged_from_the_models_counted_flops_over_the_measured_peak(tmp_
     assert all(r["mfu"] == pytest.approx(trainer.flops_per_token * r["tok_per_s"] / trainer.peak_flops, rel=1e-3)
                for r in rows)
     assert 0 < last["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run_and_counts_the_same_flops(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOSMO_CACHE", str(tmp_path / "cache"))
+    eager, _ = fit(tmp_path / "eager", batch_size=4)
+    compiled, _ = fit(tmp_path / "compiled", batch_size=4, compile=True)
+    assert compiled.flops_per_token == eager.flops_per_token
+    for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

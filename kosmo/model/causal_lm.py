@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kosmo.model.cache import KVCache
+from kosmo.model.linear_ce import linear_cross_entropy
 
-# Targets whose vocabulary logits a loss holds at once: past it, the head and the cross-entropy run
-# over chunks of this many positions, each chunk's logits recomputed in backward (at 32k positions
-# the (N, V) fp32 logits would otherwise be most of a step's memory).
+# Targets whose vocabulary logits the loss holds at once: the head and the cross-entropy run over
+# chunks of this many positions (at 32k positions the (N, V) fp32 logits would otherwise be most of
+# a step's memory).
 LOSS_CHUNK = 4096
 
 
@@ -79,8 +78,8 @@ class CausalLM(nn.Module):
         for the keywords.
 
         labels: (N,) targets of the N positions `logits_at` keeps; the summed fp32 cross-entropy is
-        returned instead of the logits, the head applied over `loss_chunk` positions at a time and each
-        chunk's logits recomputed in backward, so at most one chunk's (chunk, V) logits are held.
+        returned instead of the logits, computed with its gradients `loss_chunk` positions at a time
+        (`kosmo.model.linear_ce`), so at most one chunk's (chunk, V) logits are held.
         (It lives in forward so that a DDP or FSDP wrapper's hooks see the head's use.)
         """
         head = self.decoder.lm_head
@@ -89,11 +88,7 @@ class CausalLM(nn.Module):
         h = self.hidden(idx, images, audio, **kw)
         if labels is None:
             return head(h)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, labels.shape[0], loss_chunk):
-            total = total + checkpoint(_summed_ce, head, h[s:s + loss_chunk], labels[s:s + loss_chunk],
-                                       use_reentrant=False)
-        return total
+        return linear_cross_entropy(h, head.weight, labels, loss_chunk)
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None, max_images: int = 0,
                   static: bool = False) -> KVCache:
@@ -104,7 +99,3 @@ class CausalLM(nn.Module):
     def decode_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The (B, V) logits after feeding tok (B,), one token to each row of the cache."""
         return self(tok[:, None], cache=cache, last_only=True)[:, -1]
-
-
-def _summed_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), labels, reduction="sum")

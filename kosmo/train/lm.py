@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kosmo.data.copying import repeated_spans
 from kosmo.data.formats import parse_source
@@ -188,16 +187,12 @@ def token_loss(model, batch: dict, loss_chunk: int = LOSS_CHUNK, **inputs) -> to
     """Summed next-token cross-entropy in fp32 over the targets (labels of -100 are skipped).
 
     Logits are computed at the target positions only: in chat data most tokens are prompt, and the
-    output layer over the whole vocabulary is the costliest matmul of a small model. More than
-    `loss_chunk` targets: the model sums the loss chunk by chunk (`CausalLM.forward`'s labels).
+    output layer over the whole vocabulary is the costliest matmul of a small model. The model
+    fuses the head and the loss, `loss_chunk` targets at a time (`CausalLM.forward`'s labels).
     """
     at = batch["labels"] != -100
-    labels = batch["labels"][at]
-    if labels.shape[0] > loss_chunk:
-        return model(batch["input"], segments=batch.get("segments"), logits_at=at, labels=labels,
-                     loss_chunk=loss_chunk, **inputs)
-    logits = model(batch["input"], segments=batch.get("segments"), logits_at=at, **inputs)
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return model(batch["input"], segments=batch.get("segments"), logits_at=at, labels=batch["labels"][at],
+                 loss_chunk=loss_chunk, **inputs)
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
