@@ -23,7 +23,7 @@ def main():
     ap.add_argument("knobs", nargs="*", metavar="key=value")
     args = ap.parse_args()
     recipe = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.knobs)}
-    run_demo(args.out, quick=not args.default, recipe=recipe, sections=("vision", "align"))
+    run_demo(args.out, budget="default" if args.default else "quick", recipe=recipe, sections=("vision", "align"))
 
 
 if __name__ == "__main__":
