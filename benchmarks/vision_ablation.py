@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/vision_ablation.py --out /tmp/ablation                  # every variant
     .venv/bin/python benchmarks/vision_ablation.py --out /tmp/ablation --only default,patch4
 
-Each variant changes a few knobs of the vision section's default budget (`kosmo/demo/vision.py`) and prints one JSON line; the
-markdown table at the end is what docs/vision.md shows. A variant takes 6-12 minutes on 2 CPU cores.
+Each variant changes a few knobs of the vision section's full budget (`kosmo/demo/vision.py`) and prints one
+JSON line; the markdown table at the end is what docs/vision.md shows. A variant takes 6-12 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main():
     names = args.only.split(",") if args.only else list(VARIANTS)
     rows = []
     for name in names:
-        r = run_demo(Path(args.out) / name, recipe=VARIANTS[name], sections=("vision",))
+        r = run_demo(Path(args.out) / name, budget="full", recipe=VARIANTS[name], sections=("vision",))
         e = r["vision"]["eval"]
         row = {"variant": name, "vqa": e["vqa_val"]["vqa_accuracy"], "vqa_blind": e["vqa_val"]["blind"]["vqa_accuracy"],
                "vqa_heldout": e["vqa_heldout"]["vqa_accuracy"], "cider": e["caption_val"]["cider"],

@@ -364,7 +364,7 @@ def cmd_demo(args):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise KosmoError(f"--sections: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
-    run_demo(args.out, quick=args.quick, sections=sections)
+    run_demo(args.out, budget="quick" if args.quick else "full" if args.full else "default", sections=sections)
 
 
 def cmd_serve(args):
@@ -569,7 +569,9 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole pipeline on the shapes world")
     d.add_argument("--out", default="out")
-    d.add_argument("--quick", action="store_true")
+    budget = d.add_mutually_exclusive_group()
+    budget.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    budget.add_argument("--full", action="store_true", help="the longer recipes whose figures the docs give")
     d.add_argument("--sections", help="comma-separated sections to run, in order (default: all)")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -2,7 +2,7 @@
 section's Flamingo arm over a frozen LM (by default the section's runs/lm-icl) once per seed, and
 measures each run.
 
-    kosmo demo --sections flamingo --out out
+    kosmo demo --full --sections flamingo --out out
     python research/flamingo_seeds.py --demo out --seeds 1,2,3
     python research/flamingo_seeds.py --demo out --seeds 1,2 --ffw-gate-lr 30   # with gated feed-forwards, learning
 
@@ -55,7 +55,7 @@ def sign_changes(run: Path) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="output folder of `kosmo demo --sections flamingo`")
-    b = SECTION["default"]
+    b = SECTION["full"]
     p.add_argument("--lm", default="lm-icl", help="the run under DEMO/runs whose LM Flamingo freezes")
     p.add_argument("--seeds", default="0,1", help="comma-separated train.seed values")
     p.add_argument("--steps", type=int, default=b["arch_steps"])

@@ -69,3 +69,13 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert f"VQA accuracy (val): SFT {a['eval']['vqa_sft']:.2f}, Constitutional AI {a['eval']['vqa_cai']:.2f}." in md
     assert f"| PPO (reward model + KL penalty) | {a['eval']['ppo']['win_rate']:.1f} |" in md
     assert (tmp_path / "ppo.png").stat().st_size > 1000
+
+
+def test_every_budget_sets_every_knob():
+    """A knob missing from one budget would stop that demo minutes in; the default trains no longer than full."""
+    from kosmo.demo import BUDGET_NAMES, BUDGETS, SECTIONS, section
+    for budgets in [BUDGETS, *(section(name).BUDGETS for name in SECTIONS)]:
+        assert tuple(budgets) == BUDGET_NAMES
+        assert all(budgets[name].keys() == budgets["full"].keys() for name in BUDGET_NAMES)
+        steps = [k for k in budgets["full"] if k.endswith("_steps")]
+        assert all(budgets["default"][k] <= budgets["full"][k] for k in steps)

@@ -16,14 +16,18 @@ from kosmo.eval.runs import metrics
 
 SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 
-# The recipe and its budget. The default fits 10 minutes on 2 CPU cores; --quick is a smoke run.
+# The recipe and its budget: "full" takes about 10 minutes on 2 CPU cores, "default" a third of that
+# (docs/performance.md), "quick" is a smoke run.
 # 36-pixel pictures in 12-pixel patches put each cell of the world's 3x3 grid in exactly one patch:
 # 9 visual tokens per image, none of them cutting through an object.
 # `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
-    "default": dict(patch_size=12, vision_dim=128, clip_steps=400, lm_steps=300, stage1_steps=300,
-                    sft_steps=2400, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
+    "default": dict(patch_size=12, vision_dim=128, clip_steps=150, lm_steps=150, stage1_steps=100,
+                    sft_steps=900, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
                     vision_lr_scale=1.0, connector="mlp"),
+    "full": dict(patch_size=12, vision_dim=128, clip_steps=400, lm_steps=300, stage1_steps=300,
+                 sft_steps=2400, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
+                 vision_lr_scale=1.0, connector="mlp"),
     "quick": dict(patch_size=12, vision_dim=64, clip_steps=20, lm_steps=30, stage1_steps=10,
                   sft_steps=20, sft_batch=16, sft_lr=1e-3, vqa_images=200, sft_freeze="connector+lm",
                   vision_lr_scale=1.0, connector="mlp"),
