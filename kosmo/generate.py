@@ -120,8 +120,10 @@ def decode_logits(model: CausalLM, cache, tok: torch.Tensor) -> torch.Tensor:
 def compiled_decode():
     """`decode_logits` under `torch.compile`: over a static cache (`KVCache(static=True)`) a decode
     step has fixed shapes and reads nothing back to the host, so each model and cache shape compiles
-    once into one graph, with its elementwise work fused and no Python run per layer."""
-    return torch.compile(decode_logits, dynamic=False)
+    once into one graph, with its elementwise work fused and no Python run per layer. Inductor's
+    freezing takes the weights as constants (on a CPU, prepacked for oneDNN), so it is for inference:
+    a model whose weights then change must be compiled again (`torch._dynamo.reset()`)."""
+    return torch.compile(decode_logits, dynamic=False, options={"freezing": True})
 
 
 # A compiled decode's cache room is rounded up to this, so prompts of nearby lengths share one graph.
