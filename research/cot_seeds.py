@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kosmo.data.jsonl import iter_texts
+from kosmo.data.jsonl import iter_texts, read_jsonl
 from kosmo.data.world import World, WorldConfig, write_reasoning
 from kosmo.eval.reasoning import constant_accuracy, evaluate_reasoning, read_items
 from kosmo.model.lm import LM, LMConfig
@@ -39,15 +39,33 @@ from kosmo.train.run import run_stage
 VARIANTS = {"worked": "reasoning_worked", "direct": "reasoning_direct"}
 
 
-def initial_run(out: Path, seed: int, tok: Tokenizer, args) -> Path:
-    """A random LM saved as a run, the common start of a seed's runs (sft begins from a run)."""
+def initial_run(out: Path, seed: int, tok: Tokenizer, prompts: Path, args) -> Path:
+    """The common start of a seed's two runs (sft begins from a run): an LM pretrained on the questions' prompts
+    alone, with copy rows beside them, so that it has the induction head a worked answer copies with before it
+    sees any answer; with --pretrain-steps 0, the random LM."""
     run = out / "runs" / f"init-{seed}"
-    if not (run / "model.safetensors").is_file():
+    if (run / "model.safetensors").is_file():
+        return run
+    cfg = LMConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                   n_kv_heads=args.heads, max_seq_len=256, smear_keys=True)
+    if not args.pretrain_steps:
         torch.manual_seed(seed)
-        cfg = LMConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                       n_kv_heads=args.heads, max_seq_len=256, smear_keys=True)
         save_run(run, LM(cfg), tok, {"stage": "init", "arch": "lm", "model": cfg.to_dict()})
+        return run
+    model = [f"model.{k}={getattr(cfg, k)}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")]
+    run_stage("lm", [str(prompts)], run, tokenizer=str(out / "tokenizer.json"), overrides=[
+        *model, "model.smear_keys=true", f"copy_rows={args.copy_rows}", "seq_len=128", "val_fraction=0",
+        f"train.max_steps={args.pretrain_steps}", f"train.batch_size={args.batch}", "train.warmup_steps=20",
+        *optimiser(args, seed)])
     return run
+
+
+def optimiser(args, seed: int) -> list[str]:
+    """The training overrides both stages share: a constant learning rate after warm-up, AdamW with a slow
+    second moment and no weight decay, fp32 (the recipe under which copy rows formed an induction head)."""
+    return [f"train.seed={seed}", f"train.lr={args.lr}", f"train.min_lr_ratio={args.min_lr_ratio}",
+            f"train.beta2={args.beta2}", f"train.weight_decay={args.weight_decay}", "train.precision=fp32",
+            "train.eval_every=0", "train.save_every=100000", "train.progress=false", "train.tensorboard=false"]
 
 
 def train_and_score(name: str, data: Path, init: Path, seed: int, val: Path, out: Path, args,
@@ -61,9 +79,8 @@ def train_and_score(name: str, data: Path, init: Path, seed: int, val: Path, out
     start = time.time()
     if not (run / "model.safetensors").is_file():
         run_stage("sft", [str(data)], run, init=init, overrides=[
-            f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-            f"train.lr={args.lr}", "train.warmup_steps=100", "train.eval_every=0", "train.save_every=100000",
-            "train.progress=false", "train.tensorboard=false", "train.precision=fp32", "val_fraction=0", "pack=false", "seq_len=256"])
+            f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", "train.warmup_steps=20",
+            "val_fraction=0", "pack=false", "seq_len=256", *optimiser(args, seed)])
     trained = time.time() - start
     model, tok, _ = load_run(run)
     model.eval()
@@ -123,7 +140,13 @@ def main():
     p.add_argument("--val", type=int, default=300, help="held-out questions in and out of distribution, each")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=1.0, help="1: constant after warm-up; below: cosine decay")
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--pretrain-steps", type=int, default=300,
+                   help="steps of the lm stage on the prompts and copy rows before sft (0: sft from random weights)")
+    p.add_argument("--copy-rows", type=float, default=0.5, help="share of each pretraining batch of copy rows")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
@@ -141,6 +164,10 @@ def main():
     files = {key: data / f"{key}.jsonl" for key in (*VARIANTS.values(), "reasoning_chat", "val_reasoning")}
     if not all(f.is_file() for f in files.values()):  # an invocation beside this one may be reading them
         files = write_reasoning(World(WorldConfig(seed=0)), data, n=args.n, val=args.val)
+    prompts = data / "reasoning_prompts.jsonl"  # the training questions without answers, for pretraining
+    if not prompts.is_file():
+        prompts.write_text("".join(json.dumps({"text": m["messages"][0]["content"]}) + "\n"
+                                   for _, m in read_jsonl(files["reasoning_direct"])))
     tok_path = out / "tokenizer.json"
     if not tok_path.is_file():
         Tokenizer.train(iter_texts([files["reasoning_direct"], files["reasoning_worked"]]), args.vocab_size).save(
@@ -148,13 +175,13 @@ def main():
     tok = Tokenizer.load(tok_path)
     rows = []
     for seed in seeds:
-        init = initial_run(out, seed, tok, args)
+        init = initial_run(out, seed, tok, prompts, args)
         for variant, key in VARIANTS.items():
             rows.append(train_and_score(f"{variant}-{seed}", files[key], init, seed, files["val_reasoning"], out,
                                         args))
     chat = None
     if args.chat:
-        chat = train_and_score(f"chat-{seeds[0]}", files["reasoning_chat"], initial_run(out, seeds[0], tok, args),
+        chat = train_and_score(f"chat-{seeds[0]}", files["reasoning_chat"], initial_run(out, seeds[0], tok, prompts, args),
                                seeds[0], files["val_reasoning"], out, args, thinks=(False, True))
     table = {variant: {key: summary([r[key] for r in rows if r["run"].startswith(variant)])
                        for key in ("accuracy_id", "accuracy_ood")} for variant in VARIANTS}
