@@ -3,18 +3,20 @@
     python research/cot_seeds.py --out out/cot --seeds 0,1,2 --plot docs/reasoning.png
 
 Writes the world's counting questions (kosmo.data.world.reasoning; `kosmo world --reasoning N` writes the same
-files), trains one byte-level BPE tokenizer on them, and for each seed two LMs from the same random start: one on
-the direct answers, one on the worked answers. The two see the same questions in the same order (rows are not
-packed) with the same prompts, steps, batch and learning rate, so they differ only in their targets. Each is
-scored by `kosmo eval reasoning` (greedy, exact answer) on held-out scenes of 3-6 objects (in distribution) and
-7-10 (out of distribution). With --chat it also trains one model on reasoning_chat.jsonl, both forms chosen by the
-system prompt, and scores it with and without the prompt.
+files) and trains one byte-level BPE tokenizer on them. For each seed it pretrains one LM on the training questions'
+prompts alone (no answers) with copy rows beside them (kosmo.train.lm.copy_rows: repeated random spans, which form
+the induction head that copying a place into its entry needs), then fine-tunes two models from it: one on the
+direct answers, one on the worked answers. The two see the same questions in the same order (rows are not packed)
+with the same prompts, steps, batch and learning rate, so they differ only in their targets. Both stages use a
+constant learning rate after warm-up, AdamW with beta2 0.999 and no weight decay, fp32. Each model is scored by
+`kosmo eval reasoning` (greedy, exact answer) on held-out scenes of 3-6 objects (in distribution) and 7-10 (out of
+distribution). With --chat it also trains one model on reasoning_chat.jsonl, both forms chosen by the system
+prompt, and scores it with and without the prompt.
 
 Prints one JSON line per run and a table of means and spreads over the seeds; writes OUT/results.json and, with
 --plot, a figure. A run that is already trained and scored under OUT is read back, not redone, so seeds may be run
 side by side (`--seeds 0` and `--seeds 1` at once, after one of them has written the data and tokenizer) and then
-gathered by a last invocation with every seed. Three seeds side by side on 2 shared CPU cores, one thread each:
-a worked run of 400 steps took about 18 minutes, a direct one about 6.
+gathered by a last invocation with every seed.
 """
 
 from __future__ import annotations
@@ -181,8 +183,9 @@ def main():
                                         args))
     chat = None
     if args.chat:
-        chat = train_and_score(f"chat-{seeds[0]}", files["reasoning_chat"], initial_run(out, seeds[0], tok, prompts, args),
-                               seeds[0], files["val_reasoning"], out, args, thinks=(False, True))
+        init = initial_run(out, seeds[0], tok, prompts, args)
+        chat = train_and_score(f"chat-{seeds[0]}", files["reasoning_chat"], init, seeds[0], files["val_reasoning"],
+                               out, args, thinks=(False, True))
     table = {variant: {key: summary([r[key] for r in rows if r["run"].startswith(variant)])
                        for key in ("accuracy_id", "accuracy_ood")} for variant in VARIANTS}
     ood = {r["run"]: r["accuracy_ood"] for r in rows}
