@@ -29,6 +29,7 @@ def check_worked(prompt: str, worked: str) -> str:
     value = what.removesuffix(" objects") if what.endswith(" objects") else SINGULAR[what]
     labels = list(scene)
     at = labels.index(next(label for label, name in scene.items() if name == anchor))
+    assert worked.startswith(f"count {value} {relation} of the {anchor} at {labels[at]}. ")
     entries = ENTRY.findall(worked)
     assert [e[0] for e in entries] == labels == list(LABELS)
     n = 0
@@ -53,7 +54,7 @@ def test_worked_answers_are_right_and_ood_has_more_objects(ood):
         objects.add(item.n_objects)
         answers.append(int(item.answer))
         # every worked answer has one entry per place whatever the number of objects: the same length in words
-        assert len(item.scratchpad.split()) == 6 * PLACES + 5
+        assert len(item.scratchpad.split()) == 9 + 6 * PLACES + 5
     assert objects == set(range(low, high + 1))
     assert OUT_OF_DISTRIBUTION[0] > IN_DISTRIBUTION[1]
     # every answer, and so every running count, out of distribution is one that training writes, and no

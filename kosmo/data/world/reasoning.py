@@ -6,14 +6,15 @@ from-scratch models can be trained and compared in CPU minutes (the setting of L
 than the pictures' 3x3 grid so that out-of-distribution scenes can hold more objects. A question counts the objects
 of a colour or a shape on one side of an anchor object: "How many red objects are left of the blue square?".
 
-The worked answer (Nye et al. 2021) checks every place in order, one entry each: the place's label and what is
-there, copied from the scene word for word; the side of the anchor it stands on (left, here, right); whether it
-counts; and the count so far. It ends "so the answer is N". Each step is local, so that a small model can learn it:
-the label occurs once in the scene, so copying what follows it is the induction-head lookup; the side follows from
-the previous entry's side and whether this place holds the anchor; the verdict from the side and the object; the
-count from the previous count and the verdict. Every place gets an entry, empty ones too, and every entry is six
-words, so a scene's worked answer has the same shape whatever its number of objects. The direct answer is the
-number alone.
+The worked answer (Nye et al. 2021) first restates the question in the scene's words, with the anchor's label
+("count circle left of the blue square at H."), then checks every place in order, one entry each: the place's
+label and what is there, copied from the scene word for word; the side of the anchor it stands on (left, here,
+right); whether it counts; and the count so far. It ends "so the answer is N". Each step is local, so that a small
+model can learn it: a label occurs once in the scene, so copying what follows it is the induction-head lookup, and
+the anchor's label is what precedes the anchor's name there; the side follows from the previous entry's side and
+whether this entry's label is the anchor's; the verdict from the side and the object; the count from the previous
+count and the verdict. Every place gets an entry, empty ones too, and every entry is six words, so a scene's worked
+answer has the same shape whatever its number of objects. The direct answer is the number alone.
 
 In distribution a scene holds 3-6 objects; out of distribution 7-10, so there are more objects to check, more of
 them on the counted side that do not count. The answer is drawn first, evenly from 0 to MAX_ANSWER in and out of
@@ -80,8 +81,9 @@ class ReasoningItem:
 
     @property
     def scratchpad(self) -> str:
-        """The worked answer: one six-word entry per place, then the answer."""
-        entries, n = [], 0
+        """The worked answer: the question restated in the scene's words with the anchor's label, one six-word
+        entry per place, then the answer."""
+        entries, n = [f"count {self.value} {self.relation} of the {self.anchor.name} at {LABELS[self.anchor.col]}."], 0
         for p, o in enumerate(self.places):
             n += self.counts(p)
             verdict = "yes" if self.counts(p) else "no"
