@@ -11,7 +11,7 @@ from tests.conftest import kosmo
 
 QUESTION = re.compile(r"^How many (.+?) are (left|right) of the (\w+ \w+)\?")
 SINGULAR = {plural(s): s for s in SHAPES}
-ENTRY = re.compile(r"([A-L]) (\w+ \w+) (left|here|right) (yes|no) (\d+)\.")
+ENTRY = re.compile(r"([A-L]) (\w+ \w+) (left|here|right) (\w+) (yes|no) (\d+)\.")
 
 
 def scene_of(prompt: str) -> dict[str, str]:
@@ -33,8 +33,8 @@ def check_worked(prompt: str, worked: str) -> str:
     entries = ENTRY.findall(worked)
     assert [e[0] for e in entries] == labels == list(LABELS)
     n = 0
-    for i, (label, name, side, verdict, running) in enumerate(entries):
-        assert name == scene[label]
+    for i, (label, name, side, counted, verdict, running) in enumerate(entries):
+        assert name == scene[label] and counted == value
         assert side == ("left" if i < at else "here" if i == at else "right")
         counts = name != "empty place" and value in name.split() and side == relation
         n += counts
@@ -54,7 +54,7 @@ def test_worked_answers_are_right_and_ood_has_more_objects(ood):
         objects.add(item.n_objects)
         answers.append(int(item.answer))
         # every worked answer has one entry per place whatever the number of objects: the same length in words
-        assert len(item.scratchpad.split()) == 9 + 6 * PLACES + 5
+        assert len(item.scratchpad.split()) == 9 + 7 * PLACES + 5
     assert objects == set(range(low, high + 1))
     assert OUT_OF_DISTRIBUTION[0] > IN_DISTRIBUTION[1]
     # every answer, and so every running count, out of distribution is one that training writes, and no
@@ -70,7 +70,7 @@ def test_items_are_deterministic_and_splits_differ():
 
 
 def test_parse_answer():
-    assert parse_answer("A red circle left no 0. so the answer is 3.") == "3"
+    assert parse_answer("A red circle left circle no 0. so the answer is 3.") == "3"
     assert parse_answer(" so the answer is 12 ") == "12"
     assert parse_answer("answer is 1. answer is 2.") == "2"
     assert parse_answer("2") == "2"

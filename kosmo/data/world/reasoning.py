@@ -9,12 +9,14 @@ of a colour or a shape on one side of an anchor object: "How many red objects ar
 The worked answer (Nye et al. 2021) first restates the question in the scene's words, with the anchor's label
 ("count circle left of the blue square at H."), then checks every place in order, one entry each: the place's
 label and what is there, copied from the scene word for word; the side of the anchor it stands on (left, here,
-right); whether it counts; and the count so far. It ends "so the answer is N". Each step is local, so that a small
-model can learn it: a label occurs once in the scene, so copying what follows it is the induction-head lookup, and
-the anchor's label is what precedes the anchor's name there; the side follows from the previous entry's side and
-whether this entry's label is the anchor's; the verdict from the side and the object; the count from the previous
-count and the verdict. Every place gets an entry, empty ones too, and every entry is six words, so a scene's worked
-answer has the same shape whatever its number of objects. The direct answer is the number alone.
+right); the value counted; whether it counts; and the count so far ("F blue circle left circle yes 1."). It ends
+"so the answer is N". Each step is local, so that a small model can learn it: a label occurs once in the scene, so
+copying what follows it is the induction-head lookup, and the anchor's label is what precedes the anchor's name
+there; the side follows from the previous entry's side and whether this entry's label is the anchor's; the value
+is the previous entry's; the verdict compares it with the object two and three words before it, given the side;
+the count follows from the previous count and the verdict. Every place gets an entry, empty ones too, and every
+entry is seven words, so a scene's worked answer has the same shape whatever its number of objects. The direct
+answer is the number alone.
 
 In distribution a scene holds 3-6 objects; out of distribution 7-10, so there are more objects to check, more of
 them on the counted side that do not count. The answer is drawn first, evenly from 0 to MAX_ANSWER in and out of
@@ -81,13 +83,13 @@ class ReasoningItem:
 
     @property
     def scratchpad(self) -> str:
-        """The worked answer: the question restated in the scene's words with the anchor's label, one six-word
+        """The worked answer: the question restated in the scene's words with the anchor's label, one seven-word
         entry per place, then the answer."""
         entries, n = [f"count {self.value} {self.relation} of the {self.anchor.name} at {LABELS[self.anchor.col]}."], 0
         for p, o in enumerate(self.places):
             n += self.counts(p)
             verdict = "yes" if self.counts(p) else "no"
-            entries.append(f"{LABELS[p]} {o.name if o else EMPTY} {self.side(p)} {verdict} {n}.")
+            entries.append(f"{LABELS[p]} {o.name if o else EMPTY} {self.side(p)} {self.value} {verdict} {n}.")
         return " ".join(entries) + f" so the answer is {n}."
 
     def messages(self, think: bool, system: bool = False, answer: bool = True) -> list[dict]:
