@@ -1,6 +1,6 @@
 """Does a worked answer (a scratchpad) help a small model count, in and out of distribution, seed after seed?
 
-    python research/cot_seeds.py --out out/cot --seeds 0,1,2 --plot docs/reasoning.png
+    python research/cot_seeds.py --out out/cot --seeds 0,1,2 --val 200 --plot out/cot/reasoning.png
 
 Writes the world's counting questions (kosmo.data.world.reasoning; `kosmo world --reasoning N` writes the same
 files) and trains one byte-level BPE tokenizer on them. For each seed it pretrains one LM on the training questions'
