@@ -1,20 +1,22 @@
 """Does a worked answer (a scratchpad) help a small model count, in and out of distribution, seed after seed?
 
-    python research/cot_seeds.py --out out/cot --seeds 0,1,2 --plot docs/reasoning.png
+    python research/cot_seeds.py --out out/cot --seeds 0,1,2 --val 200 --plot out/cot/reasoning.png
 
 Writes the world's counting questions (kosmo.data.world.reasoning; `kosmo world --reasoning N` writes the same
-files), trains one byte-level BPE tokenizer on them, and for each seed two LMs from the same random start: one on
-the direct answers, one on the worked answers. The two see the same questions in the same order (rows are not
-packed) with the same prompts, steps, batch and learning rate, so they differ only in their targets. Each is
-scored by `kosmo eval reasoning` (greedy, exact answer) on held-out scenes of 3-6 objects (in distribution) and
-7-10 (out of distribution). With --chat it also trains one model on reasoning_chat.jsonl, both forms chosen by the
-system prompt, and scores it with and without the prompt.
+files) and trains one byte-level BPE tokenizer on them. For each seed it pretrains one LM on the training questions'
+prompts alone (no answers) with copy rows beside them (kosmo.train.lm.copy_rows: repeated random spans, which form
+the induction head that copying a place into its entry needs), then fine-tunes two models from it: one on the
+direct answers, one on the worked answers. The two see the same questions in the same order (rows are not packed)
+with the same prompts, steps, batch and learning rate, so they differ only in their targets. Both stages use a
+constant learning rate after warm-up, AdamW with beta2 0.999 and no weight decay, fp32. Each model is scored by
+`kosmo eval reasoning` (greedy, exact answer) on held-out scenes of 3-6 objects (in distribution) and 7-10 (out of
+distribution). With --chat it also trains one model on reasoning_chat.jsonl, both forms chosen by the system
+prompt, and scores it with and without the prompt.
 
 Prints one JSON line per run and a table of means and spreads over the seeds; writes OUT/results.json and, with
 --plot, a figure. A run that is already trained and scored under OUT is read back, not redone, so seeds may be run
 side by side (`--seeds 0` and `--seeds 1` at once, after one of them has written the data and tokenizer) and then
-gathered by a last invocation with every seed. Three seeds side by side on 2 shared CPU cores, one thread each:
-a worked run of 400 steps took about 18 minutes, a direct one about 6.
+gathered by a last invocation with every seed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kosmo.data.jsonl import iter_texts
+from kosmo.data.jsonl import iter_texts, read_jsonl
 from kosmo.data.world import World, WorldConfig, write_reasoning
 from kosmo.eval.reasoning import constant_accuracy, evaluate_reasoning, read_items
 from kosmo.model.lm import LM, LMConfig
@@ -39,15 +41,33 @@ from kosmo.train.run import run_stage
 VARIANTS = {"worked": "reasoning_worked", "direct": "reasoning_direct"}
 
 
-def initial_run(out: Path, seed: int, tok: Tokenizer, args) -> Path:
-    """A random LM saved as a run, the common start of a seed's runs (sft begins from a run)."""
+def initial_run(out: Path, seed: int, tok: Tokenizer, prompts: Path, args) -> Path:
+    """The common start of a seed's two runs (sft begins from a run): an LM pretrained on the questions' prompts
+    alone, with copy rows beside them, so that it has the induction head a worked answer copies with before it
+    sees any answer; with --pretrain-steps 0, the random LM."""
     run = out / "runs" / f"init-{seed}"
-    if not (run / "model.safetensors").is_file():
+    if (run / "model.safetensors").is_file():
+        return run
+    cfg = LMConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                   n_kv_heads=args.heads, max_seq_len=256, smear_keys=True)
+    if not args.pretrain_steps:
         torch.manual_seed(seed)
-        cfg = LMConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                       n_kv_heads=args.heads, max_seq_len=256, smear_keys=True)
         save_run(run, LM(cfg), tok, {"stage": "init", "arch": "lm", "model": cfg.to_dict()})
+        return run
+    model = [f"model.{k}={getattr(cfg, k)}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")]
+    run_stage("lm", [str(prompts)], run, tokenizer=str(out / "tokenizer.json"), overrides=[
+        *model, "model.smear_keys=true", f"copy_rows={args.copy_rows}", "seq_len=128", "val_fraction=0",
+        f"train.max_steps={args.pretrain_steps}", f"train.batch_size={args.batch}", "train.warmup_steps=20",
+        *optimiser(args, seed)])
     return run
+
+
+def optimiser(args, seed: int) -> list[str]:
+    """The training overrides both stages share: a constant learning rate after warm-up, AdamW with a slow
+    second moment and no weight decay, fp32 (the recipe under which copy rows formed an induction head)."""
+    return [f"train.seed={seed}", f"train.lr={args.lr}", f"train.min_lr_ratio={args.min_lr_ratio}",
+            f"train.beta2={args.beta2}", f"train.weight_decay={args.weight_decay}", "train.precision=fp32",
+            "train.eval_every=0", "train.save_every=100000", "train.progress=false", "train.tensorboard=false"]
 
 
 def train_and_score(name: str, data: Path, init: Path, seed: int, val: Path, out: Path, args,
@@ -61,9 +81,8 @@ def train_and_score(name: str, data: Path, init: Path, seed: int, val: Path, out
     start = time.time()
     if not (run / "model.safetensors").is_file():
         run_stage("sft", [str(data)], run, init=init, overrides=[
-            f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-            f"train.lr={args.lr}", "train.warmup_steps=100", "train.eval_every=0", "train.save_every=100000",
-            "train.progress=false", "train.tensorboard=false", "train.precision=fp32", "val_fraction=0", "pack=false", "seq_len=256"])
+            f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", "train.warmup_steps=20",
+            "val_fraction=0", "pack=false", "seq_len=256", *optimiser(args, seed)])
     trained = time.time() - start
     model, tok, _ = load_run(run)
     model.eval()
@@ -123,7 +142,13 @@ def main():
     p.add_argument("--val", type=int, default=300, help="held-out questions in and out of distribution, each")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=1.0, help="1: constant after warm-up; below: cosine decay")
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--pretrain-steps", type=int, default=300,
+                   help="steps of the lm stage on the prompts and copy rows before sft (0: sft from random weights)")
+    p.add_argument("--copy-rows", type=float, default=0.5, help="share of each pretraining batch of copy rows")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
@@ -141,6 +166,10 @@ def main():
     files = {key: data / f"{key}.jsonl" for key in (*VARIANTS.values(), "reasoning_chat", "val_reasoning")}
     if not all(f.is_file() for f in files.values()):  # an invocation beside this one may be reading them
         files = write_reasoning(World(WorldConfig(seed=0)), data, n=args.n, val=args.val)
+    prompts = data / "reasoning_prompts.jsonl"  # the training questions without answers, for pretraining
+    if not prompts.is_file():
+        prompts.write_text("".join(json.dumps({"text": m["messages"][0]["content"]}) + "\n"
+                                   for _, m in read_jsonl(files["reasoning_direct"])))
     tok_path = out / "tokenizer.json"
     if not tok_path.is_file():
         Tokenizer.train(iter_texts([files["reasoning_direct"], files["reasoning_worked"]]), args.vocab_size).save(
@@ -148,14 +177,15 @@ def main():
     tok = Tokenizer.load(tok_path)
     rows = []
     for seed in seeds:
-        init = initial_run(out, seed, tok, args)
+        init = initial_run(out, seed, tok, prompts, args)
         for variant, key in VARIANTS.items():
             rows.append(train_and_score(f"{variant}-{seed}", files[key], init, seed, files["val_reasoning"], out,
                                         args))
     chat = None
     if args.chat:
-        chat = train_and_score(f"chat-{seeds[0]}", files["reasoning_chat"], initial_run(out, seeds[0], tok, args),
-                               seeds[0], files["val_reasoning"], out, args, thinks=(False, True))
+        init = initial_run(out, seeds[0], tok, prompts, args)
+        chat = train_and_score(f"chat-{seeds[0]}", files["reasoning_chat"], init, seeds[0], files["val_reasoning"],
+                               out, args, thinks=(False, True))
     table = {variant: {key: summary([r[key] for r in rows if r["run"].startswith(variant)])
                        for key in ("accuracy_id", "accuracy_ood")} for variant in VARIANTS}
     ood = {r["run"]: r["accuracy_ood"] for r in rows}

@@ -1,21 +1,27 @@
 """Questions that take several steps, each with its exact answer and a worked answer (a scratchpad).
 
-The scene is given as text after the question: a row of PLACES places, numbered from the left, each empty or holding
-one object ("Row: at 1 is red circle; at 2 is empty place; at 3 is blue square; ..."). A place of the scene and an
-entry of the worked answer are both six tokens, and the question comes first, so the entry about place k stands the
-same distance after the scene's place k in every item: a worked answer can read each place at a fixed offset. Text, not a picture, so that several from-scratch models can be
-trained and compared in CPU minutes (the setting of Lee et al. 2023); the row is wider than the pictures' 3x3 grid
-so that out-of-distribution scenes can hold more objects. A question counts the objects of a colour or a shape on
-one side of an anchor object: "How many red objects are left of the blue square?".
+The scene is given as text after the question: a row of PLACES places, labelled A to L from the left, each empty or
+holding one object ("Row: A red circle; B empty place; C blue square; ..."). Text, not a picture, so that several
+from-scratch models can be trained and compared in CPU minutes (the setting of Lee et al. 2023); the row is wider
+than the pictures' 3x3 grid so that out-of-distribution scenes can hold more objects. A question counts the objects
+of a colour or a shape on one side of an anchor object: "How many red objects are left of the blue square?".
 
-The worked answer (Nye et al. 2021) names the anchor's place, then checks every place in order, one entry each:
-the place, what is there, whether it counts, and the count so far; it ends "so the answer is N". Every place gets
-an entry, empty ones too, and every entry is five words, so a scene's worked answer has the same shape whatever
-its number of objects: a scene with more objects than training saw asks for more of the same local checks, not
-for positions or counts of entries never seen. The direct answer is the number alone.
+The worked answer (Nye et al. 2021) first restates the question in the scene's words, with the anchor's label
+("count circle left of the blue square at H."), then checks every place in order, one entry each: the place's
+label and what is there, copied from the scene word for word; the side of the anchor it stands on (left, here,
+right); the value counted; whether it counts; and the count so far ("F blue circle left circle yes 1."). It ends
+"so the answer is N". Each step is local, so that a small model can learn it: a label occurs once in the scene, so
+copying what follows it is the induction-head lookup, and the anchor's label is what precedes the anchor's name
+there; the side follows from the previous entry's side and whether this entry's label is the anchor's; the value
+is the previous entry's; the verdict compares it with the object two and three words before it, given the side;
+the count follows from the previous count and the verdict. Every place gets an entry, empty ones too, and every
+entry is seven words, so a scene's worked answer has the same shape whatever its number of objects. The direct
+answer is the number alone.
 
-In distribution a scene holds 3-6 objects; out of distribution 7-10, so there are more objects to check and the
-counts run higher. Items are pure functions of (seed, split, index, ood), as everywhere in the world.
+In distribution a scene holds 3-6 objects; out of distribution 7-10, so there are more objects to check, more of
+them on the counted side that do not count. The answer is drawn first, evenly from 0 to MAX_ANSWER in and out of
+distribution alike: no constant reply scores much, and every running count out of distribution is one training
+wrote. Items are pure functions of (seed, split, index, ood), as everywhere in the world.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ from dataclasses import dataclass
 from kosmo.data.world.scenes import COLOURS, SHAPES, Obj, item_rng, pick
 
 PLACES = 12
+LABELS = "ABCDEFGHIJKL"        # one per place: each occurs once in a scene, unlike numbers, which also count
 IN_DISTRIBUTION = (3, 6)       # objects per scene, both ends included
 OUT_OF_DISTRIBUTION = (7, 10)
+MAX_ANSWER = 4                 # answers run 0..MAX_ANSWER in and out of distribution
 THINK = "Think step by step."  # the system prompt that asks a chat model for the worked answer
 RELATIONS = ("left", "right")
 EMPTY = "empty place"          # two words, like an object's name, so that every entry has the same length
@@ -47,11 +55,14 @@ class ReasoningItem:
     def n_objects(self) -> int:
         return sum(o is not None for o in self.places)
 
+    def side(self, place: int) -> str:
+        """Where `place` (0-based) stands from the anchor: left, here or right."""
+        return "left" if place < self.anchor.col else "here" if place == self.anchor.col else "right"
+
     def counts(self, place: int) -> bool:
         """Whether the object at `place` (0-based) is one the question counts."""
         o = self.places[place]
-        side = place < self.anchor.col if self.relation == "left" else place > self.anchor.col
-        return o is not None and side and self.value in (o.colour, o.shape)
+        return o is not None and self.side(place) == self.relation and self.value in (o.colour, o.shape)
 
     @property
     def answer(self) -> str:
@@ -59,7 +70,7 @@ class ReasoningItem:
 
     @property
     def scene(self) -> str:
-        return "Row: " + "; ".join(f"at {p + 1} is {o.name if o else EMPTY}" for p, o in enumerate(self.places)) + "."
+        return "Row: " + "; ".join(f"{LABELS[p]} {o.name if o else EMPTY}" for p, o in enumerate(self.places)) + "."
 
     @property
     def question(self) -> str:
@@ -72,11 +83,13 @@ class ReasoningItem:
 
     @property
     def scratchpad(self) -> str:
-        """The worked answer: the anchor's place, one five-word entry per place, then the answer."""
-        entries, n = [f"the {self.anchor.name} is at {self.anchor.col + 1}."], 0
+        """The worked answer: the question restated in the scene's words with the anchor's label, one seven-word
+        entry per place, then the answer."""
+        entries, n = [f"count {self.value} {self.relation} of the {self.anchor.name} at {LABELS[self.anchor.col]}."], 0
         for p, o in enumerate(self.places):
             n += self.counts(p)
-            entries.append(f"{p + 1} {o.name if o else EMPTY} {'yes' if self.counts(p) else 'no'} {n}.")
+            verdict = "yes" if self.counts(p) else "no"
+            entries.append(f"{LABELS[p]} {o.name if o else EMPTY} {self.side(p)} {self.value} {verdict} {n}.")
         return " ".join(entries) + f" so the answer is {n}."
 
     def messages(self, think: bool, system: bool = False, answer: bool = True) -> list[dict]:
@@ -94,27 +107,34 @@ def plural(shape: str) -> str:
 
 
 def reasoning_item(seed: int, split: str, index: int, ood: bool = False) -> ReasoningItem:
-    """The question at (seed, split, index), out of distribution with `ood`."""
+    """The question at (seed, split, index), out of distribution with `ood`.
+
+    The answer is drawn first, then the number of objects on the counted side (at least the answer), then which of
+    them have the counted value: exactly `answer` do. The anchor and the objects beyond it are any others."""
     rng = item_rng(seed, "reasoning_ood" if ood else "reasoning", split, index)
     low, high = OUT_OF_DISTRIBUTION if ood else IN_DISTRIBUTION
     n = int(rng.integers(low, high + 1))
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    chosen = [pairs[i] for i in rng.permutation(len(pairs))[:n]]  # no (colour, shape) twice: names stay unique
+    answer = int(rng.integers(0, min(MAX_ANSWER, n - 1) + 1))
+    counted = int(rng.integers(max(answer, 1), n))        # objects on the counted side, the anchor not among them
+    value = pick(rng, SHAPES) if rng.random() < 0.7 else pick(rng, tuple(COLOURS))
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]     # no (colour, shape) twice: names stay unique
+    has = [p for p in pairs if value in p]
+    lacks = [p for p in pairs if value not in p]
+    side = [has[i] for i in rng.permutation(len(has))[:answer]] + \
+        [lacks[i] for i in rng.permutation(len(lacks))[:counted - answer]]
+    rest = [p for p in pairs if p not in side]
+    others = [rest[i] for i in rng.permutation(len(rest))[:n - counted]]  # the anchor, then the far side
+    side = [side[i] for i in rng.permutation(len(side))]
+    relation = pick(rng, RELATIONS)
+    chosen = side + others if relation == "left" else others[1:] + others[:1] + side
     cells = sorted(int(c) for c in rng.permutation(PLACES)[:n])
     # sizes are not part of the text scene; every object is "small" so that equal scenes are equal objects
     objs = [Obj(s, c, "small", 0, cell) for (c, s), cell in zip(chosen, cells)]
     places: list[Obj | None] = [None] * PLACES
     for o in objs:
         places[o.col] = o
-    relation = pick(rng, RELATIONS)
-    # The anchor stands in the far half of the row's objects and the counted value is taken from an object on the
-    # counted side, more often a shape (4 shapes, 6 colours): answers of 0 and 1 would otherwise be most of them.
-    k = int(rng.integers(n // 2, n))
-    k = k if relation == "left" else n - 1 - k
-    side = objs[:k] if relation == "left" else objs[k + 1:]
-    other = pick(rng, side)
-    value = other.shape if rng.random() < 0.7 else other.colour
-    return ReasoningItem(tuple(places), objs[k], value, relation, ood)
+    anchor = objs[counted] if relation == "left" else objs[n - counted - 1]
+    return ReasoningItem(tuple(places), anchor, value, relation, ood)
 
 
 def parse_answer(reply: str) -> str:
