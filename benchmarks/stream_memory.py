@@ -68,6 +68,23 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def run_sampled(cmd: list[str], what: str) -> tuple[np.ndarray, str]:
+    """Runs cmd, sampling its RSS (MiB) every 0.2 s; the samples and its stdout. Its output goes to files, so a
+    chatty child never blocks on a full pipe while it is being sampled."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        samples = []
+        while proc.poll() is None:
+            r = rss_mib(proc.pid)
+            if r is not None:
+                samples.append(r)
+            time.sleep(0.2)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed ({proc.returncode}):\n{err.read()[-3000:]}")
+        return np.array(samples), out.read()
+
+
 def train_rss(data: Path, out: Path, steps: int, args) -> np.ndarray:
     """RSS samples (MiB) of `kosmo train lm` on `data` with a 1-layer, 32-wide LM (the tokenizer beside `out`)."""
     cmd = [sys.executable, "-m", "kosmo", "train", "lm", "--data", str(data), "--tokenizer", str(out.parent / "tok"),
@@ -75,16 +92,7 @@ def train_rss(data: Path, out: Path, steps: int, args) -> np.ndarray:
            "model.n_kv_heads=1", "val_fraction=0", f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
            f"train.save_every={max(1, steps // 2)}", "train.eval_every=0", "train.progress=false",
            "train.tensorboard=false", "train.precision=fp32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    samples = []
-    while proc.poll() is None:
-        r = rss_mib(proc.pid)
-        if r is not None:
-            samples.append(r)
-        time.sleep(0.2)
-    if proc.returncode != 0:
-        raise SystemExit(f"kosmo train lm --data {data} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-    return np.array(samples)
+    return run_sampled(cmd, f"kosmo train lm --data {data}")[0]
 
 
 READ_THROUGH = """
@@ -104,19 +112,10 @@ print(rows, time.perf_counter() - t0)
 def read_through_rss(shards: Path, tok: Path, seq_len: int) -> tuple[np.ndarray, int, float]:
     """RSS samples (MiB) of a child process that reads one whole epoch of the packed stream (every shard,
     every document tokenized and packed into rows of seq_len + 1), its row count and its seconds."""
-    proc = subprocess.Popen([sys.executable, "-c", READ_THROUGH, str(shards), str(tok), str(seq_len)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    samples = []
-    while proc.poll() is None:
-        r = rss_mib(proc.pid)
-        if r is not None:
-            samples.append(r)
-        time.sleep(0.2)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"reading {shards} through failed ({proc.returncode}):\n{err[-3000:]}")
+    samples, out = run_sampled([sys.executable, "-c", READ_THROUGH, str(shards), str(tok), str(seq_len)],
+                               f"reading {shards} through")
     rows, seconds = out.split()
-    return np.array(samples), int(rows), float(seconds)
+    return samples, int(rows), float(seconds)
 
 
 def main():
