@@ -1,6 +1,7 @@
 """Property tests of the parsers that read what users send: the JSONL reader, the chat template and the image
-decoders. Whatever the input, each gives a result or a one-line error naming where the input went wrong, never
-another exception; the chat template keeps each turn's words and lets no text forge a turn."""
+decoders; and of the server's stream events, which any client must read back. Whatever the input, each gives
+a result or a one-line error naming where the input went wrong, never another exception; the chat template
+keeps each turn's words and lets no text forge a turn."""
 
 import asyncio
 import base64
@@ -17,6 +18,7 @@ from kosmo.data.chat import render
 from kosmo.data.images import decode_image_bytes
 from kosmo.data.jsonl import read_jsonl, record_texts
 from kosmo.errors import KosmoError
+from kosmo.serve.api import sse
 from kosmo.serve.media import MediaError, MediaPolicy, load_image
 from kosmo.tokenizer import (
     ASSISTANT,
@@ -206,3 +208,11 @@ def test_a_data_url_of_a_valid_picture_decodes():
     # the properties above allow errors everywhere; this pins that the happy path stays open
     url = "data:image/png;base64," + base64.b64encode(VALID[0]).decode()
     assert asyncio.run(load_image(url, MediaPolicy(), "x")).size == (12, 10)
+
+
+@given(text=st.text())
+@example(text="a\u2028b\x85c\u2029d\re\nf")
+def test_a_stream_event_is_one_line_to_any_line_splitter_and_reads_back(text):
+    event = sse({"delta": text})
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1  # str.splitlines: the most eager
+    assert json.loads(event[len("data: "):]) == {"delta": text}

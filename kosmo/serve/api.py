@@ -707,8 +707,13 @@ async def stream(reply: "Reply", events: asyncio.Queue, requests: list[EngineReq
             r.cancel()
 
 
+# Characters JSON may leave raw in a string that `str.splitlines` (httpx's `iter_lines`, for one) ends a line at;
+# escaped, every event stays on its one line for any client, though SSE itself ends lines only at CR and LF.
+LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(LINE_BREAKS)}\n\n"
 
 
 class Reply:
