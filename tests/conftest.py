@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,21 @@ def text_corpus(tmp_path_factory) -> Path:
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_after(args: list, run: Path, logged: int) -> int:
+    """Starts `kosmo ARGS --out RUN`, SIGKILLs it once it has logged `logged` steps and written a checkpoint,
+    and returns the step of the checkpoint it left."""
+    proc = subprocess.Popen([sys.executable, "-m", "kosmo", *map(str, args), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "state" / "latest.json").is_file() and len(read_metrics(run)) >= logged:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads((run / "state" / "latest.json").read_text())["step"]
 
 
 def assert_cached_decoding_equals_uncached(model, prompts, images, max_new_tokens: int = 6, audio=None) -> list:

@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import kill_after, kosmo, read_metrics
 
-from conftest import kosmo, read_metrics
 from kosmo import checkpoint
 from kosmo.cli import main
 from kosmo.data.formats import parse_source
@@ -111,16 +109,7 @@ def test_sigkill_then_resume_reproduces_every_step(shards, tokenizer, tmp_path):
     kosmo(*args, "--out", tmp_path / "straight")
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kosmo", *map(str, args), "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill after a checkpoint and steps beyond it
-        if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 15:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = checkpoint.read_json(run / "state" / "latest.json")["step"]
+    saved = kill_after(args, run, 15)
     assert 6 <= saved < 30, "the kill must land mid-run"
     resumed = kosmo(*args, "--out", run)
     assert f"from step {saved}" in resumed.stderr
@@ -249,16 +238,7 @@ def test_sft_on_a_stream_resumes_exactly_after_sigkill(picture_shards, llava_ini
     args = sft_args(picture_shards, llava_init)
     kosmo(*args, "--out", tmp_path / "straight")
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kosmo", *map(str, args), "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "state" / "latest.json").is_file() and len(read_metrics(run)) >= 3:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = checkpoint.read_json(run / "state" / "latest.json")["step"]
+    saved = kill_after(args, run, 3)
     assert 2 <= saved < 6, "the kill must land mid-run"
     assert f"from step {saved}" in kosmo(*args, "--out", run).stderr
     assert [r["loss"] for r in read_metrics(tmp_path / "straight")] == [r["loss"] for r in read_metrics(run)]

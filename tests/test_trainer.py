@@ -3,15 +3,13 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import kill_after, kosmo, read_metrics
 
-from conftest import kosmo, read_metrics
 from kosmo import checkpoint
 from kosmo.errors import KosmoError
 from kosmo.model.lm import LM, LMConfig
@@ -35,17 +33,7 @@ def test_sigkill_then_resume_reproduces_every_step(text_corpus, tokenizer_dir, t
     kosmo(*args, "--out", tmp_path / "straight")
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kosmo", *map(str, args), "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    # kill mid-way, after a checkpoint and some logged steps beyond it
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 19:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = checkpoint.read_json(run / "state" / "latest.json")["step"]
+    saved = kill_after(args, run, 19)  # mid-way: after a checkpoint and steps beyond it
     assert 8 <= saved < 40, "the kill must land mid-run"
     resumed = kosmo(*args, "--out", run)
     assert f"from step {saved}" in resumed.stderr
