@@ -113,14 +113,15 @@ def matmul_peak(device: torch.device, precision: str) -> float:
     $KOSMO_CACHE (default ~/.cache/kosmo)/matmul_peak.json."""
     precision = resolve_precision(precision, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    key = f"{name} | {precision} | {torch.get_num_threads() if device.type == 'cpu' else 'gpu'} threads"
+    key = f"{name} | {precision} | {torch.get_num_threads() if device.type == 'cpu' else 'gpu'} threads | per core"
     store = Path(os.environ.get("KOSMO_CACHE", Path.home() / ".cache" / "kosmo")) / "matmul_peak.json"
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        known[key] = _measure_matmul(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        known[key] = _measure_matmul(device, dtype) if device.type == "cuda" else _cpu_peak(dtype)
         try:
             store.parent.mkdir(parents=True, exist_ok=True)
             tmp = store.with_suffix(f".{os.getpid()}.tmp")
@@ -131,7 +132,18 @@ def matmul_peak(device: torch.device, precision: str) -> float:
     return known[key]
 
 
-def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+def _cpu_peak(dtype: torch.dtype) -> float:
+    """One core's matmul FLOP/s times the threads training uses. The core is timed by its own thread's
+    CPU time, so other jobs on a shared host, which take turns on the cores, do not lower the peak."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return threads * _measure_matmul(torch.device("cpu"), dtype, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_matmul(device: torch.device, dtype: torch.dtype, clock=time.perf_counter) -> float:
     """The best FLOP/s of n x n matmuls, n doubled from 256 while one takes under 50 ms (up to 2048 on a
     CPU, 8192 on a GPU), so a slow (emulated) dtype is measured small rather than for minutes."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -143,10 +155,10 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
         times = []
         for _ in range(5):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             a @ b
             sync()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         best = max(best, 2 * n**3 / min(times))
         if n >= largest or min(times) > 0.05:
             return best

@@ -339,7 +339,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1)
 
     def _log(self, row: dict, writer):
-        row = {k: (round(v, 6) if k in ("step_time", "tok_per_s", "mfu") else v) for k, v in row.items()}
+        row = {k: (float(f"{v:.6g}") if k in ("step_time", "tok_per_s", "mfu") else v) for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer:
