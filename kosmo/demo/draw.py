@@ -20,7 +20,7 @@ from kosmo.errors import KosmoError
 # good as the tokenizer's decoder: at 1,000 steps (24 dB) the detector found almost nothing in them
 # (docs/performance.md), so the default keeps 2,000 and gives the drawing stage more, smaller steps.
 BUDGETS = {
-    "default": dict(draw_n=3000, draw_eval_n=50, vq_steps=2000, vq_codebook=256, vq_downsample=12, draw_steps=800,
+    "default": dict(draw_n=3000, draw_eval_n=50, vq_steps=2000, vq_codebook=256, vq_downsample=12, draw_steps=2000,
                     draw_batch=24, draw_lr=1e-3, draw_mix=4.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),
     "full": dict(draw_n=8000, draw_eval_n=50, vq_steps=5000, vq_codebook=256, vq_downsample=12, draw_steps=4000,
                  draw_batch=48, draw_lr=1e-3, draw_mix=4.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),

@@ -28,7 +28,7 @@ ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
 # trains each arm on half its examples (at 300 steps of 8 Flamingo's few-shot stayed at chance:
 # docs/performance.md), and evaluates on fewer documents and shots.
 BUDGETS = {
-    "default": dict(copy_lm_steps=400, copy_lm_batch=16, arch_steps=600, arch_batch=16, arch_lr=1e-3,
+    "default": dict(copy_lm_steps=200, copy_lm_batch=16, arch_steps=400, arch_batch=16, arch_lr=1e-3,
                     train_shots=(2, 3, 4, 6, 8), train_episodes=1500, recall_docs=1500, eval_shots=(0, 2, 4),
                     arch_eval_n=100, latents=8, cross_every=1, attn_gate_lr=30.0, gated_ffw=False),
     "full": dict(copy_lm_steps=800, copy_lm_batch=32, arch_steps=1200, arch_batch=16, arch_lr=1e-3,

@@ -23,7 +23,7 @@ SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 # `benchmarks/vision_ablation.py` varies these knobs to measure each choice of the recipe.
 BUDGETS = {
     "default": dict(patch_size=12, vision_dim=128, clip_steps=150, lm_steps=150, stage1_steps=100,
-                    sft_steps=900, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
+                    sft_steps=700, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
                     vision_lr_scale=1.0, connector="mlp"),
     "full": dict(patch_size=12, vision_dim=128, clip_steps=400, lm_steps=300, stage1_steps=300,
                  sft_steps=2400, sft_batch=32, sft_lr=5e-4, vqa_images=2000, sft_freeze="connector+lm",
