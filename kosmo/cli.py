@@ -359,12 +359,14 @@ def cmd_import(args):
 
 
 def cmd_demo(args):
+    from kosmo.config import parse_overrides
     from kosmo.demo import SECTIONS, run_demo
     sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise KosmoError(f"--sections: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
-    run_demo(args.out, budget="quick" if args.quick else "full" if args.full else "default", sections=sections)
+    run_demo(args.out, budget="quick" if args.quick else "full" if args.full else "default", sections=sections,
+             recipe=parse_overrides(args.knobs))
 
 
 def cmd_serve(args):
@@ -573,6 +575,8 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
     budget.add_argument("--full", action="store_true", help="the longer recipes whose figures the docs give")
     d.add_argument("--sections", help="comma-separated sections to run, in order (default: all)")
+    d.add_argument("knobs", nargs="*", metavar="KNOB=VALUE",
+                   help="change a budget's knob, e.g. draw_steps=800 (BUDGETS in kosmo/demo/)")
     d.set_defaults(fn=cmd_demo)
     return p
 

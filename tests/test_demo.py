@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import kosmo
 from kosmo import hardware
+from kosmo.errors import KosmoError
 
 
 def test_quick_demo_writes_the_report(tmp_path):
@@ -79,3 +81,20 @@ def test_every_budget_sets_every_knob():
         assert all(budgets[name].keys() == budgets["full"].keys() for name in BUDGET_NAMES)
         steps = [k for k in budgets["full"] if k.endswith("_steps")]
         assert all(budgets["default"][k] <= budgets["full"][k] for k in steps)
+
+
+def test_a_knob_on_the_command_line_changes_the_budget_or_is_refused_in_one_line(tmp_path, capsys):
+    from kosmo.cli import main
+    from kosmo.demo import checked_recipe
+    knobs = {"draw_steps": 2000, "draw_lr": 1e-3, "eval_shots": (0, 2, 4), "gated_ffw": False}
+    assert checked_recipe({"draw_steps": 800, "draw_lr": 2, "eval_shots": [0, 4]}, knobs) == \
+        {"draw_steps": 800, "draw_lr": 2.0, "eval_shots": (0, 4)}
+    with pytest.raises(KosmoError, match=r"demo knob 'draw_step' is not one of the sections' knobs \(draw_lr, "):
+        checked_recipe({"draw_step": 800}, knobs)
+    with pytest.raises(KosmoError, match=r"demo knob draw_steps=0.5: expected a whole number, like 2000"):
+        checked_recipe({"draw_steps": 0.5}, knobs)
+    with pytest.raises(KosmoError, match="demo knob gated_ffw=1: expected true or false"):
+        checked_recipe({"gated_ffw": 1}, knobs)
+    assert main(["demo", "--out", str(tmp_path / "out"), "--sections", "vision", "draw_steps=800"]) == 2
+    assert "demo knob 'draw_steps' is not one of the sections' knobs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

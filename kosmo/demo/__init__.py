@@ -18,11 +18,13 @@ import torch
 
 from kosmo import checkpoint, hardware
 from kosmo.data.world import World, write_world
+from kosmo.errors import KosmoError
 
 SECTIONS = ("vision", "audio", "draw", "flamingo", "align")
 
-# "default" runs every section in under 15 minutes on 2 CPU cores, each headline clearly above its
-# baseline; "full" is the longer recipe whose figures the docs give; "quick" is the tests' smoke run.
+# "default" is the shortest budget measured to bring every section's headline clearly above its baseline
+# (23 minutes on 2 CPU cores, docs/performance.md); "full" is the longer recipe whose figures the docs
+# give; "quick" is the tests' smoke run.
 BUDGET_NAMES = ("default", "full", "quick")
 
 # Knobs every section shares.
@@ -94,7 +96,7 @@ def run_demo(out: str | Path, budget: str = "default", recipe: dict | None = Non
     b = dict(BUDGETS[budget])
     for name in sections:
         b.update(section(name).BUDGETS[budget])
-    b.update(recipe or {})
+    b.update(checked_recipe(recipe or {}, b))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -119,6 +121,26 @@ def run_demo(out: str | Path, budget: str = "default", recipe: dict | None = Non
     (out / "report.md").write_text(render_markdown(demo.report))
     print((out / "report.md").read_text())
     return demo.report
+
+
+def checked_recipe(recipe: dict, knobs: dict) -> dict:
+    """`recipe` (knob -> value, as `kosmo demo KNOB=VALUE` parses them) checked against the budget's knobs:
+    each must exist in the sections being run and keep its kind."""
+    out = {}
+    for key, value in recipe.items():
+        if key not in knobs:
+            raise KosmoError(f"demo knob {key!r} is not one of the sections' knobs ({', '.join(sorted(knobs))})")
+        default = knobs[key]
+        if isinstance(default, tuple) and isinstance(value, list | tuple):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            kind = {int: "a whole number", float: "a number", bool: "true or false", tuple: "a list"}.get(
+                type(default), "a word")
+            raise KosmoError(f"demo knob {key}={value!r}: expected {kind}, like {default!r}")
+        out[key] = value
+    return out
 
 
 def _where(h: dict) -> str:
