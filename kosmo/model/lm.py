@@ -1,7 +1,8 @@
 """A decoder-only transformer of the Llama family, in plain PyTorch.
 
-RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention through
-`scaled_dot_product_attention`, optional tied embeddings and a preallocated KV cache. The weights
+RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention (through
+`scaled_dot_product_attention`, or on CPU in bf16 over short sequences two matmuls around a softmax:
+see `attention`), optional tied embeddings and a preallocated KV cache. The weights
 map 1:1 onto transformers' `LlamaForCausalLM` (see `kosmo.interop.hf_llama`); q/k/v and gate/up are
 stored fused because one wide matmul beats three narrow ones, on CPU above all.
 """
