@@ -199,10 +199,10 @@ def attention(q, k, v, mask):
     """Causal attention of q (B, H, T, d) over k and v (B, H_kv, T, d), under `mask` (B|1, 1, T, T) bool
     or, when it is None, causally.
 
-    On CPU in bf16, short sequences take `matmul_attention`: there the flash kernel's backward costs about
-    twice as much as the two bf16 matmuls and the softmax that autograd differentiates, and the (T, T)
-    scores are small. fp32 matmuls are slower than the flash kernel's blocked loops, and GPUs have
-    better kernels, so everything else takes `scaled_dot_product_attention`.
+    On CPU in bf16, short sequences take `matmul_attention`: there the flash kernel's forward and backward
+    take about twice as long as two bf16 matmuls and a softmax that autograd differentiates, and the
+    (T, T) scores are small. In fp32 the flash kernel is the faster, and GPUs have better kernels, so
+    everything else takes `scaled_dot_product_attention`.
     """
     T = q.shape[2]
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and 1 < T <= MATMUL_ATTENTION_MAX_LEN:
