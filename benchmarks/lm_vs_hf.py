@@ -8,8 +8,11 @@ weights, under bf16 autocast when bf16) and greedy decode tokens/s at batch 1 an
 held in the benchmark's dtype), kosmo eager and compiled (`generate_ids(compile=True)`), with
 kosmo/transformers ratios. --compile adds kosmo trained as `train.compile=true` runs it (the whole
 forward compiled) against transformers eager, as its Trainer runs by default, and against
-transformers compiled the same way; and what the compilation costs in steps. Runs alternate between
-the contenders so machine noise hits all alike; the median of the repeats is reported.
+transformers compiled the same way; and what the compilation costs in steps. Each contender's training
+MFU is printed as the trainer logs it: three times the forward's FLOPs a token (counted by torch on
+kosmo's model; transformers' does the same work) at its tokens/s, over the matmul peak measured on this
+machine. Runs alternate between the contenders so machine noise hits all alike; the median of the
+repeats is reported.
 
 Batch-1 decode streams every weight but the embedding table once per token, so it is reported beside
 its bandwidth floor on this machine: those bytes over the copy bandwidth measured here (STREAM's
@@ -34,6 +37,7 @@ import time
 
 import torch
 import transformers
+from torch.utils import flop_counter
 
 from kosmo import hardware
 from kosmo.generate import Sampling, generate_ids
@@ -57,6 +61,21 @@ def train_step_fn(model, opt, ids, hf: bool, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def flops_per_token(model, ids, dtype) -> float:
+    """What the trainer's MFU counts a target token as: three times the forward's FLOPs (PaLM's convention)."""
+    batch = {"input": ids[:, :-1], "labels": ids[:, 1:]}
+    with flop_counter.FlopCounterMode(display=False) as counter, torch.no_grad(), \
+            torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        lm_loss(model, batch)
+    return 3 * counter.get_total_flops() / batch["labels"].numel()
+
+
+def print_mfu(train: dict, per_token: float, peak: float, precision: str):
+    """Each contender's MFU as the trainer logs it: the model's FLOPs at its tokens/s over the matmul peak."""
+    print(f"MFU ({per_token / 1e6:.0f} MFLOP a token, over the {precision} matmul peak measured here, "
+          f"{peak / 1e9:,.0f} GFLOP/s): " + ", ".join(f"{k} {v * per_token / peak:.1%}" for k, v in train.items()))
 
 
 def copy_bandwidth(dtype, device: torch.device, mib: int = 256, repeats: int = 5) -> float:
@@ -185,8 +204,10 @@ def main():
         rows += [("training tokens/s, kosmo with train.compile", train["kosmo, train.compile"], train["transformers"]),
                  ("training tokens/s, both compiled", train["kosmo, train.compile"],
                   train["transformers, torch.compile"])]
+    mfu = (train, flops_per_token(ours, ids, dtype), hardware.matmul_peak(device, precision), precision)
     if args.train_only:
         report(args, precision, device, rows)
+        print_mfu(*mfu)
         print_compile_cost(args, first_step, train_times)
         return
 
@@ -222,12 +243,14 @@ def main():
                  (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
                   decode[batch]["transformers"])]
     report(args, precision, device, rows, f"decode {prompt_len}+{args.new_tokens} tokens, ")
+    print_mfu(*mfu)
     print_compile_cost(args, first_step, train_times)
     per_token = {k: 1e3 / v for k, v in decode[1].items()}
     print(f"batch-1 decode floor: {streamed_bytes(ours, dtype) / 1e6:.1f} MB of weights a token at "
           f"{bandwidth / 1e9:.1f} GB/s copy bandwidth = {floor_s * 1e3:.2f} ms a token; measured "
           + ", ".join(f"{k} {ms:.2f} ms ({ms / (floor_s * 1e3):.1f}x the floor)" for k, ms in per_token.items()))
     print(json.dumps({"precision": precision, "train_ratio": round(train["kosmo"] / train["transformers"], 3),
+                      "train_mfu": round(train["kosmo"] * mfu[1] / mfu[2], 4),
                       "decode_b1_ratio": round(decode[1]["kosmo"] / decode[1]["transformers"], 3),
                       "decode_b8_ratio": round(decode[8]["kosmo"] / decode[8]["transformers"], 3),
                       "decode_b1_compiled_ratio": round(decode[1]["kosmo, compiled"] / decode[1]["transformers"], 3),

@@ -140,3 +140,29 @@ def test_init_run_is_fine_tuned_at_length_with_yarn_from_model_overrides(overrid
     assert config["model"]["rope_scaling"] == {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32}
     assert long.cfg.max_seq_len == 128 and long.rope_cos.shape[0] == 128
     assert long.rope_cos[0, 0] == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed_documents"])
+def test_matmul_attention_and_its_gradients_equal_sdpa(packed):
+    from kosmo.model.lm import attention, matmul_attention, segment_mask
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 40, 16, generator=g, requires_grad=True) for h in (6, 2, 2))
+    segments = torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
+    mask = segment_mask(segments) if packed else None
+    d_out = torch.randn(2, 6, 40, 16, generator=g)
+
+    def out_and_grads(fn, *qkv):
+        out = fn(*qkv, mask)
+        return (out, *torch.autograd.grad(out, qkv, d_out.to(out.dtype)))
+
+    sdpa = out_and_grads(lambda q, k, v, mask: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True), q, k, v)
+    for got, want in zip(out_and_grads(matmul_attention, q, k, v), sdpa):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # in bf16 (the path `attention` takes on CPU) it stays as close to fp32 as the bf16 flash kernel does
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    flash = out_and_grads(lambda q, k, v, mask: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True), *low)
+    for got, bf16_flash, want in zip(out_and_grads(attention, *low), flash, sdpa):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() <= 3 * (bf16_flash.float() - want).abs().max()

@@ -44,15 +44,14 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int,
         dw = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else weight.new_empty(0)
         for s in range(0, h.shape[0], chunk):
             x, y = h[s:s + chunk].to(dtype), labels[s:s + chunk]
-            logits = (x @ w.T).float()
-            lse = logits.logsumexp(-1)
+            log_probs = (x @ w.T).float().log_softmax(-1)
             kept = y != IGNORE
             target = y.clamp(min=0)[:, None]
-            loss += torch.where(kept, lse - logits.gather(1, target)[:, 0], 0).sum()
+            loss -= (log_probs.gather(1, target)[:, 0] * kept).sum()
             if not (grad_h or grad_weight):
                 continue
-            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; built in the logits' memory
-            d = logits.sub_(lse[:, None]).exp_()
+            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; built in the same memory
+            d = log_probs.exp_()
             d.scatter_add_(1, target, torch.full_like(target, -1, dtype=d.dtype))
             d = d.mul_(kept[:, None]).to(dtype)
             if grad_h:

@@ -1,7 +1,8 @@
 """A decoder-only transformer of the Llama family, in plain PyTorch.
 
-RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention through
-`scaled_dot_product_attention`, optional tied embeddings and a preallocated KV cache. The weights
+RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention (through
+`scaled_dot_product_attention`, or on CPU in bf16 over short sequences two matmuls around a softmax:
+see `attention`), optional tied embeddings and a preallocated KV cache. The weights
 map 1:1 onto transformers' `LlamaForCausalLM` (see `kosmo.interop.hf_llama`); q/k/v and gate/up are
 stored fused because one wide matmul beats three narrow ones, on CPU above all.
 """
@@ -175,8 +176,7 @@ class Attention(nn.Module):
         if cache is not None:
             y = cache.attend(layer, q, k, v)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            y = attention(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def smear_with_cache(self, k, cache: KVCache, layer: int):
@@ -189,6 +189,44 @@ class Attention(nn.Module):
         fed = (n_new > 0).view(-1, 1, 1, 1)
         cache.last_k[layer] = torch.where(fed, k.gather(2, last).to(cache.last_k.dtype), cache.last_k[layer])
         return out
+
+
+# The longest sequence whose bf16 attention runs on CPU as two matmuls around a softmax (`matmul_attention`).
+MATMUL_ATTENTION_MAX_LEN = 512
+
+
+def attention(q, k, v, mask):
+    """Causal attention of q (B, H, T, d) over k and v (B, H_kv, T, d), under `mask` (B|1, 1, T, T) bool
+    or, when it is None, causally.
+
+    On CPU in bf16, short sequences take `matmul_attention`: there the flash kernel's forward and backward
+    take about twice as long as two bf16 matmuls and a softmax that autograd differentiates, and the
+    (T, T) scores are small. In fp32 the flash kernel is the faster, and GPUs have better kernels, so
+    everything else takes `scaled_dot_product_attention`.
+    """
+    T = q.shape[2]
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and 1 < T <= MATMUL_ATTENTION_MAX_LEN:
+        return matmul_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def matmul_attention(q, k, v, mask):
+    """`attention` as softmax(q k^T / sqrt(d)) v, with the probabilities in q's dtype (fp32 sums inside
+    the softmax), as transformers' eager attention keeps them. Each key/value head attends for its
+    group of query heads in one matmul, so k and v are never repeated."""
+    B, H, T, d = q.shape
+    kv = k.shape[1]
+    group = H // kv
+    q = (q * d**-0.5).reshape(B, kv, group * T, d)
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        mask = mask.unsqueeze(1)  # (B|1, 1, 1, T, T), over the key/value heads and their groups
+    # an added bias rather than masked_fill: the sum's backward passes the gradient on without a copy
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    scores = (q @ k.transpose(-1, -2)).view(B, kv, group, T, T) + bias
+    return (scores.softmax(-1).view(B, kv, group * T, T) @ v).view(B, H, T, d)
 
 
 class SwiGLU(nn.Module):
