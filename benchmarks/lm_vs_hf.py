@@ -21,6 +21,7 @@ the caches).
 
     .venv/bin/python benchmarks/lm_vs_hf.py                         # the table in docs/performance.md
     .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile  # training, eager and compiled
+    .venv/bin/python benchmarks/lm_vs_hf.py --decode-only --rounds 3  # decode only, beside its floor
     .venv/bin/python benchmarks/lm_vs_hf.py --quick                 # a fast smoke run
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_vs_hf.py --train-only --compile --cpu-time  # a busy host
     .venv/bin/python benchmarks/lm_vs_hf.py --device cuda          # both on the GPU
@@ -155,6 +156,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time kosmo training with train.compile")
     ap.add_argument("--train-only", action="store_true", help="time training only, not decode")
+    ap.add_argument("--decode-only", action="store_true", help="time decode only, not training")
     ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (a shared host)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -188,7 +190,7 @@ def main():
         theirs_compiled.compile()
         contenders += [("kosmo, train.compile", compiled, False),
                        ("transformers, torch.compile", theirs_compiled, True)]
-    for name, model, hf in contenders:
+    for name, model, hf in [] if args.decode_only else contenders:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both trainers' default
         steps[name] = train_step_fn(model, opt, ids, hf, dtype)
@@ -199,12 +201,13 @@ def main():
             train_times[name].append(timed(fn, 2))
     tokens = args.batch * args.seq
     train = {k: tokens / statistics.median(v) for k, v in train_times.items()}
-    rows = [("training tokens/s", train["kosmo"], train["transformers"])]
-    if args.compile:
+    rows = [] if args.decode_only else [("training tokens/s", train["kosmo"], train["transformers"])]
+    if args.compile and not args.decode_only:
         rows += [("training tokens/s, kosmo with train.compile", train["kosmo, train.compile"], train["transformers"]),
                  ("training tokens/s, both compiled", train["kosmo, train.compile"],
                   train["transformers, torch.compile"])]
-    mfu = (train, flops_per_token(ours, ids, dtype), hardware.matmul_peak(device, precision), precision)
+    mfu = None if args.decode_only else \
+        (train, flops_per_token(ours, ids, dtype), hardware.matmul_peak(device, precision), precision)
     if args.train_only:
         report(args, precision, device, rows)
         print_mfu(*mfu)
@@ -215,7 +218,7 @@ def main():
     ours = copy.deepcopy(ours).to(dtype).eval()
     theirs = theirs.to(dtype).eval()
     prompt_len = 32
-    decode = {}
+    decode, compile_s = {}, {}
     for batch in (1, 8):
         prompts = ids[:batch, :prompt_len]
         n = args.new_tokens
@@ -228,7 +231,8 @@ def main():
                 theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        run_ours(), run_ours(compile=True), run_theirs()  # warm-up, and the compilation
+        run_ours(), run_theirs()  # warm-up
+        compile_s[batch] = timed(lambda: run_ours(compile=True), 1)
         times = {"kosmo": [], "kosmo, compiled": [], "transformers": []}
         for _ in range(args.rounds):
             times["kosmo"].append(timed(run_ours, 1))
@@ -243,14 +247,17 @@ def main():
                  (f"decode tokens/s, batch {batch}, kosmo compiled", decode[batch]["kosmo, compiled"],
                   decode[batch]["transformers"])]
     report(args, precision, device, rows, f"decode {prompt_len}+{args.new_tokens} tokens, ")
-    print_mfu(*mfu)
+    if mfu:
+        print_mfu(*mfu)
     print_compile_cost(args, first_step, train_times)
     per_token = {k: 1e3 / v for k, v in decode[1].items()}
     print(f"batch-1 decode floor: {streamed_bytes(ours, dtype) / 1e6:.1f} MB of weights a token at "
           f"{bandwidth / 1e9:.1f} GB/s copy bandwidth = {floor_s * 1e3:.2f} ms a token; measured "
           + ", ".join(f"{k} {ms:.2f} ms ({ms / (floor_s * 1e3):.1f}x the floor)" for k, ms in per_token.items()))
-    print(json.dumps({"precision": precision, "train_ratio": round(train["kosmo"] / train["transformers"], 3),
-                      "train_mfu": round(train["kosmo"] * mfu[1] / mfu[2], 4),
+    print(f"compiling kosmo's decode step took {compile_s[1]:.0f} s at batch 1 and {compile_s[8]:.0f} s at batch 8")
+    trained = {} if args.decode_only else {"train_ratio": round(train["kosmo"] / train["transformers"], 3),
+                                           "train_mfu": round(train["kosmo"] * mfu[1] / mfu[2], 4)}
+    print(json.dumps({"precision": precision, **trained,
                       "decode_b1_ratio": round(decode[1]["kosmo"] / decode[1]["transformers"], 3),
                       "decode_b8_ratio": round(decode[8]["kosmo"] / decode[8]["transformers"], 3),
                       "decode_b1_compiled_ratio": round(decode[1]["kosmo, compiled"] / decode[1]["transformers"], 3),

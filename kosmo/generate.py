@@ -58,7 +58,10 @@ def _never_written(device: torch.device) -> torch.Tensor:
 
 def next_tokens(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits: greedy at temperature 0, else sampled after `filter_logits`."""
-    logits = logits.index_fill(-1, _never_written(logits.device), float("-inf"))
+    # a compiled step (`decode_greedy`) takes the ids as a constant of its graph
+    ids = torch.tensor(NEVER_WRITTEN, device=logits.device) if torch.compiler.is_compiling() else \
+        _never_written(logits.device)
+    logits = logits.index_fill(-1, ids, float("-inf"))
     if s.temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, s).softmax(-1)
@@ -113,17 +116,44 @@ def prefill(model: CausalLM, idx: torch.Tensor, lengths: torch.Tensor, cache, im
 
 
 def decode_logits(model: CausalLM, cache, tok: torch.Tensor) -> torch.Tensor:
-    return model.decode_step(tok, cache)
+    """The (B, V) logits of the text vocabulary after feeding tok (B,), one token to each row of the cache."""
+    return model.decode_step(tok, cache)[:, :model.text_vocab]
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def decode_greedy(model: CausalLM, cache, tok: torch.Tensor) -> torch.Tensor:
+    """The (B,) greedy next tokens after feeding tok: compiled, the step and its choice are one graph, and
+    only the chosen tokens come back to the host."""
+    return next_tokens(decode_logits(model, cache, tok), GREEDY, None)
 
 
 @functools.cache
-def compiled_decode():
-    """`decode_logits` under `torch.compile`: over a static cache (`KVCache(static=True)`) a decode
-    step has fixed shapes and reads nothing back to the host, so each model and cache shape compiles
-    once into one graph, with its elementwise work fused and no Python run per layer. Inductor's
-    freezing takes the weights as constants (on a CPU, prepacked for oneDNN), so it is for inference:
-    a model whose weights then change must be compiled again (`torch._dynamo.reset()`)."""
-    return torch.compile(decode_logits, dynamic=False, options={"freezing": True})
+def compiled(decode, device_type: str):
+    """A decode step (`decode_logits`, `decode_greedy`) under `torch.compile`: over a static cache
+    (`KVCache(static=True)`) it has fixed shapes and reads nothing back to the host, so each model and
+    cache shape compiles once into one graph, with its elementwise work fused and no Python run per
+    layer. Inductor's freezing takes the weights as constants, so it is for inference: a model whose
+    weights then change must be compiled again (`torch._dynamo.reset()`).
+
+    On a CPU a step at batch 1 is matrix-vector products, one pass over every weight. Inductor's C++
+    GEMM templates run them over weights it packs once, when freezing, with vector micro-kernels; at
+    these shapes they beat oneDNN's (`mkldnn._linear_pointwise`) severalfold. `max_autotune` times
+    both for every shape while compiling and keeps the faster."""
+    import torch._inductor.config
+
+    options = {"freezing": True}
+    if device_type == "cpu":
+        options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    step = torch.compile(decode, dynamic=False, options=options)
+
+    def frozen_step(model: CausalLM, cache, tok: torch.Tensor) -> torch.Tensor:
+        # Dynamo reads the global flag while tracing to lift the weights as constants; `options` reach
+        # only Inductor, so without this the weights would stay graph inputs and nothing would freeze.
+        with torch._inductor.config.patch(freezing=True):
+            return step(model, cache, tok)
+    return frozen_step
 
 
 # A compiled decode's cache room is rounded up to this, so prompts of nearby lengths share one graph.
@@ -138,7 +168,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
     """The decode loop for any `CausalLM`. `images` go with the prompts' image markers in order, and
     `audio` (a `kosmo.data.audio.Clips` batch) with their audio markers. `prefill_chunk`: with the
     cache, prompts longer than this go in as chunks of it (`prefill`). `compile`: decode steps run as
-    one compiled graph over a static cache (`compiled_decode`); the first call per model and shape
+    one compiled graph over a static cache (`compiled`); the first call per model and shape
     pays for the compilation, and the logits agree with the eager ones to rounding.
 
     Prompts of different lengths are right-padded and prefilled together; each row of the cache then
@@ -158,7 +188,11 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         room = COMPILED_ROOM * -(-room // COMPILED_ROOM)
     cache = model.new_cache(B, room, cache_dtype or next(model.parameters()).dtype, device, max_images,
                             static=compile) if use_cache else None
-    decode = compiled_decode() if compile and use_cache else decode_logits
+    # greedy decoding over a cache chooses inside the step, so only the tokens come back each step
+    greedy = cache is not None and s.temperature <= 0 and not return_logits
+    decode = decode_greedy if greedy else decode_logits
+    if compile and cache is not None:
+        decode = compiled(decode, device.type)
 
     def step(rows: list[list[int]]) -> torch.Tensor:
         """(B, V) logits after each row's last token, the rows right-padded: the prompts into the cache,
@@ -169,37 +203,46 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
         last = torch.arange(idx.shape[1], device=device) == (lengths - 1)[:, None]
         return model(idx, images, audio, cache=cache, n_new=lengths, logits_at=last)[:, :text_vocab]
 
-    text_vocab = model.text_vocab
-    gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
-    stop = torch.tensor(list(stop_ids), device=device)
-    out: list[list[int]] = [[] for _ in range(B)]
-    fed: list[list[int]] = [[] for _ in range(B)]  # without a cache: every token after the prompt, padding included
-    reasons = ["length"] * B
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    step_logits = []
-    logits = step(prompts)
-    for n in range(s.max_new_tokens):
-        if return_logits:
-            step_logits.append(logits.float())
-        tok = next_tokens(logits, s, gen)
-        hit = torch.isin(tok, stop) & ~done
-        for i in (~done & ~hit).nonzero().flatten().tolist():
-            out[i].append(int(tok[i]))
-            if should_stop is not None and should_stop(i, out[i]):
-                hit[i] = True
-        for i in hit.nonzero().flatten().tolist():
-            reasons[i] = "stop"
-        done |= hit
-        if bool(done.all()) or n == s.max_new_tokens - 1:
-            break
-        # rows already done keep decoding padding so the batch stays rectangular
-        tok = tok.masked_fill(done, PAD)
-        if cache is not None:
-            logits = decode(model, cache, tok)[:, :text_vocab]
-        else:
+    def advance(tok: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Feeds tok (B,): the logits after it (None when the greedy step chose without returning them)
+        and the next tokens."""
+        if cache is None:
             for row, t in zip(fed, tok.tolist()):
                 row.append(t)
             logits = step([p + f for p, f in zip(prompts, fed)])
+        elif greedy:
+            return None, decode(model, cache, tok)
+        else:
+            logits = decode(model, cache, tok)
+        return logits, next_tokens(logits, s, gen)
+
+    text_vocab = model.text_vocab
+    gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+    stops = set(stop_ids)
+    out: list[list[int]] = [[] for _ in range(B)]
+    fed: list[list[int]] = [[] for _ in range(B)]  # without a cache: every token after the prompt, padding included
+    reasons = ["length"] * B
+    done = [False] * B
+    step_logits = []
+    logits = step(prompts)
+    tok = next_tokens(logits, s, gen)
+    for n in range(s.max_new_tokens):
+        if return_logits:
+            step_logits.append(logits.float())
+        for i, t in enumerate(tok.tolist()):  # the one read back to the host a step
+            if done[i]:
+                continue
+            if t in stops:
+                done[i], reasons[i] = True, "stop"
+                continue
+            out[i].append(t)
+            if should_stop is not None and should_stop(i, out[i]):
+                done[i], reasons[i] = True, "stop"
+        if all(done) or n == s.max_new_tokens - 1:
+            break
+        if any(done):  # rows already done keep decoding padding so the batch stays rectangular
+            tok = tok.masked_fill(torch.tensor(done, device=device), PAD)
+        logits, tok = advance(tok)
     return (out, reasons, step_logits) if return_logits else (out, reasons)
 
 

@@ -112,22 +112,25 @@ def test_a_static_cache_gives_the_dynamic_caches_logits_bit_for_bit(model):
         assert torch.equal(x, y)
 
 
-def test_a_decode_step_over_a_static_cache_is_one_graph_that_never_recompiles(model):
-    """What `generate_ids(compile=True)` relies on: no graph break and no host sync inside a decode step, and
-    the same graph at every length (checked with the eager backend, which traces as inductor does)."""
+@pytest.mark.parametrize("step_name", ["decode_logits", "decode_greedy"])
+def test_a_decode_step_over_a_static_cache_is_one_graph_that_never_recompiles(model, step_name):
+    """What `generate_ids(compile=True)` relies on: no graph break and no host sync inside a decode step (the
+    greedy one choosing its tokens too), and the same graph at every length (checked with the eager backend,
+    which traces as inductor does)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    from kosmo.generate import decode_logits, prefill, right_pad
+    import kosmo.generate as g
     torch._dynamo.reset()
     counter = CompileCounter()
-    step = torch.compile(decode_logits, backend=counter, fullgraph=True, dynamic=False)
+    step = torch.compile(getattr(g, step_name), backend=counter, fullgraph=True, dynamic=False)
     cache = model.new_cache(len(PROMPTS), 64, static=True)
-    idx, lengths = right_pad(PROMPTS, "cpu")
+    idx, lengths = g.right_pad(PROMPTS, "cpu")
     with torch.no_grad():
-        tok = prefill(model, idx, lengths, cache).argmax(-1)
+        tok = g.prefill(model, idx, lengths, cache).argmax(-1)
         for _ in range(6):
-            tok = step(model, cache, tok).argmax(-1)
+            out = step(model, cache, tok)
+            tok = out if step_name == "decode_greedy" else out.argmax(-1)
     assert counter.frame_count == 1 and counter.op_count > 0
     assert cache.lengths.tolist() == [len(p) + 6 for p in PROMPTS]
 
@@ -140,3 +143,18 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     assert compiled == eager
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_freezes_the_weights():
+    """The compiled step takes the weights as constants (what lets Inductor pack them for its GEMM templates):
+    a weight changed after compiling leaves its tokens as they were, and the eager ones move."""
+    torch.manual_seed(0)
+    model = LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                        init_std=0.1)).eval()
+    s = Sampling(max_new_tokens=8)
+    before, _ = generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)
+    with torch.no_grad():
+        model.lm_head.weight.neg_()
+    assert generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)[0] == before
+    assert generate_ids(model, PROMPTS, s, stop_ids=())[0] != before

@@ -35,7 +35,7 @@ class KVCache:
         static: every decode step (a forward of one token a row) attends over all rows and the whole
         room, each row masked to its own keys, so its shapes never change and it reads no tensor's value
         on the host: what `torch.compile` needs to capture a decode step as one graph
-        (`kosmo.generate.compiled_decode`). The caller keeps within `max_len`, which such a step cannot
+        (`kosmo.generate.compiled`). The caller keeps within `max_len`, which such a step cannot
         check without a host sync. Prefills run as in a dynamic cache."""
         self.max_len = max_len
         self.static = static
