@@ -141,20 +141,8 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     eager, _, la = generate_ids(model, PROMPTS, s, stop_ids=(), return_logits=True)
     compiled, _, lb = generate_ids(model, PROMPTS, s, stop_ids=(), return_logits=True, compile=True)
     assert compiled == eager
+    # without logits asked for, the compiled step chooses the greedy tokens itself
+    assert generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)[0] == eager
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
-
-@pytest.mark.slow
-def test_compiled_decoding_freezes_the_weights():
-    """The compiled step takes the weights as constants (what lets Inductor pack them for its GEMM templates):
-    a weight changed after compiling leaves its tokens as they were, and the eager ones move."""
-    torch.manual_seed(0)
-    model = LM(LMConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                        init_std=0.1)).eval()
-    s = Sampling(max_new_tokens=8)
-    before, _ = generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)
-    with torch.no_grad():
-        model.lm_head.weight.neg_()
-    assert generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)[0] == before
-    assert generate_ids(model, PROMPTS, s, stop_ids=())[0] != before
