@@ -50,6 +50,11 @@ step "reading: SFT on the reading questions alone, the encoder learning too (fre
 $KOSMO train sft --init "$R/mllm" --data "$D/signs_vqa.jsonl" --out "$R/sft" "${COMMON[@]}" freeze=all seq_len=80 \
     train.max_steps=2500 train.batch_size=32 train.lr=5e-4 train.warmup_steps=20 train.eval_every=0 >/dev/null
 
-step "evaluation: held-out pictures, beside blind"
-$KOSMO eval vqa --model "$R/sft" --data "$D/val_signs_vqa.jsonl" | tail -1 | tee "$OUT/reading.json"
+step "reading, round 2: 3000 more SFT steps from there (a fresh warmup and cosine)"
+$KOSMO train sft --init "$R/sft" --data "$D/signs_vqa.jsonl" --out "$R/sft2" "${COMMON[@]}" freeze=all seq_len=80 \
+    train.max_steps=3000 train.batch_size=32 train.lr=5e-4 train.warmup_steps=20 train.eval_every=0 >/dev/null
+
+step "evaluation: held-out pictures, beside blind, after each round"
+$KOSMO eval vqa --model "$R/sft" --data "$D/val_signs_vqa.jsonl" | tail -1 | tee "$OUT/reading_round1.json"
+$KOSMO eval vqa --model "$R/sft2" --data "$D/val_signs_vqa.jsonl" | tail -1 | tee "$OUT/reading.json"
 step "done"
