@@ -6,8 +6,8 @@
 Encodes 3,000 training and 600 held-out signs of seed 0 (at the encoder's picture size, a character to each
 patch), takes the feature of each character's cell at `--layer` (transformers' hidden_states numbering, as
 `feature_layer`), fits a linear classifier over the 32 characters on the training cells and prints its
-accuracy on the held-out cells, whose numbers training never shows. It tells an encoder that cannot see the glyphs from an LM that does
-not use what the encoder sees (docs/reading.md).
+accuracy on the held-out cells, whose numbers training never shows. It tells an encoder that cannot see the
+glyphs from an LM that does not use what the encoder sees (docs/reading.md).
 """
 from __future__ import annotations
 
