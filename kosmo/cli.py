@@ -35,7 +35,7 @@ def cmd_world(args):
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
     if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
         raise KosmoError(f"--mockup-size must be at least 64, got {args.mockup_size}")
-    world = World(WorldConfig(seed=args.seed, image_size=args.image_size))
+    world = World(WorldConfig(seed=args.seed, image_size=args.image_size, sign_digits=args.sign_digits))
     if args.signs:
         world.render_sign(world.sign(0))  # too small a picture or a missing font, also before the pictures
     paths = write_world(args.out, args.n, seed=args.seed, image_size=args.image_size)
@@ -426,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
                         "least 30, with numbers training never shows) as captions and reading questions "
                         "(signs.jsonl, signs_vqa.jsonl and their val_ files); needs --image-size 40 or more and "
                         "fonts-dejavu-core")
+    w.add_argument("--sign-digits", type=int, default=2, metavar="D",
+                   help="with --signs, training labels and prices show numbers of 2 to D digits (D up to 4, a "
+                        "price's up to 3), none holding a held-out number; held-out ones keep two")
     w.add_argument("--reasoning", type=int, default=0, metavar="N",
                    help="also N counting questions with direct and worked answers (reasoning_direct.jsonl, "
                         "reasoning_worked.jsonl, reasoning_chat.jsonl) and N/20 held out in and N/20 out of "

@@ -3,11 +3,11 @@
     python research/reading_probe.py /tmp/reading/runs/clip            # after research/reading.sh
     python research/reading_probe.py /tmp/reading/runs/sft --layer 0   # any run with an encoder; 0: patch embeddings
 
-Encodes 3,000 training and 600 held-out signs of seed 0 (48 px, a character to each 12 px cell), takes the
-feature of each character's cell at `--layer` (transformers' hidden_states numbering, as `feature_layer`),
-fits a linear classifier over the 32 characters on the training cells and prints its accuracy on the held-out
-cells, whose numbers training never shows. It tells an encoder that cannot see the glyphs from an LM that does
-not use what the encoder sees (docs/reading.md).
+Encodes 3,000 training and 600 held-out signs of seed 0 (at the encoder's picture size, a character to each
+patch), takes the feature of each character's cell at `--layer` (transformers' hidden_states numbering, as
+`feature_layer`), fits a linear classifier over the 32 characters on the training cells and prints its
+accuracy on the held-out cells, whose numbers training never shows. It tells an encoder that cannot see the
+glyphs from an LM that does not use what the encoder sees (docs/reading.md).
 """
 from __future__ import annotations
 
@@ -39,13 +39,16 @@ def cells(vision, world: World, split: str, n: int, layer: int) -> tuple[torch.T
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", help="a CLIP run or a multimodal run, on 48 px pictures in 12 px patches")
+    p.add_argument("run", help="a CLIP run or a multimodal run whose patches are a quarter of the picture's side")
     p.add_argument("--layer", type=int, default=-2)
     args = p.parse_args()
     torch.manual_seed(0)
     model, _, _ = load_run(args.run)
     vision = model.vision.eval().float()
-    world = World(seed=0, image_size=48)
+    size, patch = vision.cfg.image_size, vision.cfg.patch_size
+    if size != GRID * patch:
+        p.error(f"the encoder's {patch} px patches are not a quarter of its {size} px pictures")
+    world = World(seed=0, image_size=size)
     x_train, c_train = cells(vision, world, "train", 3000, args.layer)
     x_val, c_val = cells(vision, world, "val", 600, args.layer)
     alphabet = {c: i for i, c in enumerate(sorted(set(c_train) | set(c_val)))}

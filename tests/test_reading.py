@@ -61,6 +61,20 @@ def test_heldout_numbers_never_appear_in_training_and_every_digit_does(world):
     assert {world.sign(i).text for i in range(0, 300, 3)} <= set(WORDS)
 
 
+def test_longer_training_numbers_never_hold_a_heldout_one():
+    world = World(seed=0, image_size=48, sign_digits=4)
+    train = [s.text.lstrip("$") for s in map(world.sign, range(1500)) if s.kind != "word"]
+    assert {len(n) for n in train} == {2, 3, 4} and len(set(train)) > 500  # too many to learn as wholes
+    assert not any(n[i:i + 2] in world.heldout_numbers for n in train for i in range(len(n) - 1))
+    prices = [s for s in map(world.sign, range(2, 1500, 3))]
+    assert max(len(s.text) for s in prices) == signs_module.GRID and all(s.text[1] != "0" for s in prices)
+    # held-out pictures are those of the default world: the option changes training alone
+    default = World(seed=0, image_size=48)
+    assert [world.sign(i, "val") for i in range(30)] == [default.sign(i, "val") for i in range(30)]
+    with pytest.raises(KosmoError, match="sign_digits must be 2 to 4"):
+        World(seed=0, image_size=48, sign_digits=5)
+
+
 def test_files_agree_with_the_rendered_text(world, tmp_path):
     paths = write_signs(world, tmp_path, n=12, val=6)
     for key, split in (("signs", "train"), ("val_signs", "val")):

@@ -44,6 +44,7 @@ class WorldConfig:
     min_objects: int = 1
     max_objects: int = 3
     noise: float = 0.0  # std of per-pixel Gaussian noise; 0 keeps colours exact, which tests and easy learning rely on
+    sign_digits: int = 2  # the longest number a training sign shows (2 to 4); held-out numbers have two digits
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ harder task than a small ViT learns in CPU minutes (docs/reading.md).
 Reading is measured on text the training split never shows: a seeded fifth of the two-digit numbers (every
 digit still seen in every place) is kept out of training, and every other split writes only those, as numbers
 and prices. Words come from a closed list, so on held-out pictures a word is a new rendering of a known word.
+
+With `sign_digits` above 2, training labels and prices also show longer numbers (up to 4 digits, a price up to
+3), none holding a held-out number inside it. There are thousands of them, too many to learn as wholes, so a
+model that answers them has to read them a digit at a time, the skill a held-out number needs.
 """
 from __future__ import annotations
 
@@ -74,6 +78,8 @@ class Signs(Scenes):
         shifts = rng.permutation(10)[:2]
         self.heldout_numbers = frozenset(f"{t}{(t + s) % 10}" for t in range(1, 10) for s in shifts)
         self.seen_numbers = tuple(n for n in NUMBERS if n not in self.heldout_numbers)
+        if not 2 <= self.config.sign_digits <= GRID:
+            raise KosmoError(f"signs: sign_digits must be 2 to {GRID}, got {self.config.sign_digits}")
 
     def _cell(self) -> int:
         size = self.config.image_size
@@ -86,13 +92,29 @@ class Signs(Scenes):
         cell = self._cell()
         kind = SIGN_KINDS[int(index) % len(SIGN_KINDS)]
         rng = self._rng("sign", split, index)
-        numbers = self.seen_numbers if split == "train" else sorted(self.heldout_numbers)
-        text = pick(rng, WORDS) if kind == "word" else ("$" if kind == "price" else "") + pick(rng, numbers)
+        if kind == "word":
+            text = pick(rng, WORDS)
+        elif split == "train":
+            text = ("$" if kind == "price" else "") + self._training_number(rng, GRID - (kind == "price"))
+        else:
+            text = ("$" if kind == "price" else "") + pick(rng, sorted(self.heldout_numbers))
         row, col = int(rng.integers(GRID)), int(rng.integers(GRID - len(text) + 1))
         shift = tuple(int(v) for v in rng.integers(-(cell // 12), cell // 12 + 1, size=2))
         font_size = int(rng.integers(cell * 11 // 12, cell * 13 // 12 + 1))  # 11-13 px in a 12-pixel cell
         return Sign(kind, text, pick(rng, list(PLATES)), background(rng), row, col, shift, font_size,
                     bool(rng.integers(2)))
+
+    def _training_number(self, rng: np.random.Generator, room: int) -> str:
+        """A number for a training sign: two digits, or with sign_digits above 2 a length from 2 to sign_digits
+        (at most `room` cells) drawn evenly, its digits at random and redrawn while a held-out number is in it."""
+        longest = min(self.config.sign_digits, room)
+        length = 2 if longest == 2 else int(rng.integers(2, longest + 1))  # the default world draws as it did
+        if length == 2:
+            return pick(rng, self.seen_numbers)
+        while True:
+            text = str(int(rng.integers(10 ** (length - 1), 10 ** length)))
+            if not any(text[i:i + 2] in self.heldout_numbers for i in range(length - 1)):
+                return text
 
     def render_sign(self, sign: Sign) -> Image.Image:
         """The sign's picture: its plate over the text's cells, and each character centred in its cell."""
