@@ -178,3 +178,36 @@ def test_a_packed_document_sees_only_itself_and_its_positions_restart(smear_keys
     torch.testing.assert_close(packed[:, 7:12], lm(b), rtol=0, atol=1e-5)
     at = segments > 0
     assert torch.equal(lm(row, segments=segments, logits_at=at), packed[at])
+
+
+def test_sft_gives_a_text_only_lm_a_new_image_encoder(tmp_path, capsys):
+    """new_vision.* builds an untrained encoder of that shape for pictures no pretrained one has seen (the
+    mockups), and freeze=all trains it with the LM; naming an encoder twice, or a bad shape, is a one-line error."""
+    from kosmo.cli import main
+    from kosmo.data.jsonl import iter_texts
+    from kosmo.data.world import write_mockups
+    from kosmo.model.load import load_run
+
+    data = write_mockups(tmp_path / "data", n=8, val=1, image_size=64)["mockups"]
+    Tokenizer.train(iter_texts([data]), vocab_size=300).save(tmp_path / "tok.json")
+    fast = ["train.max_steps=2", "train.batch_size=2", "train.warmup_steps=0", "train.eval_every=0",
+            "train.precision=fp32", "train.progress=false", "train.tensorboard=false", "seq_len=192"]
+    assert main(["train", "lm", "--data", str(data), "--tokenizer", str(tmp_path / "tok.json"), "--out",
+                 str(tmp_path / "lm"), "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+                 *fast]) == 0
+    shape = ["new_vision.image_size=64", "new_vision.patch_size=16", "new_vision.dim=32", "new_vision.n_layers=2",
+             "new_vision.n_heads=2", "new_vision.mlp_dim=64"]
+    sft = ["train", "sft", "--init", str(tmp_path / "lm"), "--data", str(data), "freeze=all", *fast]
+    assert main([*sft, "--out", str(tmp_path / "sft"), *shape]) == 0
+
+    lm, seeing = load_run(tmp_path / "lm")[0], load_run(tmp_path / "sft")[0]
+    assert seeing.vision.cfg == VisionConfig(image_size=64, patch_size=16, dim=32, n_layers=2, n_heads=2, mlp_dim=64)
+    assert seeing.tokens_per_image == 16
+    assert not torch.equal(seeing.lm.embed.weight, lm.embed.weight)  # freeze=all: the LM learns
+
+    capsys.readouterr()
+    assert main([*sft, "--out", str(tmp_path / "both"), *shape, "vision=runs/clip"]) == 2
+    assert "vision=runs/clip and new_vision.* both name the image encoder" in capsys.readouterr().err
+    assert main([*sft, "--out", str(tmp_path / "bad"), "new_vision.patch_size=24"]) == 2
+    assert "invalid new_vision config: vision.image_size=32 is not a multiple of vision.patch_size=24" \
+        in capsys.readouterr().err

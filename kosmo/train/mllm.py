@@ -44,6 +44,7 @@ class StageConfig:
     seq_len: int = 256
     val_fraction: float = 0.02
     vision: str = ""                   # image encoder source, when --init is a text-only LM
+    new_vision: dict = field(default_factory=dict)  # or a new, untrained encoder of these VisionConfig fields
     audio: str = ""                    # audio encoder source, to give a model without one ears
     audio_stack: int = 4               # encoder frames (20 ms each) per LM position, for a new audio connector
     image_tokenizer: str = ""          # a `train vqvae` run, to teach a model that cannot draw to draw
@@ -69,7 +70,8 @@ def load_vision(source: str):
 
     from kosmo import checkpoint
     if not source:
-        raise KosmoError("this stage needs an image encoder: set vision=RUN_OR_HF_DIR (or --init a multimodal run)")
+        raise KosmoError("this stage needs an image encoder: set vision=RUN_OR_HF_DIR, or new_vision.* for a new one "
+                         "(or --init a multimodal run)")
     path = Path(source)
     if (path / "config.json").is_file() and checkpoint.read_json(path / "config.json").get("arch") == "clip":
         from kosmo.model.load import load_run
@@ -77,6 +79,18 @@ def load_vision(source: str):
         return clip.vision
     from kosmo.interop.hf_clip import import_hf_vision
     return import_hf_vision(path)
+
+
+def new_vision(fields: dict, source: str):
+    """A freshly initialised VisionTransformer, for pictures that no pretrained encoder has seen the like of;
+    the stage that follows trains it with the rest of the model (freeze=all)."""
+    from kosmo.model.vision import VisionConfig, VisionTransformer
+    if source:
+        raise KosmoError(f"vision={source} and new_vision.* both name the image encoder: give one")
+    try:
+        return VisionTransformer(VisionConfig(**fields))
+    except (TypeError, ValueError) as e:
+        raise KosmoError(f"invalid new_vision config: {e}") from None
 
 
 def load_audio_encoder(source: str):
@@ -112,7 +126,7 @@ def make_model(cfg: StageConfig, tokenizer, init_model) -> MLLM:
         model = init_model
     else:
         lm = init_model if isinstance(init_model, LM) else LM(lm_config(cfg.model, tokenizer.vocab_size))
-        vision = load_vision(cfg.vision)
+        vision = new_vision(cfg.new_vision, cfg.vision) if cfg.new_vision else load_vision(cfg.vision)
         mcfg = MLLMConfig(vision=vision.cfg, lm=lm.cfg, connector=cfg.connector, feature_layer=cfg.feature_layer,
                           use_cls=cfg.use_cls, resampler_tokens=cfg.resampler_tokens)
         try:

@@ -25,13 +25,14 @@ class StageConfig(mllm.StageConfig):
 def build(cfg: StageConfig, data: list, tokenizer, init_model=None):
     if init_model is None:
         raise KosmoError("sft needs --init RUN (a pretrained LM or multimodal run)")
-    if not (isinstance(init_model, LM) and not cfg.vision):
+    if not (isinstance(init_model, LM) and not cfg.vision and not cfg.new_vision):
         return mllm.build(cfg, data, tokenizer, init_model, kinds=KINDS)
     if cfg.freeze == "lora":
         lora.adapt(init_model, cfg.lora)
     examples, _ = read_examples(data, tokenizer, 0, cfg.seq_len + 1, KINDS)
     if any(e.images for e in examples):
-        raise KosmoError("the chat data holds images but --init is a text-only LM: set vision=RUN_OR_HF_DIR")
+        raise KosmoError("the chat data holds images but --init is a text-only LM: set vision=RUN_OR_HF_DIR or "
+                         "new_vision.* for a new encoder")
     n_val = int(len(examples) * cfg.val_fraction)
     bank = ImageBank([], 1)
     pack_len = cfg.seq_len if cfg.pack else 0
