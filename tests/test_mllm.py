@@ -204,6 +204,12 @@ def test_sft_gives_a_text_only_lm_a_new_image_encoder(tmp_path, capsys):
     assert seeing.vision.cfg == VisionConfig(image_size=64, patch_size=16, dim=32, n_layers=2, n_heads=2, mlp_dim=64)
     assert seeing.tokens_per_image == 16
     assert not torch.equal(seeing.lm.embed.weight, lm.embed.weight)  # freeze=all: the LM learns
+    # the LM reads the encoder's layer -2, so its last block gets no gradient: it must not count as trained,
+    # or the optimizer keeps no state for it and the run cannot resume
+    seeing.freeze("all")
+    assert not any(p.requires_grad for p in seeing.vision.blocks[-1].parameters())
+    assert all(p.requires_grad for p in seeing.vision.blocks[0].parameters())
+    assert main([*sft, "--out", str(tmp_path / "sft"), *shape]) == 0  # resumes the finished run
 
     capsys.readouterr()
     assert main([*sft, "--out", str(tmp_path / "both"), *shape, "vision=runs/clip"]) == 2

@@ -183,3 +183,5 @@ class MLLM(CausalLM):
             last = len(self.vision.blocks) + self.cfg.feature_layer + 1 if self.cfg.feature_layer < 0 \
                 else self.cfg.feature_layer
             self.vision.blocks[last - 1].requires_grad_(True)
+        for module in self.vision.unread(self.cfg.feature_layer):
+            module.requires_grad_(False)

@@ -189,6 +189,12 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return x
 
+    def unread(self, layer: int) -> list[nn.Module]:
+        """The modules `features(pixels, layer)` never runs: the blocks after `layer` and the post-norm. A model
+        that reads that layer gives them no gradient, so they must not count as trained (an optimizer keeps
+        no state for them, and a resumed run would find none)."""
+        return [*self.blocks[layer % (self.cfg.n_layers + 1):], self.post_norm]
+
     def forward(self, pixels):
         """(B, C, H, W) -> pooled (B, dim): the class token of the last layer, LayerNormed."""
         return self.post_norm(self.features(pixels, -1)[:, 0])
