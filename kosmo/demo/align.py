@@ -33,7 +33,7 @@ BUDGETS = {
     "full": dict(align_n=1200, cai_n=400, warmup_steps=300, warmup_batch=32, leak_share=0.8, rm_steps=150,
                  ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, ppo_epochs=2, ppo_minibatches=2, dpo_steps=150,
                  dpo_beta=2.0, cai_sl_steps=50, cai_rl_steps=100, cai_ppo_steps=10, align_eval_n=200),
-    "quick": dict(align_n=120, cai_n=40, warmup_steps=20, warmup_batch=16, leak_share=0.8, rm_steps=5,
+    "quick": dict(align_n=120, cai_n=40, warmup_steps=60, warmup_batch=16, leak_share=0.8, rm_steps=5,
                   ppo_steps=3, ppo_batch=8, ppo_lr=1e-4, ppo_epochs=2, ppo_minibatches=2, dpo_steps=5, dpo_beta=2.0,
                   cai_sl_steps=5, cai_rl_steps=3, cai_ppo_steps=0, align_eval_n=20),
 }
