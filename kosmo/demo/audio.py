@@ -18,8 +18,8 @@ from kosmo.data.world import write_audio
 from kosmo.demo import log
 from kosmo.errors import KosmoError
 
-# The recipe and its budget; docs/performance.md gives the timings. The default hears a third of the full
-# budget's clips, in smaller batches.
+# The recipe and its budget; docs/performance.md gives the timings. The default hears about a quarter of the
+# full budget's clips, in smaller batches.
 BUDGETS = {
     "default": dict(audio_n=800, audio_questions=1500, audio_eval_n=100, ctc_steps=300, ctc_batch=16, ctc_dim=192,
                     ctc_layers=4, ctc_lr=2e-3, hear1_steps=40, hear2_steps=400, hear_batch=16, hear_lr=5e-4,

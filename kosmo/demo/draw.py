@@ -16,9 +16,8 @@ from kosmo.data.world import write_drawing
 from kosmo.demo import log
 from kosmo.errors import KosmoError
 
-# The recipe and its budget; docs/drawing.md gives the full budget's figures. The drawn pictures are only as
-# good as the tokenizer's decoder: at 1,000 steps (24 dB) the detector found almost nothing in them
-# (docs/performance.md), so the default keeps 2,000 and gives the drawing stage more, smaller steps.
+# The recipe and its budget; docs/drawing.md gives the full budget's figures. The default's drawing stage
+# needs its 2,000 steps: at 800 its drawings were no better than the shuffled prompts (docs/performance.md).
 BUDGETS = {
     "default": dict(draw_n=3000, draw_eval_n=50, vq_steps=2000, vq_codebook=256, vq_downsample=12, draw_steps=2000,
                     draw_batch=24, draw_lr=1e-3, draw_mix=4.0, draw_cfg=3.0, draw_temperature=1.0, draw_top_k=0),

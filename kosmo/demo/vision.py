@@ -16,7 +16,7 @@ from kosmo.eval.runs import metrics
 
 SAMPLE_PROMPTS = ["There is a small red", "A triangle has", "The picture has"]
 
-# The recipe and its budget: "full" takes about 10 minutes on 2 CPU cores, "default" a third of that
+# The recipe and its budget: "full" takes about 10 minutes on 2 CPU cores, "default" a quarter of that
 # (docs/performance.md), "quick" is a smoke run.
 # 36-pixel pictures in 12-pixel patches put each cell of the world's 3x3 grid in exactly one patch:
 # 9 visual tokens per image, none of them cutting through an object.
