@@ -215,5 +215,7 @@ def test_sft_gives_a_text_only_lm_a_new_image_encoder(tmp_path, capsys):
     assert main([*sft, "--out", str(tmp_path / "both"), *shape, "vision=runs/clip"]) == 2
     assert "vision=runs/clip and new_vision.* both name the image encoder" in capsys.readouterr().err
     assert main([*sft, "--out", str(tmp_path / "bad"), "new_vision.patch_size=24"]) == 2
-    assert "invalid new_vision config: vision.image_size=32 is not a multiple of vision.patch_size=24" \
+    assert "invalid config new_vision: vision.image_size=32 is not a multiple of vision.patch_size=24" \
         in capsys.readouterr().err
+    assert main([*sft, "--out", str(tmp_path / "bad"), "new_vision.dim=wide"]) == 2
+    assert "config key 'new_vision.dim' must be int, got 'wide'" in capsys.readouterr().err

@@ -84,13 +84,11 @@ def load_vision(source: str):
 def new_vision(fields: dict, source: str):
     """A freshly initialised VisionTransformer, for pictures that no pretrained encoder has seen the like of;
     the stage that follows trains it with the rest of the model (freeze=all)."""
+    from kosmo.config import build
     from kosmo.model.vision import VisionConfig, VisionTransformer
     if source:
         raise KosmoError(f"vision={source} and new_vision.* both name the image encoder: give one")
-    try:
-        return VisionTransformer(VisionConfig(**fields))
-    except (TypeError, ValueError) as e:
-        raise KosmoError(f"invalid new_vision config: {e}") from None
+    return VisionTransformer(build(VisionConfig, fields, "new_vision."))
 
 
 def load_audio_encoder(source: str):
