@@ -33,6 +33,8 @@ def cmd_world(args):
             raise KosmoError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.audio and shutil.which("espeak-ng") is None:  # before the pictures, not after them
         raise KosmoError("--audio needs espeak-ng: install it (make test does) or run `apt-get install espeak-ng`")
+    if args.sign_digits != 2 and not args.signs:
+        raise KosmoError("--sign-digits shapes the signs' numbers: give it with --signs N")
     if args.mockups and args.mockup_size < 64:  # below that a note's letters are under 5 pixels
         raise KosmoError(f"--mockup-size must be at least 64, got {args.mockup_size}")
     world = World(WorldConfig(seed=args.seed, image_size=args.image_size, sign_digits=args.sign_digits))

@@ -124,3 +124,10 @@ def test_reading_evaluation_runs_on_a_random_model(world, tmp_path):
     result = evaluate("vqa", model, tok, paths["val_signs_vqa"])
     assert result["n"] == 9 and set(result["by_type"]) == set(SIGN_KINDS)
     assert 0 <= result["vqa_accuracy"] <= 100 and "vqa_accuracy" in result["blind"]
+
+
+def test_sign_digits_without_signs_is_refused(tmp_path, capsys):
+    from kosmo.cli import main
+    assert main(["world", "--out", str(tmp_path / "w"), "--n", "4", "--sign-digits", "3"]) == 2
+    assert "--sign-digits shapes the signs' numbers: give it with --signs N" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
