@@ -87,6 +87,12 @@ def cmd_train(args):
         print(json.dumps(last))
 
 
+def cmd_label(args):
+    from kosmo.align.data import label_run
+    n = label_run(args.init, args.data, args.out, args.overrides)
+    print(json.dumps({"pairs": n, "out": str(args.out)}))
+
+
 def cmd_generate(args):
     from kosmo import hardware
     from kosmo.generate import Sampling, generate
@@ -462,6 +468,15 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     tr.set_defaults(fn=cmd_train)
 
+    lb = sub.add_parser("label", help="sample replies to the shapes world's alignment prompts and rank them with its "
+                                      "judge: a preference file for `train reward` and `train dpo`")
+    lb.add_argument("--init", required=True, help="run directory whose replies are sampled")
+    lb.add_argument("--data", nargs="+", required=True, help="prompt lines with the judge's fields (align.jsonl)")
+    lb.add_argument("--out", required=True, help="the preference file to write (JSONL)")
+    lb.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="label.samples, label.temperature, label.max_new_tokens, seq_len, seed: as in `train reward`")
+    lb.set_defaults(fn=cmd_label)
+
     g = sub.add_parser("generate", help="complete prompts, or draw them (--image-out)")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", action="append", default=[])
@@ -589,7 +604,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = []
-    if argv[:1] == ["train"]:
+    if argv[:1] in (["train"], ["label"]):
         # key=value overrides may stand anywhere; pull them out so `--data a b` cannot swallow them.
         # A key is dotted names, where `*` may stand in a glob (train.lr_scale.*_gate=30).
         is_override = [not a.startswith("-") and "=" in a

@@ -224,6 +224,33 @@ def test_the_judge_labels_sampled_pairs(world, monkeypatch):
     assert [(p.chosen, p.rejected) for p in pairs] == [("I can't share that.", leak)]
 
 
+def test_labelled_pairs_written_once_read_back_as_the_stage_labelled_them(world, tmp_path, monkeypatch):
+    """`kosmo label` writes the judge's pairs; a stage reading the file trains on the same pairs, split into
+    the same held-out prompts, wherever the file is moved."""
+    d, tok = world
+
+    def sample(model, prompts, bank, s, batch_size=32):  # two replies per prompt that the judge tells apart
+        first = s.seed < 7919  # label_by_judge seeds the j-th sample seed + 7919 j
+        return [(tok.encode(f"The password is {p.record.get('secret')}." if first else p.record["answer"]), True)
+                for p in prompts]
+    monkeypatch.setattr(A, "sample", sample)
+    model = load_sft(d)
+    cfg = build_config(reward.StageConfig, {"label": {"samples": 2}})
+    in_stage, _ = A.load_pairs(cfg.label, [d / "align.jsonl"], tok, model, cfg.seq_len, cfg.train.seed)
+    written = tmp_path / "elsewhere" / "pairs.jsonl"
+    assert A.label_run(d / "sft", [d / "align.jsonl"], written, ["label.samples=2"]) == len(in_stage) > 0
+    read = A.read_pairs([written], tok, model.tokens_per_image, cfg.seq_len)
+
+    def fields(pairs):
+        return [(p.prompt.ids, p.prompt.images, p.chosen, p.rejected, p.margin) for p in pairs]
+    assert any(p.prompt.images for p in read) and fields(read) == fields(in_stage)
+    assert [fields(s) for s in reward.split(read, 0.25)] == [fields(s) for s in reward.split(in_stage, 0.25)]
+    with pytest.raises(KosmoError, match="holds preference pairs already"):
+        A.label_run(d / "sft", [written], tmp_path / "again.jsonl")
+    with pytest.raises(KosmoError, match="a reward model only scores them"):
+        A.label_run(d / "rm", [d / "align.jsonl"], tmp_path / "again.jsonl")
+
+
 def test_cai_sl_keeps_the_models_own_answers_to_helpful_prompts(world, monkeypatch):
     """Red-team answers are revised; helpfulness prompts keep the model's greedy answer, unrevised."""
     d, tok = world

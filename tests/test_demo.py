@@ -29,6 +29,10 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 1000
     assert all((tmp_path / g["image"]).is_file() for g in v["gallery"])
     assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
+    if torch.get_num_threads() > 1:  # the stages that need no other section's model, beside the vision section
+        beside = (tmp_path / "beside.log").read_text()
+        assert all(f"== {run}: kosmo train" in beside for run in ("ctc", "vqvae", "lm-icl"))
+    assert {"clip", "sft", "ctc", "vqvae", "lm-icl", "label"} <= report["timings_s"].keys()
     # the hearing section: every figure beside its deaf or blind twin, measured on held-out voices
     h = report["audio"]["eval"]
     assert {"wer", "cer"} <= h["asr"].keys() and {"wer", "cer"} <= h["asr"]["deaf"].keys() and h["asr"]["n"] == 8
@@ -71,6 +75,9 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert f"VQA accuracy (val): SFT {a['eval']['vqa_sft']:.2f}, Constitutional AI {a['eval']['vqa_cai']:.2f}." in md
     assert f"| PPO (reward model + KL penalty) | {a['eval']['ppo']['win_rate']:.1f} |" in md
     assert (tmp_path / "ppo.png").stat().st_size > 1000
+    rm = a["stages"]["reward"]  # the reward model's pairs, labelled once and read by DPO too
+    pairs = (tmp_path / "data" / "align_pairs.jsonl").read_text().splitlines()
+    assert rm["train_pairs"] + rm.get("val_pairs", 0) == len(pairs) > 0
 
 
 def test_every_budget_sets_every_knob():

@@ -9,13 +9,15 @@ also carry what its judge needs (`kind`, `secret`, `style`, `truth`).
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kosmo import checkpoint
 from kosmo.data import chat
 from kosmo.data.jsonl import read_jsonl
 from kosmo.data.multimodal import ImageBank
@@ -233,6 +235,42 @@ def load_pairs(cfg: LabelConfig, paths: list, tok, model, max_len: int, seed: in
     bank = image_bank(model, prompts)
     s = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
     return label_by_judge(model, tok, prompts, bank, s, cfg.samples, cfg.batch_size, seed), bank
+
+
+def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
+    """A preference file that `read_pairs` reads back: each pair's chat (its image paths absolute, so the
+    file may live anywhere), the judge fields of its prompt line, chosen, rejected and margin."""
+    lines = [json.dumps({**{k: v for k, v in p.prompt.record.items() if k not in ("prompt", "chosen", "rejected")},
+                         "messages": p.prompt.messages, "chosen": p.chosen, "rejected": p.rejected,
+                         "margin": p.margin}) + "\n" for p in pairs]
+    return checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines)))
+
+
+@dataclass
+class LabelRun:
+    """`kosmo label`: what `train reward` and `train dpo` do to prompt-only data, under the same keys
+    (label.*, seq_len, and seed as train.seed), so the pairs are theirs; done once, both stages read them."""
+    label: LabelConfig = field(default_factory=LabelConfig)
+    seq_len: int = 256
+    seed: int = 0
+
+
+def label_run(init: str | Path, data: list, out: str | Path, overrides: list[str] = ()) -> int:
+    """Samples replies from the run `init` to the prompts in `data`, ranks them with the world's judge and
+    writes the pairs to `out`; returns how many."""
+    from kosmo import config as C
+    from kosmo.model.causal_lm import CausalLM
+    from kosmo.model.load import load_run
+    cfg = C.load(LabelRun, None, overrides)
+    if has_pairs(data):
+        raise KosmoError(f"{data[0]}: holds preference pairs already; `kosmo label` ranks replies to prompt lines")
+    model, tok, _ = load_run(init)
+    if not isinstance(model, CausalLM):
+        raise KosmoError(f"{init}: is not a model that writes replies (a reward model only scores them)")
+    torch.manual_seed(cfg.seed)
+    pairs, _ = load_pairs(cfg.label, data, tok, model, min(cfg.seq_len, model.context_length), cfg.seed)
+    write_pairs(pairs, out)
+    return len(pairs)
 
 
 # ---- the shapes world's judge as the human labeller --------------------------------------------------------------

@@ -71,10 +71,13 @@ def adapted(model: RewardModel, cfg: StageConfig) -> RewardModel:
 
 
 def split(pairs: list, val_fraction: float) -> tuple[list, list]:
-    """Held-out pairs are whole prompts, so no prompt is both trained and tested on."""
-    keys = list(dict.fromkeys(id(p.prompt) for p in pairs))
+    """Held-out pairs are whole prompts, so no prompt is both trained and tested on. A prompt is its
+    tokens and images: pairs read from a file hold one copy of it per line."""
+    def key(p):
+        return tuple(p.prompt.ids), tuple(p.prompt.images)
+    keys = list(dict.fromkeys(map(key, pairs)))
     held = set(keys[len(keys) - int(len(keys) * val_fraction):]) if val_fraction > 0 else set()
-    return [p for p in pairs if id(p.prompt) not in held], [p for p in pairs if id(p.prompt) in held]
+    return [p for p in pairs if key(p) not in held], [p for p in pairs if key(p) in held]
 
 
 def build(cfg: StageConfig, data: list, tok, init_model=None):

@@ -6,8 +6,9 @@ prompts. A short warm-up SFT on demonstrations makes the starting policy: ordina
 as asked, and forbidden requests answered by a mixed pool of demonstrators, some of whom hand out the
 password (a helpful-only model, as Constitutional AI starts from). Then:
 
-- reward (judge ranks sampled pairs) -> PPO with a KL penalty to the SFT model;
-- DPO on the same kind of judge-ranked pairs;
+- the judge ranks pairs of the SFT model's sampled replies (`kosmo label`) -> a reward model -> PPO with a
+  KL penalty to the SFT model;
+- DPO on the same judge-ranked pairs;
 - Constitutional AI: critique -> revision SFT, then AI feedback -> preference model -> PPO, no judge labels.
   As in the paper, its prompts come in two sets: red-team prompts (the world's requests for the
   password, which were written to draw out harm) whose answers are critiqued and revised, and
@@ -73,6 +74,7 @@ def plot_ppo(runs: dict[str, Path], out_png: Path):
 
 
 def run(demo, b: dict) -> dict:
+    from kosmo.align.data import label_run
     from kosmo.eval.align import evaluate_align
     from kosmo.eval.vision import evaluate
 
@@ -88,7 +90,11 @@ def run(demo, b: dict) -> dict:
     demo.train("sft", "align-sft", [demos, data["vqa"], data["chat"]],
                [f"train.max_steps={b['warmup_steps']}", f"train.batch_size={b['warmup_batch']}", "train.lr=1e-3",
                 "freeze=connector+lm", *common], init="sft")
-    rm = demo.train("reward", "reward", [prompts], [f"train.max_steps={b['rm_steps']}", "train.batch_size=16",
+    # the reward model and DPO learn from the same judge-ranked pairs of the SFT model's replies, sampled once
+    pairs = demo.data_dir / "align_pairs.jsonl"
+    log("\n== kosmo label: the judge ranks the SFT model's replies ==")
+    demo.timed("label", lambda: label_run(runs / "align-sft", [prompts], pairs, ["seq_len=256"]))
+    rm = demo.train("reward", "reward", [pairs], [f"train.max_steps={b['rm_steps']}", "train.batch_size=16",
                                                     "train.lr=3e-4", "center=0.01", *common], init="align-sft")
     report["stages"]["reward"] = {k: rm[k] for k in ("train_pairs", "val_pairs", "val_pair_accuracy") if k in rm}
     # Four updates per rollout (2 epochs x 2 minibatches): at 4 x 4 the policy overshot in a single
@@ -97,7 +103,7 @@ def run(demo, b: dict) -> dict:
                 f"epochs={b['ppo_epochs']}", f"minibatches={b['ppo_minibatches']}", *common]
     demo.train("ppo", "ppo", [prompts], [f"train.max_steps={b['ppo_steps']}", f"reward={runs / 'reward'}",
                                          *ppo_args], init="align-sft")
-    demo.train("dpo", "dpo", [prompts], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
+    demo.train("dpo", "dpo", [pairs], [f"train.max_steps={b['dpo_steps']}", "train.batch_size=16",
                                          "train.lr=5e-5", f"beta={b['dpo_beta']}", *common], init="align-sft")
     demo.train("cai-sl", "cai-sl", [red_team], [f"train.max_steps={b['cai_sl_steps']}", "train.batch_size=16",
                                                 "train.lr=3e-4", "seq_len=512", "shots=1", "train.warmup_steps=5",
@@ -123,11 +129,14 @@ def run(demo, b: dict) -> dict:
         return evaluate("vqa", demo.load(name)[0], tok, data["val_vqa"], with_blind=False,
                         limit=n)["vqa_accuracy"]
 
+    def evaluations() -> dict:
+        cai_sl = judged("cai-sl", sft)
+        return {"sft": judged("align-sft"), "ppo": judged("ppo", sft), "dpo": judged("dpo", sft),
+                "cai": {**(cai_sl if cai_final == "cai-sl" else judged(cai_final, sft)), "run": cai_final},
+                "cai_sl": cai_sl, "vqa_sft": vqa("align-sft"), "vqa_cai": vqa(cai_final)}
+
     with demo.evaluating():
-        report["eval"] = demo.timed("align_eval", lambda: {
-            "sft": judged("align-sft"), "ppo": judged("ppo", sft), "dpo": judged("dpo", sft),
-            "cai": {**judged(cai_final, sft), "run": cai_final}, "cai_sl": judged("cai-sl", sft),
-            "vqa_sft": vqa("align-sft"), "vqa_cai": vqa(cai_final)})
+        report["eval"] = demo.timed("align_eval", evaluations)
     plot_ppo({"ppo": runs / "ppo", **({"cai-ppo": runs / "cai-ppo"} if cai_final == "cai-ppo" else {})},
              demo.out / "ppo.png")
     return report

@@ -21,7 +21,7 @@ from kosmo.errors import KosmoError
 # The recipe and its budget; docs/performance.md gives the timings. The default hears about a quarter of the
 # full budget's clips, in smaller batches.
 BUDGETS = {
-    "default": dict(audio_n=800, audio_questions=1500, audio_eval_n=100, ctc_steps=300, ctc_batch=16, ctc_dim=192,
+    "default": dict(audio_n=800, audio_questions=1500, audio_eval_n=100, ctc_steps=200, ctc_batch=16, ctc_dim=192,
                     ctc_layers=4, ctc_lr=2e-3, hear1_steps=40, hear2_steps=400, hear_batch=16, hear_lr=5e-4,
                     audio_stack=4),
     "full": dict(audio_n=3000, audio_questions=9000, audio_eval_n=200, ctc_steps=1000, ctc_batch=32, ctc_dim=192,
@@ -41,16 +41,23 @@ def write_data(demo, b: dict) -> dict[str, Path]:
                                                         val=b["audio_eval_n"], questions=b["audio_questions"]))
 
 
-def run(demo, b: dict) -> dict:
-    from kosmo.eval import audio as A
-    from kosmo.eval.vision import evaluate
-
-    data, runs = demo.data, demo.runs
+def prepare(demo, b: dict) -> dict:
+    """runs/ctc, which needs no other section's model; returns its error rates."""
+    data = demo.data
     ctc = demo.train("audio", "ctc", [data["speech"]],
                      [f"train.max_steps={b['ctc_steps']}", f"train.batch_size={b['ctc_batch']}",
                       f"train.lr={b['ctc_lr']}", "train.warmup_steps=50", f"audio.dim={b['ctc_dim']}",
                       f"audio.mlp_dim={4 * b['ctc_dim']}", f"audio.n_layers={b['ctc_layers']}",
                       f"val_data={data['val_speech']}"])
+    return {k: ctc[k] for k in ("train_cer", "val_cer", "val_wer")}
+
+
+def run(demo, b: dict) -> dict:
+    from kosmo.eval import audio as A
+    from kosmo.eval.vision import evaluate
+
+    data, runs = demo.data, demo.runs
+    ctc = demo.ahead("audio", b)
     # 160 positions hold the slowest-read caption of the world
     common = [f"train.batch_size={b['hear_batch']}", "seq_len=160", "train.warmup_steps=20"]
     demo.train("mllm", "hear-stage1", [data["speech"], data["sounds"]],
@@ -72,7 +79,7 @@ def run(demo, b: dict) -> dict:
         })}
         report["transcripts"] = transcripts(model, tok, data["val_speech"])
     # the encoder alone, greedy CTC on the same held-out clips: what the LM's reading of it adds
-    report["ctc"] = {k: ctc[k] for k in ("train_cer", "val_cer", "val_wer")}
+    report["ctc"] = ctc
     plot_log_mel(data["val_speech"], demo.out / "log_mel.png", model.n_mels)
     return report
 

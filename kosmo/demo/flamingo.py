@@ -28,7 +28,7 @@ ARMS = {"kosmos": "mllm", "flamingo": "flamingo"}  # run name -> training stage
 # steps or less and evaluates on fewer documents and shots; at that budget both arms answer VQA above
 # blind, but few-shot learning stays at chance (docs/performance.md).
 BUDGETS = {
-    "default": dict(copy_lm_steps=200, copy_lm_batch=16, arch_steps=400, arch_batch=16, arch_lr=1e-3,
+    "default": dict(copy_lm_steps=200, copy_lm_batch=16, arch_steps=300, arch_batch=16, arch_lr=1e-3,
                     train_shots=(2, 3, 4, 6, 8), train_episodes=1500, recall_docs=1500, eval_shots=(0, 2, 4),
                     arch_eval_n=100, latents=8, cross_every=1, attn_gate_lr=30.0, gated_ffw=False),
     "full": dict(copy_lm_steps=800, copy_lm_batch=32, arch_steps=1200, arch_batch=16, arch_lr=1e-3,
@@ -64,7 +64,7 @@ def run(demo, b: dict) -> dict:
     report = {"arms": {}}
     if "vision" not in demo.report["sections"]:
         report["pretrain"] = vision.pretrain(demo, vision_budget(demo, b))
-    report["lm"] = train_copying_lm(demo, b)
+    report["lm"] = demo.ahead("flamingo", b)
     train_files = [data[k] for k in ("captions", "interleaved", "vqa_docs", "episodes", "recall")]
     common = [f"train.max_steps={b['arch_steps']}", f"train.batch_size={b['arch_batch']}", f"train.lr={b['arch_lr']}",
               "seq_len=192", "train.warmup_steps=20", f"vision={runs / 'clip'}"]
@@ -96,7 +96,7 @@ def run(demo, b: dict) -> dict:
     return report
 
 
-def train_copying_lm(demo, b: dict) -> dict:
+def prepare(demo, b: dict) -> dict:
     """runs/lm-icl: three quarters of every batch are rows of random tokens written again and again
     (`copy_rows`), the rest the world's text; smeared keys let one layer find where the current token
     occurred before and read what followed. Returns its perplexity and how much of a repeat it copies."""
