@@ -105,3 +105,12 @@ def test_a_knob_on_the_command_line_changes_the_budget_or_is_refused_in_one_line
     assert main(["demo", "--out", str(tmp_path / "out"), "--sections", "vision", "draw_steps=800"]) == 2
     assert "demo knob 'draw_steps' is not one of the sections' knobs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_error_beside_the_vision_section_stops_the_demo_in_one_line(tmp_path):
+    """The image tokenizer's bad knob fails in the second lane (on 2+ threads); the demo says so and exits 2."""
+    proc = kosmo("demo", "--out", tmp_path, "--quick", "vq_downsample=7", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "kosmo: error: invalid config: downsample must be a product of 2s and 3s (1, 2, 3, 4, 6, 8, 12, ...), got 7"
+    assert not (tmp_path / "report.json").exists()

@@ -1,5 +1,7 @@
 """Decoding: the KV cache changes nothing, padding changes nothing, sampling options behave."""
 
+import copy
+
 import pytest
 import torch
 
@@ -145,4 +147,13 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     assert generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)[0] == eager
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    # a second model of the same shape is compiled for its own frozen weights: the guards checked at each
+    # loop's first step tell the two apart, though the loop's later steps skip them
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mine = generate_ids(other, PROMPTS, s, stop_ids=())[0]
+    assert mine != eager and generate_ids(other, PROMPTS, s, stop_ids=(), compile=True)[0] == mine
+    assert generate_ids(model, PROMPTS, s, stop_ids=(), compile=True)[0] == eager
 

@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,14 +150,15 @@ def beside_vision(demo: Demo, b: dict, names: list[str]) -> dict:
     log(f"== beside the vision section, {side} of {threads} threads: {', '.join(names)}'s first stages "
         f"(log: {demo.out / 'beside.log'}) ==")
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of this one's thread pools
-    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        future = pool.submit(_prepare, demo.out, b, demo.data, demo.report["sections"], names, side)
+    # leaving the pool's block stops its process: an error here does not wait for the other lane to finish
+    with spawn.Pool(1) as pool:
+        pending = pool.apply_async(_prepare, (demo.out, b, demo.data, demo.report["sections"], names, side))
         torch.set_num_threads(threads - side)
         try:
             report = section("vision").run(demo, b)
         finally:
             torch.set_num_threads(threads)
-        demo.prepared, timings = future.result()  # a KosmoError there is raised here, as its one line
+        demo.prepared, timings = pending.get()  # a KosmoError there is raised here, as its one line
     demo.report["timings_s"].update(timings)
     return report
 
