@@ -309,6 +309,10 @@ def test_cli_reward_and_dpo_on_a_user_preference_file(world, tmp_path):
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
     proc = kosmo("train", "dpo", "--init", d / "sft", "--data", bad, "--out", tmp_path / "x", *CLI, check=False)
     assert proc.returncode == 2 and f"{bad}:1: a preference line needs" in proc.stderr
+    proc = kosmo("label", "--init", d / "sft", "--data", d / "prefs.jsonl", "--out", tmp_path / "p.jsonl",
+                 "label.samples=2", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        f"kosmo: error: {d / 'prefs.jsonl'}: holds preference pairs already; `kosmo label` ranks replies to prompt lines"
 
 
 def test_cli_ppo_on_the_world_then_eval_align(world, tmp_path):
