@@ -150,26 +150,41 @@ def beside_vision(demo: Demo, b: dict, names: list[str]) -> dict:
     log(f"== beside the vision section, {side} of {threads} threads: {', '.join(names)}'s first stages "
         f"(log: {demo.out / 'beside.log'}) ==")
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of this one's thread pools
-    # leaving the pool's block stops its process: an error here does not wait for the other lane to finish
-    with spawn.Pool(1) as pool:
-        pending = pool.apply_async(_prepare, (demo.out, b, demo.data, demo.report["sections"], names, side))
-        torch.set_num_threads(threads - side)
+    receive, send = spawn.Pipe(duplex=False)
+    lane = spawn.Process(target=_prepare, args=(send, demo.out, b, demo.data, demo.report["sections"], names, side),
+                         daemon=True)
+    lane.start()
+    send.close()
+    torch.set_num_threads(threads - side)
+    try:
+        report = section("vision").run(demo, b)
         try:
-            report = section("vision").run(demo, b)
-        finally:
-            torch.set_num_threads(threads)
-        demo.prepared, timings = pending.get()  # a KosmoError there is raised here, as its one line
+            outcome = receive.recv()
+        except EOFError:
+            raise KosmoError(f"the stages beside the vision section stopped; see {demo.out / 'beside.log'}") from None
+    finally:
+        torch.set_num_threads(threads)
+        lane.terminate()  # an error here does not wait for the other lane to finish
+        lane.join()
+    if isinstance(outcome, KosmoError):
+        raise outcome
+    demo.prepared, timings = outcome
     demo.report["timings_s"].update(timings)
     return report
 
 
-def _prepare(out: Path, b: dict, data: dict, sections: list[str], names: list[str], threads: int):
-    """The second process of `beside_vision`: (section -> what its `prepare` returned, their stages' times)."""
+def _prepare(send, out: Path, b: dict, data: dict, sections: list[str], names: list[str], threads: int):
+    """The second process of `beside_vision`: sends (section -> what its `prepare` returned, their stages'
+    times), or the KosmoError that stopped them."""
     torch.set_num_threads(threads)
     # the log takes the process's stderr itself, so that native libraries' messages go there too
     os.dup2(os.open(out / "beside.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), sys.stderr.fileno())
     demo = Demo(out, World(image_size=b["image_size"]), data=data, report={"sections": sections, "timings_s": {}})
-    return {name: section(name).prepare(demo, b) for name in names}, demo.report["timings_s"]
+    try:
+        send.send(({name: section(name).prepare(demo, b) for name in names}, demo.report["timings_s"]))
+    except KosmoError as e:
+        log(f"kosmo: error: {e}")
+        send.send(e)
 
 
 def checked_recipe(recipe: dict, knobs: dict) -> dict:
