@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from kosmo.data.images import denormalize
-from kosmo.generate import Sampling, filter_logits, prefill, right_pad
+from kosmo.generate import Sampling, filter_logits, is_greedy, prefill, right_pad
 from kosmo.model.causal_lm import CausalLM
 from kosmo.tokenizer import BEGIN_OF_IMAGE, BOS
 
@@ -69,7 +69,7 @@ def sample_codes(z: torch.Tensor, s: DrawSampling, generators: list[torch.Genera
     """(N,) next codes from (N, K) guided code logits: the likeliest at temperature 0, else one draw per picture
     from its own generator (None: torch's global one), so a seeded picture's codes do not depend on the pictures
     drawn beside it."""
-    if s.temperature <= 0:
+    if is_greedy(s.temperature):
         return z.argmax(-1)
     probs = filter_logits(z, Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)).softmax(-1)
     return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])

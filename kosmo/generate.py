@@ -30,9 +30,18 @@ class Completion:
     finish_reason: str  # "stop" or "length"
 
 
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0, or one below fp32's smallest normal number, which logits cannot be divided by without
+    overflowing: the likeliest token is taken."""
+    return temperature < torch.finfo(torch.float32).tiny
+
+
 def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on fp32 logits of shape (B, V)."""
-    logits = logits.float() / s.temperature
+    logits = logits.float()
+    # the likeliest shifted to 0 first: a temperature near 0 then sends the others towards -inf, where
+    # dividing the logits themselves would overflow to inf and leave the softmax nan
+    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -58,12 +67,13 @@ def _never_written(device: torch.device) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: greedy at temperature 0, else sampled after `filter_logits`."""
+    """(B,) next tokens from (B, V) logits: greedy at temperature 0 (`is_greedy`), else sampled after
+    `filter_logits`."""
     # a compiled step (`decode_greedy`) takes the ids as a constant of its graph
     ids = torch.tensor(NEVER_WRITTEN, device=logits.device) if torch.compiler.is_compiling() else \
         _never_written(logits.device)
     logits = logits.index_fill(-1, ids, float("-inf"))
-    if s.temperature <= 0:
+    if is_greedy(s.temperature):
         return logits.argmax(-1)
     probs = filter_logits(logits, s).softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
@@ -191,7 +201,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], s: Sampling, stop_id
     cache = model.new_cache(B, room, cache_dtype or next(model.parameters()).dtype, device, max_images,
                             static=compile) if use_cache else None
     # greedy decoding over a cache chooses inside the step, so only the tokens come back each step
-    greedy = cache is not None and s.temperature <= 0 and not return_logits
+    greedy = cache is not None and is_greedy(s.temperature) and not return_logits
     decode = decode_greedy if greedy else decode_logits
     if compile and cache is not None:
         decode = compiled(decode, device.type)

@@ -76,6 +76,17 @@ def test_top_k_and_top_p_filter_the_right_tokens():
     assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8 < probs[:2].sum()
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30])
+def test_a_temperature_near_zero_samples_the_likeliest_token(temperature):
+    """Logits over a temperature this small overflow to inf; the sampler must still pick the top token."""
+    from kosmo.generate import next_tokens
+    logits = torch.full((2, 300), -40.0)
+    logits[0, [40, 41, 42, 43]] = torch.tensor([30.0, 2.0, 31.0, float("-inf")])
+    logits[1, [40, 41, 42]] = torch.tensor([-5.0, -1.0, -3.0])
+    tokens = next_tokens(logits, Sampling(temperature=temperature, top_p=0.9), torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [42, 41]
+
+
 def test_prompt_beyond_context_is_refused(model):
     with pytest.raises(ValueError, match="exceeds the context"):
         generate_ids(model, [[1] * 120], Sampling(max_new_tokens=20))
