@@ -31,7 +31,7 @@ from kosmo.errors import KosmoError
 SECTIONS = ("vision", "audio", "draw", "flamingo", "align")
 
 # "default" is the shortest budget measured to bring every section's headline clearly above its baseline
-# (14 minutes on 2 CPU cores, docs/performance.md); "full" is the longer recipe whose figures the docs
+# (14 to 15 minutes on 2 CPU cores, docs/performance.md); "full" is the longer recipe whose figures the docs
 # give; "quick" is the tests' smoke run.
 BUDGET_NAMES = ("default", "full", "quick")
 
