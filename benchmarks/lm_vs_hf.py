@@ -162,6 +162,8 @@ def main():
     ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (a shared host)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2: a decode step's time is a call for n tokens less a call for one")
     if args.cpu_time:
         global clock
         clock = time.process_time
